@@ -1,0 +1,153 @@
+"""Model presets (JSON files in `configs/`, as in open_clip) and their megatron-core TransformerConfig."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_m2.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class M2Config:
+    """Shapes of an M2-Encoder; defaults are the official ones (DESIGN.md section 1)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    num_layers: int  # backbone layers; each has a vision copy and a text copy
+    num_vl_layers: int = 3  # shared layers on top, applied to both modalities
+    out_dim: int = 1024
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    vocab_size: int = 115244
+    max_text_length: int = 52
+    # BEiT-3 style learned positions start at index 2 (fairseq's padding offset).
+    position_offset: int = 2
+    # BEiT-3's max_source_positions; the importer takes the real size from the checkpoint.
+    text_position_table_size: int = 1024
+    layernorm_epsilon: float = 1e-5
+    logit_scale_init: float = math.log(1 / 0.07)
+    # The release also projects the backbone output (before the VL layers); optional second pair of heads.
+    backbone_heads: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def vision_seq_length(self) -> int:
+        return self.num_patches + 1  # + CLS
+
+    @property
+    def vision_position_table_size(self) -> int:
+        return self.vision_seq_length + self.position_offset
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"--image-size {self.image_size} not divisible by the patch size {self.patch_size}")
+        if self.max_text_length + self.position_offset > self.text_position_table_size:
+            raise ConfigError(f"--max-text-length {self.max_text_length} needs a text position table of "
+                              f"{self.max_text_length + self.position_offset} rows, the model has "
+                              f"{self.text_position_table_size}")
+
+
+PRESETS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+def load_config(name_or_path: str, **overrides: Any) -> M2Config:
+    """A preset name (tiny, 0.4b, 1b, 10b) or a path to a JSON file, with optional field overrides."""
+    path = CONFIG_DIR / f"{name_or_path}.json" if name_or_path in PRESETS else Path(name_or_path)
+    if not path.exists():
+        raise ConfigError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    fields = json.loads(path.read_text())
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(M2Config)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown model config fields in {path}: {unknown}; known: {sorted(known)}")
+    config = M2Config(**fields)
+    config.validate()
+    return config
+
+
+def layers_per_stage(config: M2Config, pipeline_model_parallel_size: int) -> list[int]:
+    """Backbone layers held by each pipeline stage.
+
+    A backbone layer (vision copy + text copy) and a VL layer (shared weights, both modalities) cost about the same,
+    so the pipeline balances num_layers + num_vl_layers units; the VL layers fill the end of the last stage.
+    E.g. 10B (21 + 3) at PP=4: [6, 6, 6, 3] backbone layers, then the 3 VL layers on stage 3.
+    """
+    pp = pipeline_model_parallel_size
+    units = config.num_layers + config.num_vl_layers
+    if units % pp:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {pp} must divide num_layers + num_vl_layers = "
+            f"{config.num_layers} + {config.num_vl_layers} = {units}; valid: {[d for d in range(1, units + 1) if units % d == 0 and units // d >= config.num_vl_layers]}"
+        )
+    per_stage = units // pp
+    if per_stage < config.num_vl_layers:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {pp} leaves {per_stage} layers per stage, fewer than the "
+            f"{config.num_vl_layers} VL layers that must sit on the last stage; use a smaller PP"
+        )
+    return [per_stage] * (pp - 1) + [per_stage - config.num_vl_layers]
+
+
+def validate_parallel_shapes(config: M2Config, tensor_model_parallel_size: int,
+                             pipeline_model_parallel_size: int) -> None:
+    """Errors for impossible TP/PP splits of this model, raised before anything is allocated."""
+    tp = tensor_model_parallel_size
+    for name, value in (("num_attention_heads", config.num_attention_heads),
+                        ("ffn_hidden_size", config.ffn_hidden_size)):
+        if value % tp:
+            raise ConfigError(f"--tensor-model-parallel-size {tp} must divide the model's {name} ({value})")
+    layers_per_stage(config, pipeline_model_parallel_size)
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron's vocab padding: a multiple of divisible_by x TP so the vocab-parallel embedding splits evenly."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                       num_layers: Optional[int] = None, **kwargs: Any):
+    """megatron-core TransformerConfig for one tower (or the VL layers) of this model."""
+    from megatron.core.transformer import TransformerConfig
+    import torch.nn.functional as F
+
+    defaults = dict(
+        num_layers=num_layers if num_layers is not None else config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        ffn_hidden_size=config.ffn_hidden_size,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        layernorm_epsilon=config.layernorm_epsilon,
+        activation_func=F.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        normalization="LayerNorm",
+    )
+    defaults.update(kwargs)
+    return TransformerConfig(**defaults)

@@ -1,0 +1,224 @@
+"""Distributed init and parallel groups: TP / PP / DP from megatron-core, plus the ITC sub-groups.
+
+One process per device. On a GPU the backend is nccl; on a CPU-only machine it is gloo and megatron-core is made to
+run by `_make_megatron_cpu_safe` (the only monkeypatching in this project).
+"""
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_m2.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout of one process."""
+
+    world_size: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    itc_group_size: int
+
+    @property
+    def num_itc_groups(self) -> int:
+        return self.data_parallel_size // self.itc_group_size
+
+
+def validate_layout(
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    itc_group_size: Optional[int] = None,
+) -> Layout:
+    """Check a layout without touching any process group; every error names the flag to change."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if tp < 1:
+        raise ConfigError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    if pp < 1:
+        raise ConfigError(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) = {tp * pp}; change one of them or the number of processes"
+        )
+    dp = world_size // (tp * pp)
+    group = dp if itc_group_size in (None, 0) else itc_group_size
+    if group < 1 or dp % group != 0:
+        divisors = [d for d in range(1, dp + 1) if dp % d == 0]
+        raise ConfigError(
+            f"--itc-group-size {itc_group_size} must divide the data-parallel size {dp} "
+            f"(= world {world_size} / (TP {tp} x PP {pp})); valid values: {divisors}"
+        )
+    return Layout(world_size, tp, pp, dp, group)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize_distributed(timeout_minutes: int = 30) -> None:
+    """Create the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    A single process without torchrun gets a world of one, so tools and the demo need no launcher.
+    """
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        _make_megatron_cpu_safe()
+    dist.init_process_group(backend=default_backend(), timeout=timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_ITC_GROUP = None
+_ITC_GROUP_RANKS: Optional[list[int]] = None
+_LAYOUT: Optional[Layout] = None
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    itc_group_size: Optional[int] = None,
+    seed: int = 1234,
+) -> Layout:
+    """Build megatron-core's TP/PP/DP groups and the ITC sub-groups; replaces any earlier layout.
+
+    megatron-core's rank order is tp-cp-ep-dp-pp: TP ranks are adjacent (same node), then DP, then PP.
+    The ITC sub-groups split each DP group into contiguous runs of `itc_group_size` DP ranks.
+    """
+    global _ITC_GROUP, _ITC_GROUP_RANKS, _LAYOUT
+    from megatron.core import parallel_state, tensor_parallel
+
+    initialize_distributed()
+    layout = validate_layout(
+        dist.get_world_size(), tensor_model_parallel_size, pipeline_model_parallel_size, itc_group_size
+    )
+    destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+    )
+    # Every rank must create every sub-group in the same order, so enumerate all DP groups first.
+    own_dp_ranks = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+    all_dp_groups: list[list[int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(all_dp_groups, own_dp_ranks)
+    for dp_ranks in sorted({tuple(r) for r in all_dp_groups}):
+        for start in range(0, len(dp_ranks), layout.itc_group_size):
+            ranks = list(dp_ranks[start : start + layout.itc_group_size])
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                _ITC_GROUP, _ITC_GROUP_RANKS = group, ranks
+    _LAYOUT = layout
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def destroy_model_parallel() -> None:
+    global _ITC_GROUP, _ITC_GROUP_RANKS, _LAYOUT
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    _ITC_GROUP = _ITC_GROUP_RANKS = _LAYOUT = None
+
+
+def get_layout() -> Layout:
+    if _LAYOUT is None:
+        raise RuntimeError("call megatron_m2.parallel.initialize_model_parallel() first")
+    return _LAYOUT
+
+
+def get_itc_group() -> dist.ProcessGroup:
+    """The sub-group of data-parallel ranks whose features the contrastive loss aggregates."""
+    if _ITC_GROUP is None:
+        raise RuntimeError("call megatron_m2.parallel.initialize_model_parallel() first")
+    return _ITC_GROUP
+
+
+def get_itc_group_ranks() -> list[int]:
+    get_itc_group()
+    return list(_ITC_GROUP_RANKS)  # type: ignore[arg-type]
+
+
+_CPU_PATCHED = False
+
+
+def _make_megatron_cpu_safe() -> None:
+    """Let megatron-core's CUDA-only code paths run on CPU with gloo; a no-op where CUDA exists.
+
+    Why each patch: p2p communication and GlobalMemoryBuffer allocate on `torch.cuda.current_device()` and call
+    `torch.cuda.synchronize()`; the pipeline schedules allocate `device="cuda"` counters; the RNG tracker (used by
+    DotProductAttention and model_parallel_cuda_manual_seed) reads and writes CUDA generator states. We map the
+    device to CPU and the tracked generator to the CPU one, in those modules only, and change no layer.
+    """
+    global _CPU_PATCHED
+    if _CPU_PATCHED or torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+
+    cpu_torch = _TorchWithCudaOnCpu()
+    schedules.torch = cpu_torch
+    p2p_communication.torch = cpu_torch
+    megatron_random.torch = cpu_torch
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _CPU_PATCHED = True
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """Stands in for `torch.cuda` inside the patched megatron modules."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    get_rng_state = staticmethod(lambda *args, **kwargs: torch.get_rng_state())
+    set_rng_state = staticmethod(lambda state, *args, **kwargs: torch.set_rng_state(state))
+    manual_seed = staticmethod(lambda seed: torch.manual_seed(seed))
+    current_device = staticmethod(lambda: torch.device("cpu"))
+    synchronize = staticmethod(lambda *args, **kwargs: None)
+
+
+class _TorchWithCudaOnCpu(types.ModuleType):
+    """Stands in for `torch` inside the patched megatron modules: tensor factories asked for "cuda" get CPU."""
+
+    _FACTORIES = {"zeros", "ones", "empty", "tensor", "full", "arange"}
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def on_cpu(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return on_cpu

