@@ -166,14 +166,19 @@ _CPU_PATCHED = False
 def _make_megatron_cpu_safe() -> None:
     """Let megatron-core's CUDA-only code paths run on CPU with gloo; a no-op where CUDA exists.
 
-    Why each patch: p2p communication and GlobalMemoryBuffer allocate on `torch.cuda.current_device()` and call
-    `torch.cuda.synchronize()`; the pipeline schedules allocate `device="cuda"` counters; the RNG tracker (used by
-    DotProductAttention and model_parallel_cuda_manual_seed) reads and writes CUDA generator states. We map the
-    device to CPU and the tracked generator to the CPU one, in those modules only, and change no layer.
+    Why each patch: p2p communication, DDP buffers and GlobalMemoryBuffer allocate on `torch.cuda.current_device()`
+    and call `torch.cuda.synchronize()`; the pipeline schedules, the optimizer and grad clipping allocate
+    `device="cuda"` scalars; the RNG tracker (used by DotProductAttention and model_parallel_cuda_manual_seed) reads
+    and writes CUDA generator states; grad clipping asserts grads are `torch.cuda.FloatTensor`; the local
+    multi-tensor l2 norm returns a CUDA tensor. We map the device
+    to CPU and the tracked generator to the CPU one, in those modules only, and change no layer.
     """
     global _CPU_PATCHED
     if _CPU_PATCHED or torch.cuda.is_available():
         return
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as megatron_random
 
@@ -181,12 +186,23 @@ def _make_megatron_cpu_safe() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     cpu_torch = _TorchWithCudaOnCpu()
-    schedules.torch = cpu_torch
-    p2p_communication.torch = cpu_torch
-    megatron_random.torch = cpu_torch
+    for module in (schedules, p2p_communication, megatron_random, megatron_optimizer, clip_grads, megatron_utils):
+        module.torch = cpu_torch
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _CPU_PATCHED = True
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 minus its CUDA-type assertion."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    params = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for param in params:
+            if getattr(param, attr, None) is not None:
+                getattr(param, attr).detach().mul_(clip_coeff)
 
 
 class _CudaOnCpu(types.SimpleNamespace):
