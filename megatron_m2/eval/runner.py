@@ -1,0 +1,109 @@
+"""Run the evaluations with a pipeline-parallel model: every rank calls the encoders in lock-step.
+
+Encoding goes through megatron-core's forward-only pipeline schedule (any TP/PP layout); the last stage's
+embeddings are broadcast over the pipeline group so every rank computes the same metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_m2.config import M2Config
+
+
+def _encode(model: torch.nn.Module, config: M2Config, batches: list[dict], micro_batch_size: int,
+            with_images: bool, with_text: bool) -> torch.Tensor:
+    from megatron_m2.training.loop import forward_step, sequence_length
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            seq_length=sequence_length(config, with_images, with_text),
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    model.train(was_training)
+    total = len(batches) * micro_batch_size
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    embeds = torch.empty(total, config.out_dim, device=device)
+    if parallel_state.is_pipeline_last_stage():
+        embeds.copy_(torch.cat([image if with_images else text for image, text in outputs]).float())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(embeds, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return embeds.cpu()
+
+
+def _split(tensor: torch.Tensor, micro_batch_size: int) -> tuple[list[torch.Tensor], int]:
+    """Micro-batches of equal size (the pipeline's p2p shapes are fixed); the last one padded by repetition."""
+    n = tensor.shape[0]
+    padded = math.ceil(n / micro_batch_size) * micro_batch_size
+    if padded > n:
+        tensor = torch.cat([tensor, tensor[-1:].expand(padded - n, *tensor.shape[1:])])
+    return list(tensor.split(micro_batch_size)), n
+
+
+def make_encoders(model: torch.nn.Module, tokenizer, config: M2Config, micro_batch_size: int
+                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[list[str]], torch.Tensor]]:
+    """encode_images(images [n,3,H,W]) and encode_texts(texts) -> L2-normalised embeddings [n, out_dim]."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        chunks, n = _split(images, micro_batch_size)
+        batches = [dict(images=c.to(device), text_ids=None, text_padding_mask=None) for c in chunks]
+        return _encode(model, config, batches, micro_batch_size, True, False)[:n]
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        ids, mask = tokenizer(list(texts))
+        id_chunks, n = _split(ids, micro_batch_size)
+        mask_chunks, _ = _split(mask, micro_batch_size)
+        batches = [dict(images=None, text_ids=i.to(device), text_padding_mask=m.to(device))
+                   for i, m in zip(id_chunks, mask_chunks)]
+        return _encode(model, config, batches, micro_batch_size, False, True)[:n]
+
+    return encode_images, encode_texts
+
+
+def parse_classnames(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
+
+
+def make_eval_fn(args: argparse.Namespace) -> Callable[[torch.nn.Module, object], dict[str, float]]:
+    """The evaluation the flags ask for (zero-shot and/or retrieval), as a function of the model."""
+    from megatron_m2.data.transforms import eval_transform
+    from megatron_m2.eval.datasets import ImageFolderWithClassNames
+    from megatron_m2.eval.retrieval import evaluate_retrieval
+    from megatron_m2.eval.zeroshot import evaluate_zero_shot
+
+    config: M2Config = args.model_config
+    transform = eval_transform(config.image_size)
+    zeroshot: Optional[ImageFolderWithClassNames] = None
+    if args.zeroshot_data:
+        zeroshot = ImageFolderWithClassNames(args.zeroshot_data, parse_classnames(args.zeroshot_classnames),
+                                             transform)
+
+    def evaluate(model: torch.nn.Module, tokenizer) -> dict[str, float]:
+        encode_images, encode_texts = make_encoders(model, tokenizer, config, args.eval_batch_size)
+        results: dict[str, float] = {}
+        if zeroshot is not None:
+            results.update(evaluate_zero_shot(zeroshot, zeroshot.class_names, encode_images, encode_texts,
+                                              batch_size=args.eval_batch_size))
+        if args.retrieval_data:
+            scores = evaluate_retrieval(args.retrieval_data, encode_images, encode_texts, transform,
+                                        batch_size=args.eval_batch_size)
+            results.update({f"retrieval/{k}": v for k, v in scores.items()})
+        return results
+
+    return evaluate

@@ -1,0 +1,1 @@
+"""Pretraining: flags, optimizer and schedule, checkpoints, logging, and the loop that ties them together."""

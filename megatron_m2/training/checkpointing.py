@@ -1,0 +1,122 @@
+"""Checkpoints with megatron-core dist_checkpointing: layout-independent, atomic, resumable.
+
+On disk:
+    SAVE/iter_0000100/           a complete checkpoint (dist_checkpointing files + per-rank extras + done marker)
+    SAVE/iter_0000200.tmp/       a save in progress or interrupted by a crash: never loaded, removed by the next save
+    SAVE/latest_checkpointed_iteration.txt   written (atomically) only after the directory rename
+
+The model and optimizer state are saved as global tensors with sharding metadata, so a checkpoint written at one
+TP/PP layout loads into another. What differs per rank (the data stream position, RNG states) goes into
+`extra/rank_NNNNN.pt`, indexed by the data-parallel rank so that a new layout with the same DP size resumes the
+same streams.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+TRACKER = "latest_checkpointed_iteration.txt"
+DONE = "checkpoint_complete"
+
+
+def checkpoint_dir(root: str, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: Optional[str]) -> Optional[int]:
+    """The newest complete checkpoint under root, or None."""
+    if not root or not Path(root).is_dir():
+        return None
+    tracker = Path(root) / TRACKER
+    if tracker.exists():
+        iteration = int(tracker.read_text().strip())
+        if (checkpoint_dir(root, iteration) / DONE).exists():
+            return iteration
+    # tracker missing or stale (e.g. crash between rename and tracker update): fall back to a scan
+    done = sorted(int(p.name[5:]) for p in Path(root).glob("iter_???????") if (p / DONE).exists())
+    return done[-1] if done else None
+
+
+def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, extra_common: Optional[dict] = None):
+    model_state = model.sharded_state_dict()
+    state: dict[str, Any] = {"model": model_state, "iteration": iteration}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if extra_common:
+        state.update(extra_common)
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank_state: dict,
+                    common: Optional[dict] = None) -> Path:
+    """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker."""
+    final, tmp = checkpoint_dir(root, iteration), Path(f"{checkpoint_dir(root, iteration)}.tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        for stale in Path(root).glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        (tmp / "extra").mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, iteration, common), str(tmp))
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
+        torch.save(rank_state, tmp / "extra" / f"rank_{dp_rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / DONE).write_text(str(iteration))
+        os.replace(tmp, final)
+        tracker_tmp = Path(root) / f".{TRACKER}.tmp"
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, Path(root) / TRACKER)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
+                    iteration: Optional[int] = None) -> tuple[int, Optional[dict], dict]:
+    """Load the latest (or given) complete checkpoint into model/optimizer/scheduler, in place.
+
+    Returns (iteration, this DP rank's extra state or None if the DP size changed, the common state).
+    """
+    if iteration is None:
+        iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"no complete checkpoint in {root}")
+    path = checkpoint_dir(root, iteration)
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration), str(path))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    extra_file = path / "extra" / f"rank_{parallel_state.get_data_parallel_rank():05d}.pt"
+    num_extra = len(list((path / "extra").glob("rank_*.pt")))
+    rank_state = None
+    if extra_file.exists() and num_extra == parallel_state.get_data_parallel_world_size():
+        rank_state = torch.load(extra_file, weights_only=False)
+    common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler")}
+    return iteration, rank_state, common
+
+
+def load_model_subset(root: str, model, keep: Callable[[str], bool]) -> list[str]:
+    """Load only the model tensors whose checkpoint key passes `keep` (for --load-vision / --load-text)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"no complete checkpoint in {root}")
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if keep(k)}
+    if not sharded:
+        raise ValueError("no model tensors selected")
+    loaded = dist_checkpointing.load({"model": sharded}, str(checkpoint_dir(root, iteration)))["model"]
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    del missing, unexpected  # by construction the rest of the model is untouched
+    return sorted(loaded)

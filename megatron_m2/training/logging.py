@@ -1,0 +1,100 @@
+"""Megatron-style progress lines and TensorBoard scalars, written by one rank (the last one, which holds the loss)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_m2.config import M2Config
+
+
+def is_logging_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def model_flops_per_sample(config: M2Config) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of one image-text pair, matmuls only.
+
+    Per layer and token: 2 x (4h^2 + 2hf) for the projections and 4 s h for attention scores and context.
+    Backbone: image tokens go through the vision copy, text tokens through the text copy; the VL layers see both.
+    """
+    h, f = config.hidden_size, config.ffn_hidden_size
+    s_img, s_txt = config.vision_seq_length, config.max_text_length
+
+    def layer(tokens: int) -> float:
+        return tokens * (2 * (4 * h * h + 2 * h * f) + 4 * tokens * h)
+
+    forward = (config.num_layers + config.num_vl_layers) * (layer(s_img) + layer(s_txt))
+    forward += 2 * config.num_patches * config.num_channels * config.patch_size**2 * h  # patch embedding
+    return 3.0 * forward
+
+
+class MetricsLogger:
+    """One line per --log-interval with iteration, samples, loss, lr, grad norm, logit scale and throughput."""
+
+    def __init__(self, tensorboard_dir: Optional[str], train_iters: int, flops_per_sample: float,
+                 world_size: int, on_gpu: bool, metrics_file: Optional[str] = None):
+        self.enabled = is_logging_rank()
+        self.metrics_file = open(metrics_file, "a", encoding="utf-8") if self.enabled and metrics_file else None
+        self.train_iters, self.flops_per_sample = train_iters, flops_per_sample
+        self.world_size, self.on_gpu = world_size, on_gpu
+        self.writer = None
+        if self.enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    def step(self, iteration: int, consumed_samples: int, batch_samples: int, scalars: dict[str, float],
+             print_line: bool) -> None:
+        self._window_samples += batch_samples
+        if not self.enabled:
+            return
+        self._record("train", iteration, scalars)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"train/{name}", value, iteration)
+        if not print_line:
+            return
+        elapsed = time.perf_counter() - self._window_start
+        samples_per_s = self._window_samples / max(elapsed, 1e-9)
+        parts = [f" iteration {iteration:8d}/{self.train_iters:8d}", f"consumed samples: {consumed_samples:12d}",
+                 f"elapsed time per iteration (ms): {1000 * elapsed * batch_samples / max(self._window_samples, 1):.1f}"]
+        parts += [f"{name}: {value:.6g}" for name, value in scalars.items()]
+        parts.append(f"samples/s: {samples_per_s:.2f}")
+        if self.on_gpu:
+            tflops = samples_per_s * self.flops_per_sample / self.world_size / 1e12
+            parts.append(f"TFLOP/s/GPU: {tflops:.1f}")
+            if self.writer is not None:
+                self.writer.add_scalar("train/tflops_per_gpu", tflops, iteration)
+        if self.writer is not None:
+            self.writer.add_scalar("train/samples_per_second", samples_per_s, iteration)
+        print(" | ".join(parts), flush=True)
+        sys.stdout.flush()
+        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    def _record(self, kind: str, iteration: int, values: dict[str, float]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+            self.metrics_file.flush()
+
+    def scalars(self, prefix: str, values: dict[str, float], iteration: int) -> None:
+        if self.enabled:
+            self._record(prefix, iteration, values)
+        if self.enabled and self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()

@@ -1,0 +1,65 @@
+"""megatron-core DDP, AdamW and the warmup + cosine schedule, configured from the flags."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+
+# No weight decay on biases, norms, the logit scale (all < 2-D) and the CLS token (open_clip's rule).
+NO_WEIGHT_DECAY = ParamKey(
+    name=("*.bias", "*cls_token"),
+    predicate=ParamPredicate(name="ndim_below_2", fn=lambda param: param.ndim < 2),
+)
+
+
+def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=torch.cuda.is_available(),
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        bucket_size=None if torch.cuda.is_available() else 0,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(
+    model: DistributedDataParallel, args: argparse.Namespace
+) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(
+        config, [model], config_overrides={NO_WEIGHT_DECAY: ParamGroupOverride(wd_mult=0.0)}
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=max(args.lr_decay_iters, args.lr_warmup_iters + 1),
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    # The pipeline schedule calls these: loss scaling, no-sync during accumulation, DP grad reduction at the end.
+    model.config.grad_scale_func = optimizer.scale_loss
+    model.config.no_sync_func = model.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return optimizer, scheduler
