@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 # Trains the tiny preset on CPU with TP=2 x PP=2 (4 processes), then reports zero-shot accuracy.
 demo: install
-	$(PY) -m megatron_m2.demo --output-dir runs/demo
+	PYTHON=$(abspath $(PY)) bash examples/pretrain_m2_tiny.sh
 
 # The whole suite, slow tests included (this is what .ci/run calls).
 test: install
