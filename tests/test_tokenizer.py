@@ -1,0 +1,91 @@
+"""GLM-compatible tokenizer: the same ids as M2-Encoder's GLMChineseTokenizer (see megatron_m2/data/tokenizer.py).
+
+Expected ids come from SentencePiece pieces written out by hand, so the tests pin the wrapping, truncation,
+special-token and blank logic, not SentencePiece itself.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, encode_whitespaces
+from megatron_m2.errors import ConfigError
+
+GLM_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glm_sp.model"
+needs_glm = pytest.mark.skipif(not GLM_MODEL.exists(), reason=f"GLM SentencePiece model not found at {GLM_MODEL}")
+
+
+@pytest.fixture(scope="module")
+def glm():
+    return GLMTokenizer(str(GLM_MODEL), max_length=52)
+
+
+def _ids(tok, pieces):
+    ids = [tok.sp.piece_to_id(p) for p in pieces]
+    assert all(i != tok.sp.unk_id() for i in ids), pieces
+    return ids
+
+
+@needs_glm
+def test_special_ids_are_the_glm_layout(glm):
+    assert (glm.vocab_size, glm.cls_id, glm.eot_id, glm.pad_id) == (115244, 50002, 50000, 50000)
+
+
+@needs_glm
+@pytest.mark.parametrize("text, pieces", [
+    ("a photo of a cat", ["▁a", "▁photo", "▁of", "▁a", "▁cat"]),
+    ("一只猫的照片", ["▁一只", "猫", "的照片"]),
+    ("a photo of 一只猫", ["▁a", "▁photo", "▁of", "▁一只", "猫"]),
+    # 2 spaces -> <|blank_2|>; 12 -> <|blank_10|><|blank_2|>; 11 -> <|blank_10|> + a single space (a ▁).
+    ("a  b", ["▁a", "<|blank_2|>", "b"]),
+    ("a" + " " * 12 + "b", ["▁a", "<|blank_10|>", "<|blank_2|>", "b"]),
+    ("a" + " " * 11 + "b", ["▁a", "<|blank_10|>", "▁b"]),
+    # A literal special token is one id and eats the spaces around it; each side is encoded on its own.
+    ("hello  [CLS]  world", ["▁hello", "[CLS]", "▁world"]),
+    ("", []),
+])
+def test_encode_matches_hand_checked_pieces(glm, text, pieces):
+    assert glm.encode(text) == [50002] + _ids(glm, pieces) + [50000]
+
+
+@needs_glm
+def test_left_truncation_keeps_cls_eot_and_the_caption_end():
+    tok = GLMTokenizer(str(GLM_MODEL), max_length=6)
+    words = ["▁one", "▁two", "▁three", "▁four", "▁five", "▁six"]
+    ids = tok.encode("one two three four five six")
+    assert ids == [tok.cls_id] + _ids(tok, words[-4:]) + [tok.eot_id]
+    # Exactly full is not truncated.
+    assert tok.encode("three four five six") == ids
+
+
+@needs_glm
+def test_batch_pads_with_eot_and_masks_padding(glm):
+    ids, mask = glm(["a photo of a cat", "", "x" * 400])
+    assert ids.shape == mask.shape == (3, 52) and ids.dtype == torch.long and mask.dtype == torch.bool
+    row0 = glm.encode("a photo of a cat")
+    assert ids[0, :len(row0)].tolist() == row0
+    assert (ids[0, len(row0):] == 50000).all()
+    assert mask[0].tolist() == [False] * len(row0) + [True] * (52 - len(row0))
+    assert ids[1, :2].tolist() == [50002, 50000] and mask[1, 2:].all() and not mask[1, :2].any()
+    assert not mask[2].any() and ids[2, 0] == 50002 and ids[2, -1] == 50000
+
+
+def test_encode_whitespaces_longest_first():
+    assert encode_whitespaces("a" + " " * 23 + "b") == "a<|blank_10|><|blank_10|><|blank_3|>b"
+    assert encode_whitespaces("a b") == "a b"
+
+
+def test_missing_or_bad_model_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="--tokenizer-model"):
+        GLMTokenizer(str(tmp_path / "nope.model"))
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="--tokenizer-model"):
+        GLMTokenizer(str(bad))
+
+
+@needs_glm
+def test_check_vocab(glm):
+    check_vocab(glm, 115244)
+    with pytest.raises(ConfigError, match="tokenizer has 115244 pieces, the model's vocab_size is 1024"):
+        check_vocab(glm, 1024)
