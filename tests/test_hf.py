@@ -250,7 +250,7 @@ def tiny_sp(tmp_path_factory):
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join(["a cat on a mat", "two dogs in the park", "猫在垫子上", "hello world"] * 50))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp / "sp"), vocab_size=60, hard_vocab_limit=False,
-                                   user_defined_symbols=["<|endoftext|>", "[CLS]", "<|blank_2|>", "<|blank_3|>"],
+                                   user_defined_symbols=["<|endoftext|>", "[CLS]"] + [f"<|blank_{n}|>" for n in range(2, 11)],
                                    minloglevel=2)
     return tmp / "sp.model"
 
@@ -276,7 +276,8 @@ def test_tokenizer_matches_glm_tokenizer():
     glm = pytest.importorskip("megatron_m2.data.tokenizer")
     from megatron_m2.hf.processing_m2 import M2Tokenizer
 
-    texts = ["一只猫坐在垫子上", "A photo of  a dog", "   leading spaces and a long tail " * 6, "混合 mixed text"]
+    texts = ["一只猫坐在垫子上", "A photo of  a dog", "   leading spaces and a long tail " * 6, "混合 mixed text",
+             "a [CLS] inside  <|endoftext|>  and [MASK]", " " * 14 + "x", ""]
     ours = M2Tokenizer(str(GLM_MODEL), max_length=52)
     assert (ours.cls_id, ours.eos_id) == (50002, 50000)
     theirs = glm.GLMTokenizer(str(GLM_MODEL), 52)

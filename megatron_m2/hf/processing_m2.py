@@ -2,8 +2,7 @@
 
 Copied into converted folders next to tokenizer.model; load it there with
     transformers.dynamic_module_utils.get_class_from_dynamic_module("processing_m2.M2Processor", folder)
-Text rules (GLM's Chinese SentencePiece model, as the official release): runs of n >= 2 spaces become <|blank_n|>,
-ids are [CLS] + pieces + <|endoftext|>, truncated from the LEFT, padded with <|endoftext|> to max_length.
+Text rules: those of the official GLMChineseTokenizer (see M2Tokenizer), padded with <|endoftext|> to max_length.
 """
 from __future__ import annotations
 
@@ -17,33 +16,56 @@ import torch
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
 TOKENIZER_FILE = "tokenizer.model"
-_SPACES = re.compile(r" {2,}")
 
 
 class M2Tokenizer:
-    def __init__(self, model_path: str, max_length: int = 52, cls_token: str = "[CLS]",
-                 eos_token: str = "<|endoftext|>"):
+    """The GLM tokenizer's algorithm (megatron_m2/data/tokenizer.py documents it; that module must not be imported
+    here, remote code is self-contained; tests/test_hf.py checks both give the same ids):
+    split on the special tokens (which eat the whitespace around them), runs of 10..2 spaces -> <|blank_n|> per
+    chunk, SentencePiece per chunk, body truncated from the left to max_length - 2, [CLS] body <|endoftext|>."""
+
+    SPECIAL = ("<|endoftext|>", "[CLS]", "[MASK]", "[UNK]")
+
+    def __init__(self, model_path: str, max_length: int = 52, max_blank: int = 10):
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         self.max_length = max_length
-        self.cls_id = self._piece_id(cls_token)
-        self.eos_id = self._piece_id(eos_token)
+        self.max_blank = max_blank
+        self.cls_id = self._piece_id("[CLS]")
+        self.eos_id = self._piece_id("<|endoftext|>")
+        if self.cls_id is None or self.eos_id is None:
+            raise ValueError(f"{model_path} lacks [CLS] or <|endoftext|>: not a GLM-compatible tokenizer model")
         self.pad_id = self.eos_id
+        self._special = {p: self._piece_id(p) for p in self.SPECIAL if self._piece_id(p) is not None}
+        self._split = re.compile("(" + "|".join(re.escape(p) for p in sorted(self._special, key=len, reverse=True))
+                                 + ")")
 
-    def _piece_id(self, piece: str) -> int:
+    def _piece_id(self, piece: str) -> Optional[int]:
         i = self.sp.piece_to_id(piece)
-        if i == self.sp.unk_id() and piece != self.sp.id_to_piece(self.sp.unk_id()):
-            raise ValueError(f"tokenizer model has no piece {piece!r}")
-        return i
+        return i if self.sp.id_to_piece(i) == piece and i != self.sp.unk_id() else None
+
+    def _pieces(self, chunk: str) -> list[int]:
+        for n in range(self.max_blank, 1, -1):
+            chunk = chunk.replace(" " * n, f"<|blank_{n}|>")
+        return self.sp.encode(chunk)
 
     def encode(self, text: str) -> list[int]:
-        """[CLS] + pieces + <|endoftext|>, unpadded, at most max_length ids (pieces truncated from the left)."""
-        text = _SPACES.sub(lambda m: f"<|blank_{len(m.group(0))}|>", text)
-        pieces = self.sp.encode(text)
+        """[CLS] + body + <|endoftext|>, unpadded, at most max_length ids (body truncated from the left)."""
+        chunks = self._split.split(text)
+        for i, chunk in enumerate(chunks):
+            if chunk in self._special:
+                if i > 0:
+                    chunks[i - 1] = chunks[i - 1].rstrip()
+                if i + 1 < len(chunks):
+                    chunks[i + 1] = chunks[i + 1].lstrip()
+        body: list[int] = []
+        for chunk in chunks:
+            if chunk:
+                body.extend([self._special[chunk]] if chunk in self._special else self._pieces(chunk))
         keep = self.max_length - 2
-        pieces = pieces[len(pieces) - keep:] if len(pieces) > keep else pieces
-        return [self.cls_id, *pieces, self.eos_id]
+        body = body[len(body) - keep:] if len(body) > keep else body
+        return [self.cls_id, *body, self.eos_id]
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> dict[str, torch.Tensor]:
         """input_ids [B, max_length] and attention_mask (1 = token, 0 = padding)."""
