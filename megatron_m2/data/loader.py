@@ -1,0 +1,77 @@
+"""Training micro-batches from tar shards: decode, augment, tokenize, stack; single process, exactly resumable.
+
+Every rank of a model replica (its TP and PP peers) builds the same iterator with the same DP rank, so they read
+identical batches without any communication. No DataLoader workers: the position of one in-process stream is the
+whole state, and augmentation is seeded per sample from (seed, epoch, shard, index).
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megatron_m2.data.shards import RawSample, ShardStream, resolve_shards
+from megatron_m2.data.tokenizer import GLMTokenizer
+from megatron_m2.data.transforms import to_rgb, train_transform
+
+
+def decode_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decode now, so a truncated file fails here and not inside the transform
+    return image
+
+
+class ImageTextBatches:
+    """Iterator of dict(images [b,3,H,W] float32, text_ids [b,L] int64, text_padding_mask [b,L] bool)."""
+
+    def __init__(self, shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, transform: Callable,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle_window: int = 512) -> None:
+        self.stream = ShardStream(resolve_shards(shards), dp_rank, dp_size, seed, shuffle_window)
+        self.tokenizer, self.transform = tokenizer, transform
+        self.micro_batch_size, self.seed = micro_batch_size, seed
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Usable samples ("samples") and skipped ones by reason, on this rank since the start of the run."""
+        return dict(self.stream.stats)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def _image(self, image: Image.Image, sample: RawSample) -> torch.Tensor:
+        if getattr(self.transform, "takes_rng", False):
+            rng = np.random.default_rng([self.seed, sample.epoch, sample.shard, sample.index])
+            return self.transform(image, rng=rng)
+        return self.transform(image)
+
+    def __iter__(self) -> "ImageTextBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        images, captions = [], []
+        while len(images) < self.micro_batch_size:
+            sample = next(self.stream)
+            try:
+                image = to_rgb(decode_image(sample.image))
+            except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+                self.stream.reject("corrupt_image", sample)
+                continue
+            images.append(self._image(image, sample))
+            captions.append(sample.caption)
+            self.stream.stats["samples"] += 1
+        text_ids, text_padding_mask = self.tokenizer(captions)
+        return dict(images=torch.stack(images), text_ids=text_ids, text_padding_mask=text_padding_mask)
+
+
+def build_train_data(shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, config, micro_batch_size: int,
+                     dp_rank: int, dp_size: int, seed: int) -> ImageTextBatches:
+    """The training iterator for a model config (its image_size), with the train augmentation."""
+    return ImageTextBatches(shards, tokenizer, train_transform(config.image_size), micro_batch_size,
+                            dp_rank, dp_size, seed)

@@ -1,0 +1,284 @@
+"""Webdataset-format tar shards (what img2dataset writes), read with the stdlib `tarfile`, resumable.
+
+A sample is the run of consecutive tar members sharing a KEY (the member path up to the first '.' of its basename):
+KEY.jpg|jpeg|png|webp is the image, KEY.txt or KEY.json["caption"] the caption (json may carry "lang").
+
+`ShardStream` is one data-parallel rank's endless stream of raw samples:
+- epoch e visits the shards in a permutation drawn from (seed, e);
+- with at least as many shards as DP ranks, rank r reads shards order[r::dp] (disjoint files); with fewer, every
+  rank reads all shards and keeps the samples whose position in the epoch is r modulo dp (disjoint samples);
+- within a shard, windows of `shuffle_window` samples are permuted with (seed, e, shard, window);
+- its position is (epoch, shard, offset, position): a few ints, saved in the checkpoint, so a resumed stream
+  continues with exactly the next sample.
+Unusable samples are skipped and counted in `stats`, never raised: a broken caption must not stop a long run.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import os
+import posixpath
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from megatron_m2.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Skip reasons (keys of `stats`), besides "samples" (usable samples yielded).
+SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_utf8", "bad_json", "corrupt_image",
+                "corrupt_shard")
+_MAX_SKIP_WARNINGS = 20
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar; `{x,y}` lists too; several braces multiply."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(i).zfill(width) for i in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def resolve_shards(spec: Union[str, Sequence[str]]) -> list[str]:
+    """Files, directories (their *.tar) and brace/glob patterns -> the shard paths; ConfigError if any is missing."""
+    entries = [spec] if isinstance(spec, str) else list(spec or [])
+    if not entries:
+        raise ConfigError("--data-path is empty: pass tar shards, a directory of them or a pattern "
+                          "like data/shard-{00000..00009}.tar (tools/make_shards.py writes them)")
+    paths: list[str] = []
+    for entry in entries:
+        if os.path.isdir(entry):
+            found = sorted(glob.glob(os.path.join(entry, "*.tar")))
+            if not found:
+                raise ConfigError(f"--data-path {entry!r}: the directory holds no *.tar shard")
+        elif "{" in entry:
+            found = expand_braces(entry)
+            missing = [p for p in found if not os.path.isfile(p)]
+            if missing:
+                raise ConfigError(f"--data-path {entry!r}: {len(missing)} of {len(found)} shards are missing, "
+                                  f"e.g. {missing[:3]}")
+        elif glob.has_magic(entry):
+            found = sorted(glob.glob(entry))
+            if not found:
+                raise ConfigError(f"--data-path {entry!r}: no shard matches the pattern")
+        elif os.path.isfile(entry):
+            found = [entry]
+        else:
+            raise ConfigError(f"--data-path {entry!r}: no such file or directory")
+        paths.extend(found)
+    return list(dict.fromkeys(paths))  # order kept, duplicates dropped
+
+
+@dataclass
+class RawSample:
+    """A usable sample before decoding: the image stays encoded until the loader needs it."""
+
+    key: str
+    image: bytes
+    image_ext: str
+    caption: str
+    lang: Optional[str]
+    # Identity independent of the DP layout: seeds this sample's augmentation.
+    epoch: int
+    shard: int
+    index: int
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def iter_tar_groups(path: str, stats: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, in file order; a truncated or unreadable shard ends early, counted."""
+    key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_name(member.name)
+                if member_key != key and key is not None:
+                    yield key, members
+                    members = {}
+                key = member_key
+                members[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        stats["corrupt_shard"] += 1
+        logger.warning("shard %s is unreadable after key %s (%s): skipping the rest of it", path, key, exc)
+    if key is not None:
+        yield key, members
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _caption_and_lang(members: dict[str, bytes]) -> tuple[str, Optional[str]]:
+    meta = None
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _Skip("bad_utf8")
+        except json.JSONDecodeError:
+            meta = None
+            if "txt" not in members:
+                raise _Skip("bad_json")
+    meta = meta if isinstance(meta, dict) else {}
+    lang = meta.get("lang") if isinstance(meta.get("lang"), str) else None
+    if "txt" in members:
+        try:
+            caption = members["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Skip("bad_utf8")
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    else:
+        raise _Skip("missing_caption")
+    caption = caption.strip()
+    if not caption:
+        raise _Skip("empty_caption")
+    return caption, lang
+
+
+def parse_group(key: str, members: dict[str, bytes]) -> tuple[bytes, str, str, Optional[str]]:
+    """(image bytes, image extension, caption, lang) or _Skip(reason)."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if ext is None:
+        raise _Skip("missing_image")
+    caption, lang = _caption_and_lang(members)
+    return members[ext], ext, caption, lang
+
+
+def count_skip(stats: Counter, reason: str, where: str) -> None:
+    stats[reason] += 1
+    skipped = sum(stats[r] for r in SKIP_REASONS)
+    if skipped <= _MAX_SKIP_WARNINGS:
+        logger.warning("skipped sample %s: %s%s", where, reason,
+                       "" if skipped < _MAX_SKIP_WARNINGS else " (further skips are only counted)")
+
+
+class ShardStream:
+    """One DP rank's endless, resumable stream of usable `RawSample`s (see the module docstring)."""
+
+    def __init__(self, shards: Sequence[str], dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle_window: int = 512) -> None:
+        if not shards:
+            raise ConfigError("--data-path resolved to no shard")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside data-parallel size {dp_size}")
+        self.shards = list(shards)
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.shuffle_window = max(1, shuffle_window)
+        self.stats: Counter = Counter()
+        # Position: samples of the current shard consumed (offset) and of the epoch (position), usable or not.
+        self.epoch, self.shard, self.offset, self.position, self.usable_in_epoch = 0, 0, 0, 0, 0
+        self._reset_reader()
+
+    # -- position -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "position": self.position,
+                "usable_in_epoch": self.usable_in_epoch, "stats": dict(self.stats),
+                "num_shards": len(self.shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "seed": self.seed, "shuffle_window": self.shuffle_window}
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = {k: state[k] for k in ("num_shards", "dp_rank", "dp_size", "seed", "shuffle_window")}
+        if layout != {"num_shards": len(self.shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                      "seed": self.seed, "shuffle_window": self.shuffle_window}:
+            raise ConfigError(f"the data position in the checkpoint was saved for {layout}; this run has "
+                              f"{len(self.shards)} shards, DP rank {self.dp_rank} of {self.dp_size}, --seed "
+                              f"{self.seed}: resume with the same --data-path, --seed and data-parallel size")
+        self.epoch, self.shard, self.offset = state["epoch"], state["shard"], state["offset"]
+        self.position, self.usable_in_epoch = state["position"], state["usable_in_epoch"]
+        self.stats = Counter(state["stats"])
+        self._reset_reader()
+
+    # -- the plan of an epoch -------------------------------------------------------------------------------
+    def plan(self, epoch: int) -> tuple[list[int], int, int]:
+        """(shard ids this rank reads in order, stride, phase): it keeps epoch positions p with p % stride == phase."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+        if len(self.shards) >= self.dp_size:
+            return order[self.dp_rank::self.dp_size], 1, 0
+        return order, self.dp_size, self.dp_rank
+
+    def _reset_reader(self) -> None:
+        self._groups: Optional[Iterator] = None  # open tar of the current shard
+        self._window: Optional[list] = None
+        self._window_id = -1
+
+    def _load_window(self, shard_id: int, window_id: int) -> list:
+        """Samples [w*W, (w+1)*W) of the shard in file order, permuted with (seed, epoch, shard, window)."""
+        if self._groups is None:
+            self._groups = iter_tar_groups(self.shards[shard_id], self.stats)
+            # A resume lands inside a shard: skip the windows already consumed (read, not decoded).
+            for _ in itertools.islice(self._groups, window_id * self.shuffle_window):
+                pass
+        window = list(itertools.islice(self._groups, self.shuffle_window))
+        perm = np.random.default_rng([self.seed, self.epoch, shard_id, window_id]).permutation(len(window))
+        return [(window_id * self.shuffle_window + int(i), window[i]) for i in perm]
+
+    def reject(self, reason: str, sample: RawSample) -> None:
+        """The consumer found the last sample unusable (e.g. an image that does not decode): count it as skipped."""
+        count_skip(self.stats, reason, f"{self.shards[sample.shard]}:{sample.key}")
+        self.usable_in_epoch -= 1
+
+    # -- iteration ------------------------------------------------------------------------------------------
+    def __iter__(self) -> "ShardStream":
+        return self
+
+    def __next__(self) -> RawSample:
+        while True:
+            shard_ids, stride, phase = self.plan(self.epoch)
+            if self.shard >= len(shard_ids):
+                if self.usable_in_epoch == 0:
+                    raise ConfigError(f"--data-path: data-parallel rank {self.dp_rank} found no usable sample in a "
+                                      f"whole epoch of {len(self.shards)} shards; skipped: {dict(self.stats)}")
+                self.epoch, self.shard, self.offset, self.position, self.usable_in_epoch = self.epoch + 1, 0, 0, 0, 0
+                self._reset_reader()
+                continue
+            shard_id = shard_ids[self.shard]
+            window_id = self.offset // self.shuffle_window
+            if self._window_id != window_id:
+                self._window, self._window_id = self._load_window(shard_id, window_id), window_id
+            slot = self.offset % self.shuffle_window
+            if slot >= len(self._window):  # the shard is exhausted
+                self.shard, self.offset = self.shard + 1, 0
+                self._reset_reader()
+                continue
+            index, (key, members) = self._window[slot]
+            mine = self.position % stride == phase
+            self.offset += 1
+            self.position += 1
+            if not mine:
+                continue
+            try:
+                image, ext, caption, lang = parse_group(key, members)
+            except _Skip as skip:
+                count_skip(self.stats, skip.reason, f"{self.shards[shard_id]}:{key}")
+                continue
+            self.usable_in_epoch += 1
+            return RawSample(key, image, ext, caption, lang, self.epoch, shard_id, index)

@@ -1,0 +1,105 @@
+"""Image transforms with Pillow + numpy (no torchvision): PIL.Image -> FloatTensor [3, H, W], mean = std = 0.5.
+
+train: random resized crop (scale 0.8-1.0, ratio 3/4-4/3, torchvision's sampling) + horizontal flip, bicubic.
+eval: resize the shorter side to image_size (bicubic) + center crop, as M2-Encoder's val transform.
+Randomness comes from a numpy Generator; the batch iterator passes one derived from (seed, epoch, sample) per call
+so augmentation is reproducible after a resume, whatever was prefetched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = STD = 0.5
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB uint8 image -> normalised float32 [3, H, W]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy((array - MEAN) / STD).permute(2, 0, 1).contiguous()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    # Grayscale, palette, RGBA, CMYK, 16-bit ...: the model always sees 3 channels.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.8, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop: torchvision's RandomResizedCrop.get_params with a numpy Generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback: the largest center crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class TrainTransform:
+    """Random resized crop + horizontal flip; `transform(image, rng)` uses rng, else its own generator."""
+
+    takes_rng = True
+
+    def __init__(self, image_size: int, rng: Union[np.random.Generator, int, None] = None,
+                 scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.image_size = image_size
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.scale, self.ratio = scale, ratio
+
+    def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        rng = self.rng if rng is None else rng
+        image = to_rgb(image)
+        left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
+        image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+
+class EvalTransform:
+    """Resize the shorter side to image_size (bicubic), center crop image_size x image_size."""
+
+    takes_rng = False
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        image = to_rgb(image)
+        size, (width, height) = self.image_size, image.size
+        # torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated, not rounded.
+        if width <= height:
+            new_w, new_h = size, int(size * height / width)
+        else:
+            new_w, new_h = int(size * width / height), size
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.BICUBIC)
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        return to_tensor(image.crop((left, top, left + size, top + size)))
+
+
+def train_transform(image_size: int, rng: Union[np.random.Generator, int, None] = None) -> TrainTransform:
+    return TrainTransform(image_size, rng)
+
+
+def eval_transform(image_size: int) -> EvalTransform:
+    return EvalTransform(image_size)

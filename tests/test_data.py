@@ -1,0 +1,247 @@
+"""Data path: shard resolution, tar reading with skip counters, DP sharding, exact resume, transforms."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_m2.data.loader import ImageTextBatches
+from megatron_m2.data.shards import ShardStream, expand_braces, resolve_shards
+from megatron_m2.data.transforms import eval_transform, random_resized_crop_box, train_transform
+from megatron_m2.errors import ConfigError
+
+
+def image_bytes(color, size=(12, 10), fmt="PNG", mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list) -> Path:
+    """samples: (key, {extension: bytes}) in file order, as webdataset writes them."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def good(key: str, i: int) -> tuple:
+    # Noise, not a flat colour: a different crop or flip must give a different tensor.
+    pixels = np.random.default_rng(i).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return key, {"png": buf.getvalue(), "txt": f"caption {i}".encode()}
+
+
+def make_dataset(root: Path, num_shards: int, per_shard: int) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(num_shards):
+        samples = [good(f"{s:02d}{j:04d}", s * per_shard + j) for j in range(per_shard)]
+        paths.append(str(write_shard(root / f"shard-{s:05d}.tar", samples)))
+    return paths
+
+
+def keys(stream, n):
+    return [next(stream).key for _ in range(n)]
+
+
+# -- shard specs ----------------------------------------------------------------------------------------------
+
+def test_expand_braces():
+    assert expand_braces("d/s-{000..002}.tar") == ["d/s-000.tar", "d/s-001.tar", "d/s-002.tar"]
+    assert expand_braces("{a,b}-{8..10}") == ["a-8", "a-9", "a-10", "b-8", "b-9", "b-10"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_resolve_shards_dir_brace_glob_and_errors(tmp_path):
+    paths = make_dataset(tmp_path / "d", 3, 1)
+    assert resolve_shards(str(tmp_path / "d")) == paths
+    assert resolve_shards(str(tmp_path / "d" / "shard-{00000..00002}.tar")) == paths
+    assert resolve_shards([str(tmp_path / "d" / "shard-*.tar"), paths[0]]) == paths  # duplicates dropped
+    with pytest.raises(ConfigError, match=r"--data-path .*1 of 4 shards are missing"):
+        resolve_shards(str(tmp_path / "d" / "shard-{00000..00003}.tar"))
+    with pytest.raises(ConfigError, match="--data-path .*no such file"):
+        resolve_shards([str(tmp_path / "nope.tar")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="--data-path .*no \\*.tar shard"):
+        resolve_shards(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="--data-path"):
+        resolve_shards([])
+
+
+# -- reading and skipping -------------------------------------------------------------------------------------
+
+def test_reader_groups_members_and_counts_skips(tmp_path):
+    caption_json = json.dumps({"caption": " 一只猫 ", "lang": "zh", "url": "x"}).encode()
+    shard = write_shard(tmp_path / "a.tar", [
+        ("sub/k0", {"jpg": image_bytes("red", fmt="JPEG"), "txt": b"a red square", "json": b'{"lang": "en"}'}),
+        ("sub/k1", {"png": image_bytes("blue"), "json": caption_json}),
+        ("sub/k2", {"txt": b"no image"}),
+        ("sub/k3", {"jpg": image_bytes("red", fmt="JPEG")}),
+        ("sub/k4", {"jpg": image_bytes("red", fmt="JPEG"), "txt": b"  \n"}),
+        ("sub/k5", {"jpg": image_bytes("red", fmt="JPEG"), "txt": b"\xff\xfe caf\xe9"}),
+        ("sub/k6", {"jpg": image_bytes("red", fmt="JPEG"), "json": b"{not json"}),
+        ("sub/k7", {"webp": image_bytes("green", fmt="WEBP"), "txt": "绿色".encode()}),
+    ])
+    stream = ShardStream([str(shard)], shuffle_window=1)
+    got = [next(stream) for _ in range(3)]
+    assert [(s.key, s.image_ext, s.caption, s.lang) for s in got] == [
+        ("sub/k0", "jpg", "a red square", "en"), ("sub/k1", "png", "一只猫", "zh"), ("sub/k7", "webp", "绿色", None)]
+    assert Image.open(io.BytesIO(got[1].image)).getpixel((0, 0)) == (0, 0, 255)
+    assert dict(stream.stats) == {"missing_image": 1, "missing_caption": 1, "empty_caption": 1, "bad_utf8": 1,
+                                  "bad_json": 1}
+    assert keys(stream, 3) == ["sub/k0", "sub/k1", "sub/k7"]  # second epoch; skips are counted again
+    assert stream.epoch == 1 and stream.stats["missing_image"] == 2 and stream.stats["bad_json"] == 2
+
+
+def test_corrupt_image_and_truncated_shard_are_skipped_and_counted(tmp_path, tokenizer):
+    shard = write_shard(tmp_path / "a.tar", [good("k0", 0), ("k1", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"x"}),
+                                             good("k2", 2), good("k3", 3)])
+    cut = write_shard(tmp_path / "b.tar", [good("m0", 5), good("m1", 6)])
+    with tarfile.open(cut) as tar:
+        m1 = tar.getmember("m1.png")
+    cut.write_bytes(cut.read_bytes()[:m1.offset_data + m1.size // 2])  # a copy that stopped inside m1.png
+    batches = ImageTextBatches([str(shard), str(cut)], tokenizer, eval_transform(8), micro_batch_size=3,
+                               shuffle_window=1)
+    batch = next(batches)
+    assert batch["images"].shape == (3, 3, 8, 8)
+    assert batches.stats["corrupt_image"] == 1 and batches.stats["samples"] == 3
+    next(batches)  # reads the truncated shard and wraps into the next epoch
+    assert batches.stats["corrupt_shard"] >= 1
+
+
+def test_an_epoch_without_usable_samples_is_an_error(tmp_path):
+    shard = write_shard(tmp_path / "a.tar", [("k0", {"txt": b"no image"})])
+    with pytest.raises(ConfigError, match="--data-path: data-parallel rank 0 found no usable sample"):
+        next(ShardStream([str(shard)]))
+
+
+# -- data-parallel split and epochs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_shards, dp_size", [(4, 2), (2, 4), (3, 2)])
+def test_dp_ranks_read_disjoint_shares_covering_the_epoch(tmp_path, num_shards, dp_size):
+    paths = make_dataset(tmp_path, num_shards, 5)
+    everything = {f"{s:02d}{j:04d}" for s in range(num_shards) for j in range(5)}
+    seen = []
+    for rank in range(dp_size):
+        stream = ShardStream(paths, rank, dp_size, seed=3, shuffle_window=4)
+        got = []
+        while True:
+            sample = next(stream)
+            if stream.epoch > 0:
+                break
+            got.append(sample.key)
+        seen.append(got)
+        # The same (seed, rank) gives the same stream: TP/PP peers of a replica read identical data.
+        twin = ShardStream(paths, rank, dp_size, seed=3, shuffle_window=4)
+        assert keys(twin, len(got)) == got
+    flat = [k for got in seen for k in got]
+    assert len(flat) == len(set(flat)) and set(flat) == everything
+    if num_shards >= dp_size:  # whole shards per rank
+        for got in seen:
+            assert len({k[:2] for k in got}) == len(got) // 5
+
+
+def test_epochs_reshuffle_with_seed(tmp_path):
+    paths = make_dataset(tmp_path, 6, 4)
+    stream = ShardStream(paths, seed=0, shuffle_window=4)
+    epoch0, epoch1 = keys(stream, 24), keys(stream, 24)
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    assert stream.plan(0) != stream.plan(1)  # the shard order itself changes per epoch
+    assert keys(ShardStream(paths, seed=0, shuffle_window=4), 24) == epoch0
+    assert keys(ShardStream(paths, seed=1, shuffle_window=4), 24) != epoch0
+    # Within-shard windows are shuffled too, not only the shard order.
+    assert [k[2:] for k in epoch0[:4]] != ["0000", "0001", "0002", "0003"] or \
+        [k[2:] for k in epoch0[4:8]] != ["0000", "0001", "0002", "0003"]
+
+
+# -- exact resume ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from megatron_m2.data.tokenizer import GLMTokenizer
+
+    glm = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glm_sp.model"
+    if not glm.exists():
+        pytest.skip(f"GLM SentencePiece model not found at {glm}")
+    return GLMTokenizer(str(glm), max_length=8)
+
+
+@pytest.mark.parametrize("num_shards, dp_rank, dp_size, n_before", [(3, 0, 1, 2), (3, 1, 2, 3), (1, 1, 2, 4)])
+def test_resume_continues_with_exactly_the_next_batches(tmp_path, tokenizer, num_shards, dp_rank, dp_size,
+                                                        n_before):
+    # 7 samples per shard, window 3, batch 2: saves land mid-window, mid-shard and across epochs.
+    paths = make_dataset(tmp_path, num_shards, 7)
+
+    def batches():
+        return ImageTextBatches(paths, tokenizer, train_transform(8), 2, dp_rank, dp_size, seed=5, shuffle_window=3)
+
+    first = batches()
+    for _ in range(n_before):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # it must survive a checkpoint round trip
+    expected = [next(first) for _ in range(6)]
+    resumed = batches()
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, (next(resumed) for _ in range(6))):
+        for name in ("images", "text_ids", "text_padding_mask"):
+            assert torch.equal(want[name], got[name]), name
+    assert resumed.stats == first.stats
+    # Augmentation is random: the same sample in another epoch gets another crop.
+    assert not torch.equal(expected[0]["images"], expected[-1]["images"])
+
+
+def test_resume_with_another_layout_is_refused(tmp_path, tokenizer):
+    paths = make_dataset(tmp_path, 2, 3)
+    state = ShardStream(paths, 0, 2, seed=1).state_dict()
+    with pytest.raises(ConfigError, match="--seed"):
+        ShardStream(paths, 0, 1, seed=1).load_state_dict(state)
+
+
+# -- transforms -----------------------------------------------------------------------------------------------
+
+def test_eval_transform_resizes_shorter_side_and_center_crops():
+    # Three vertical bands red | green | blue on a 3:1 image: the center crop is all green.
+    image = Image.new("RGB", (48, 16))
+    for x0, color in ((0, (255, 0, 0)), (16, (0, 255, 0)), (32, (0, 0, 255))):
+        image.paste(color, (x0, 0, x0 + 16, 16))
+    out = eval_transform(8)(image)
+    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
+    assert torch.allclose(out[:, 2:6, 2:6], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, color", [("L", 128), ("RGBA", (10, 20, 30, 0)), ("P", 3), ("RGB", (1, 2, 3))])
+def test_transforms_convert_any_mode_to_normalised_rgb(mode, color):
+    image = Image.new(mode, (20, 14), color)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)[0, 0] / 255
+    for transform in (eval_transform(8), train_transform(8, 0)):
+        out = transform(image)
+        assert out.shape == (3, 8, 8)
+        assert torch.allclose(out[:, 4, 4], torch.from_numpy((rgb - 0.5) / 0.5), atol=1e-5)
+
+
+def test_random_resized_crop_box_scale_and_ratio():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, w, h = random_resized_crop_box(100, 100, rng)
+        assert 0.8 * 10000 * 0.97 <= w * h <= 10000 and 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
+        assert 0 <= left and left + w <= 100 and 0 <= top and top + h <= 100
+
+
+def test_train_transform_flips_and_is_deterministic_given_rng():
+    image = Image.new("RGB", (32, 32))
+    image.paste((255, 255, 255), (16, 0, 32, 32))  # left black, right white
+    transform = train_transform(16)
+    lefts = [transform(image, rng=np.random.default_rng(i))[0, 8, 0].item() for i in range(40)]
+    assert {-1.0, 1.0} <= set(lefts)  # both orientations occur
+    a = transform(image, rng=np.random.default_rng(7))
+    assert torch.equal(a, transform(image, rng=np.random.default_rng(7)))
+    assert torch.equal(train_transform(16, 3)(image), train_transform(16, 3)(image))
