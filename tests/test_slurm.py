@@ -1,0 +1,150 @@
+"""The Slurm launch (examples/slurm/) run for real in bash, with fake `srun`, `scontrol` and `torchrun` on PATH.
+
+The fakes record what they were called with; srun runs its command once per node with the SLURM_NODEID that a
+real `srun --ntasks-per-node=1` would give, so the test sees the exact torchrun command line of every node.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_ID = 4242
+HOSTS = ["gpu-a017", "gpu-a018", "gpu-b001", "gpu-b002"]
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") [[ "$3" == "$FAKE_NODELIST" ]] || exit 3; printf '%s\\n' $FAKE_HOSTS ;;
+  *) echo "$*" >> "$FAKE_LOG/scontrol" ;;
+esac
+"""
+# Records its options, then runs the command once per node (sequentially; the fake torchrun returns at once).
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do echo "$1" >> "$FAKE_LOG/srun"; shift; done
+if [[ -n "${FAKE_SRUN_BLOCK:-}" ]]; then
+  sleep 30 & sleeper=$!
+  trap 'echo TERM >> "$FAKE_LOG/srun.signals"; kill $sleeper; exit 0' TERM
+  touch "$FAKE_LOG/srun.started"; wait; exit 1
+fi
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+  (cd "$FAKE_REPO" && SLURM_NODEID=$node SLURM_PROCID=$node "$@") || exit $?
+done
+"""
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+printf '%s\\0' "$@" > "$FAKE_LOG/torchrun.$$"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("torchrun", FAKE_TORCHRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+    def env(nodes: int, **extra: str) -> dict[str, str]:
+        keep = {k: os.environ[k] for k in ("HOME", "LANG") if k in os.environ}
+        return {**keep, "PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_REPO": str(ROOT),
+                "FAKE_HOSTS": " ".join(HOSTS[:nodes]), "FAKE_NODELIST": f"gpu-nodes[{nodes}]",
+                "SLURM_JOB_ID": str(JOB_ID), "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes),
+                "SLURM_JOB_NODELIST": f"gpu-nodes[{nodes}]", "SLURM_GPUS_ON_NODE": "8",
+                "SLURM_SUBMIT_DIR": str(ROOT), "LOG_DIR": str(tmp_path / "logs"),
+                "DATA_PATH": "/data/shards/{00000..00009}.tar", "TOKENIZER_MODEL": "/data/glm_sp.model",
+                "CONTAINER_IMAGE": "/images/megatron-m2.sqsh", **extra}
+
+    return env, log
+
+
+def _torchrun_calls(log: Path) -> list[list[str]]:
+    return [p.read_bytes().decode().split("\0")[:-1] for p in sorted(log.glob("torchrun.*"))]
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_10b_sbatch_gives_each_node_its_torchrun_arguments(fake_slurm, nodes):
+    env, log = fake_slurm
+    result = subprocess.run(["bash", "examples/slurm/pretrain_m2_10b.sbatch", "--train-iters", "7"], cwd=ROOT,
+                            env=env(nodes), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = _torchrun_calls(log)
+    port = str(20000 + JOB_ID % 20000)
+    prefixes = sorted(call[:call.index("-m") + 2] for call in calls)
+    assert prefixes == [["--nnodes", str(nodes), "--node-rank", str(rank), "--nproc-per-node", "8",
+                         "--master-addr", HOSTS[0], "--master-port", port, "-m", "megatron_m2.train"]
+                        for rank in range(nodes)]
+    for call in calls:
+        assert _flag(call, "--model") == "10b" and call[-2:] == ["--train-iters", "7"]
+        assert _flag(call, "--save") == _flag(call, "--load")  # auto-resume from the latest checkpoint
+    srun = (log / "srun").read_text().split()
+    assert "--ntasks-per-node=1" in srun and "--container-image=/images/megatron-m2.sqsh" in srun
+    assert f"--container-mounts={ROOT}:/workspace/megatron-m2" in srun
+    assert "--container-workdir=/workspace/megatron-m2" in srun
+
+
+def test_gpus_per_node_with_a_gpu_type_and_user_overrides(fake_slurm):
+    env, _ = fake_slurm
+    fake = env(2, SLURM_GPUS_PER_NODE="h100:4", MASTER_PORT="31000")
+    del fake["SLURM_GPUS_ON_NODE"]
+    out = subprocess.run(["bash", "examples/slurm/slurm_env.sh", "--print"], cwd=ROOT, env={**fake, "SLURM_NODEID": "1"},
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.split() == ["NNODES=2", "NODE_RANK=1", "GPUS_PER_NODE=4", f"MASTER_ADDR={HOSTS[0]}",
+                           "MASTER_PORT=31000"]
+
+
+def test_outside_slurm_is_a_clear_error(fake_slurm):
+    env, _ = fake_slurm
+    fake = env(1)
+    del fake["SLURM_JOB_ID"]
+    result = subprocess.run(["bash", "examples/slurm/slurm_env.sh", "--print"], cwd=ROOT, env=fake,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "not inside a Slurm job" in result.stderr
+
+
+def test_without_container_runs_in_the_checkout(fake_slurm):
+    env, log = fake_slurm
+    subprocess.run(["bash", "examples/slurm/pretrain_m2.sbatch", "examples/pretrain_m2_1b.sh"], cwd=ROOT,
+                   env=env(1, CONTAINER_IMAGE="none"), capture_output=True, text=True, timeout=60, check=True)
+    srun = (log / "srun").read_text().split()
+    assert f"--chdir={ROOT}" in srun and not [a for a in srun if a.startswith("--container")]
+    assert _flag(_torchrun_calls(log)[0], "--model") == "1b"
+
+
+def _signal_running_job(env: dict[str, str], log: Path, sig: int) -> subprocess.CompletedProcess:
+    job = subprocess.Popen(["bash", "examples/slurm/pretrain_m2_10b.sbatch"], cwd=ROOT,
+                           env={**env, "FAKE_SRUN_BLOCK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 30
+    while not (log / "srun.started").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "fake srun never started"
+        time.sleep(0.05)
+    job.send_signal(sig)
+    out, err = job.communicate(timeout=30)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+def test_time_limit_signal_saves_then_requeues(fake_slurm):
+    env, log = fake_slurm
+    result = _signal_running_job(env(4), log, signal.SIGUSR1)
+    assert result.returncode == 0, result.stderr
+    assert (log / "srun.signals").read_text().split() == ["TERM"]  # the trainers get SIGTERM and save
+    assert (log / "scontrol").read_text().split() == ["requeue", str(JOB_ID)]
+
+
+@pytest.mark.parametrize("sig,extra", [(signal.SIGTERM, {}), (signal.SIGUSR1, {"SLURM_RESTART_COUNT": "3",
+                                                                                "MAX_RESTARTS": "3"})])
+def test_no_requeue_on_scancel_or_after_max_restarts(fake_slurm, sig, extra):
+    env, log = fake_slurm
+    result = _signal_running_job(env(1, **extra), log, sig)
+    assert result.returncode == 0, result.stderr
+    assert (log / "srun.signals").read_text().split() == ["TERM"]
+    assert not (log / "scontrol").exists()
