@@ -89,3 +89,49 @@ def test_check_vocab(glm):
     check_vocab(glm, 115244)
     with pytest.raises(ConfigError, match="tokenizer has 115244 pieces, the model's vocab_size is 1024"):
         check_vocab(glm, 1024)
+
+
+# -- the small bilingual tokenizer of the tiny preset -----------------------------------------------------------
+
+def _corpus(tmp_path):
+    import json
+    import random
+
+    rng = random.Random(0)
+    en = ["a photo of the digit {}", "a handwritten {}", "the number {} written by hand"]
+    zh = ["数字{}的照片", "手写的{}", "一张{}的图片"]
+    digits_en = "zero one two three four five six seven eight nine".split()
+    digits_zh = "零一二三四五六七八九"
+    txt, jsonl = tmp_path / "captions.txt", tmp_path / "captions.jsonl"
+    txt.write_text("\n".join(rng.choice(en).format(rng.choice(digits_en)) for _ in range(300)) + "\n")
+    jsonl.write_text("\n".join(json.dumps({"caption": rng.choice(zh).format(rng.choice(digits_zh)), "lang": "zh"},
+                                          ensure_ascii=False) for _ in range(300)) + "\n")
+    return [str(txt), str(jsonl)]
+
+
+def test_train_tokenizer_tool_gives_a_glm_layout_model_for_the_tiny_preset(tmp_path, capsys):
+    from megatron_m2.config import load_config
+    from tools.train_tokenizer import main
+
+    inputs = _corpus(tmp_path)
+    assert main(["--input", *inputs, "--output", str(tmp_path / "tok" / "tiny"), "--vocab-size", "1000"]) == 0
+    tok = GLMTokenizer(str(tmp_path / "tok" / "tiny.model"), max_length=16)
+    check_vocab(tok, load_config("tiny").vocab_size)
+    assert tok.vocab_size <= 1000 and f"{tok.vocab_size} pieces" in capsys.readouterr().out
+    ids = tok.encode("a photo of  七")
+    assert ids[0] == tok.cls_id and ids[-1] == tok.eot_id
+    assert tok.sp.piece_to_id("<|blank_2|>") in ids and tok.sp.unk_id() not in ids
+    assert tok.decode(ids) == "a photo of  七"
+    # Too many pieces for the model is refused before training.
+    assert main(["--input", *inputs, "--output", str(tmp_path / "x"), "--vocab-size", "2000"]) == 2
+    assert "--vocab-size 2000 exceeds --model-vocab-size 1024" in capsys.readouterr().err
+
+
+def test_a_model_without_the_glm_pieces_is_a_config_error(tmp_path):
+    import sentencepiece as spm
+
+    inputs = _corpus(tmp_path)
+    spm.SentencePieceTrainer.train(input=inputs[0], model_prefix=str(tmp_path / "plain"), vocab_size=60,
+                                   hard_vocab_limit=False, minloglevel=2)
+    with pytest.raises(ConfigError, match=r"--tokenizer-model .* lacks the GLM special pieces \['\[CLS\]'"):
+        GLMTokenizer(str(tmp_path / "plain.model"))
