@@ -1,0 +1,136 @@
+"""megatron-core layer specs for an M2-Encoder layer (one spec for both towers and the VL layers).
+
+Layer (BEiT-3 / torchscale with Magneto Sub-LN, pre-LN, GELU, biases everywhere):
+    x = x + linear_proj(SubLN(attention(linear_qkv(LN(x)))))
+    x = x + linear_fc2(SubLN(gelu(linear_fc1(LN(x)))))
+Attention is bidirectional: AttnMaskType.padding with a [b, 1, 1, s] key-padding mask (True = masked) for text and
+no mask for images. `local` is pure PyTorch (runs on CPU); `te` uses TransformerEngine with the same math (its fused
+LayerNorm+Linear for the pre-LNs, whose input is not TP-sharded; the Sub-LNs stay TP-aware, see sub_ln.py).
+"""
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_m2.errors import ConfigError
+from megatron_m2.models.sub_ln import SubLNRowParallelLinear
+
+SPECS = ("auto", "local", "te")
+
+
+def te_available() -> bool:
+    """TransformerEngine importable and a GPU present (TE needs CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def resolve_spec(spec: str) -> str:
+    """'auto' -> 'te' when TransformerEngine and CUDA are available, else 'local'."""
+    if spec not in SPECS:
+        raise ConfigError(f"--spec {spec!r} is not one of {SPECS}")
+    if spec == "auto":
+        return "te" if te_available() else "local"
+    if spec == "te" and not te_available():
+        raise ConfigError("--spec te needs TransformerEngine and a CUDA device; use --spec local (or auto)")
+    return spec
+
+
+def _sub_ln_linear(linear_cls: type) -> ModuleSpec:
+    return ModuleSpec(module=SubLNRowParallelLinear, params={"linear_cls": linear_cls})
+
+
+def get_local_layer_spec() -> ModuleSpec:
+    """Pure PyTorch layer: torch LayerNorm, megatron's Column/RowParallelLinear and DotProductAttention."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.padding},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=_sub_ln_linear(RowParallelLinear),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                         linear_fc2=_sub_ln_linear(RowParallelLinear)),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            # dist checkpoints use the te names, so local and te checkpoints are interchangeable
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def get_te_layer_spec() -> ModuleSpec:
+    """TransformerEngine layer: fused pre-LN + QKV / fc1, TE attention, TP-aware Sub-LN + TERowParallelLinear."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.padding},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=TEDotProductAttention,
+                    linear_proj=_sub_ln_linear(TERowParallelLinear),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
+                                         linear_fc2=_sub_ln_linear(TERowParallelLinear)),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_layer_spec(spec: str = "auto") -> ModuleSpec:
+    return get_te_layer_spec() if resolve_spec(spec) == "te" else get_local_layer_spec()
+
+
+def get_final_norm_spec(spec: str = "auto") -> type:
+    """The LayerNorm after each tower and after the VL layers."""
+    if resolve_spec(spec) == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return WrappedTorchNorm

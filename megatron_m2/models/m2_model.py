@@ -1,0 +1,216 @@
+"""The M2-Encoder as one megatron-core pipeline stage.
+
+Each stage holds a contiguous slice of BOTH towers (vision = official multiway copy A, text = copy B): the embeddings
+on the first stage; the towers' final LayerNorms, the shared VL layers (official backbone_vl, A weights, applied to
+each modality separately), the VL final LayerNorm, the bias-free heads and logit_scale on the last stage.
+Between stages the two streams travel packed in one tensor [S_img + S_txt, b, h] so megatron-core's schedules can send
+them; either modality may be absent (S = 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_m2.config import M2Config, layers_per_stage, transformer_config, validate_parallel_shapes
+from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
+from megatron_m2.models.text import TextEmbedding
+from megatron_m2.models.vision import VisionEmbedding
+
+Embeddings = tuple[Optional[torch.Tensor], ...]
+
+VISION_MODULES = ("vision_embed", "vision_encoder", "image_projection", "backbone_image_projection")
+TEXT_MODULES = ("text_embed", "text_encoder", "text_projection", "backbone_text_projection")
+
+
+def _has_module(name: str, modules: tuple[str, ...]) -> bool:
+    # names may carry wrapper prefixes (module., DDP) before ours
+    return re.search(r"(^|\.)(" + "|".join(modules) + r")\.", name) is not None
+
+
+def _stage_block_config(tc: TransformerConfig, num_layers: int, stage_layers: list[int]) -> TransformerConfig:
+    """A config whose megatron layer offsets reproduce `stage_layers` (uniform stages, then a shorter last one).
+
+    megatron-core numbers layers (and the PP axis of dist-checkpoint tensors) from config.num_layers, the PP size and
+    num_layers_in_last_pipeline_stage, so we express our split in those terms instead of renumbering layers.
+    """
+    pp, per, last = len(stage_layers), stage_layers[0], stage_layers[-1]
+    fields = dict(num_layers=num_layers, num_layers_in_first_pipeline_stage=None,
+                  num_layers_in_last_pipeline_stage=None, pipeline_model_parallel_size=pp)
+    if pp == 1:
+        pass
+    elif last == 0:  # the last stage holds only VL layers: the tower is split uniformly over the other stages
+        fields["pipeline_model_parallel_size"] = pp - 1
+    elif last != per:
+        fields["num_layers_in_last_pipeline_stage"] = last
+    return dataclasses.replace(tc, **fields)
+
+
+class M2EncoderModel(MegatronModule):
+    """One pipeline stage of the two-tower M2-Encoder (see the module docstring).
+
+    forward(images [b,3,H,W] | None, text_ids [b,L] | None, text_padding_mask [b,L] bool | None, True = padding):
+    every stage gets the same arguments (non-first stages use only presence/shapes and the mask). Returns the packed
+    hidden states [S_img + S_txt, b, h] on non-last stages; on the last stage (image_embeds, text_embeds), each
+    [b, out_dim] L2-normalised or None, followed by (backbone_image_embeds, backbone_text_embeds) when
+    config.backbone_heads is on.
+    """
+
+    def __init__(self, config: M2Config, transformer_config: TransformerConfig, pre_process: bool,
+                 post_process: bool, num_stage_layers: Optional[int] = None, layer_offset: Optional[int] = None,
+                 spec: str = "local"):
+        super().__init__(config=transformer_config)
+        self.m2_config = config
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.spec = resolve_spec(spec)
+        self.input_tensor: Optional[torch.Tensor] = None
+        tc = transformer_config
+
+        pp = tc.pipeline_model_parallel_size
+        stage_layers = layers_per_stage(config, pp)
+        stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
+        expected = (stage_layers[stage], sum(stage_layers[:stage]))
+        given = (expected[0] if num_stage_layers is None else num_stage_layers,
+                 expected[1] if layer_offset is None else layer_offset)
+        if given != expected:
+            raise ValueError(f"stage {stage} of {pp} holds {expected[0]} backbone layers from layer {expected[1]} "
+                             f"(layers_per_stage), got num_stage_layers={num_stage_layers}, "
+                             f"layer_offset={layer_offset}")
+        self.num_stage_layers, self.layer_offset = expected
+
+        if pre_process:
+            self.vision_embed = VisionEmbedding(config, tc)
+            self.text_embed = TextEmbedding(config, tc)
+        layer_spec, norm = get_layer_spec(self.spec), get_final_norm_spec(self.spec)
+        tower_config = _stage_block_config(tc, config.num_layers, stage_layers)
+        for name in ("vision_encoder", "text_encoder"):
+            block = TransformerBlock(
+                tower_config, TransformerBlockSubmodules([layer_spec] * self.num_stage_layers, norm),
+                post_layer_norm=True, pre_process=True, post_process=post_process)
+            setattr(self, name, block)
+        if self.num_stage_layers:
+            first = self.vision_encoder.layers[0].layer_number - 1
+            assert first == self.layer_offset, f"megatron numbered layer {first}, expected {self.layer_offset}"
+        if post_process:
+            vl_config = _stage_block_config(tc, config.num_vl_layers, [config.num_vl_layers])
+            self.vl_encoder = TransformerBlock(
+                vl_config, TransformerBlockSubmodules([layer_spec] * config.num_vl_layers, norm),
+                post_layer_norm=True, pre_process=True, post_process=True)
+            self.image_projection = self._head()
+            self.text_projection = self._head()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(config.logit_scale_init, dtype=tc.params_dtype))
+            if config.backbone_heads:
+                self.backbone_image_projection = self._head()
+                self.backbone_text_projection = self._head()
+                self.backbone_logit_scale = torch.nn.Parameter(
+                    torch.tensor(config.logit_scale_init, dtype=tc.params_dtype))
+
+    def _head(self) -> torch.nn.Linear:
+        """Bias-free projection to out_dim, replicated over TP (it is small)."""
+        head = torch.nn.Linear(self.m2_config.hidden_size, self.m2_config.out_dim, bias=False,
+                               dtype=self.config.params_dtype)
+        if self.config.perform_initialization:
+            self.config.init_method(head.weight)
+        return head
+
+    # -- megatron-core schedule interface ------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, None]) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "M2EncoderModel takes one packed input tensor"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # -- parameter groups (LiT freezing, partial loading) --------------------------------------------------------
+    @staticmethod
+    def is_vision_parameter(name: str) -> bool:
+        """Vision tower: patch/CLS/position embedding, vision backbone layers + final LN, image head(s)."""
+        return _has_module(name, VISION_MODULES)
+
+    @staticmethod
+    def is_text_parameter(name: str) -> bool:
+        """Text tower: token/position embedding, text backbone layers + final LN, text head(s)."""
+        return _has_module(name, TEXT_MODULES)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def _attention_mask(self, padding_mask: Optional[torch.Tensor], batch: int, length: int, device
+                        ) -> Optional[torch.Tensor]:
+        """[b, 1, 1, L] key-padding mask, True = masked. Images need none with the local attention; TE's padding
+        attention wants an explicit mask, so it gets an all-False one."""
+        if padding_mask is not None:
+            return padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        if self.spec == "te":
+            return torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
+        return None
+
+    def forward(self, images: Optional[torch.Tensor], text_ids: Optional[torch.Tensor],
+                text_padding_mask: Optional[torch.Tensor] = None):
+        if images is None and text_ids is None:
+            raise ValueError("M2EncoderModel.forward needs images, text_ids or both")
+        s_img = self.m2_config.vision_seq_length if images is not None else 0
+        if self.pre_process:
+            image_h = self.vision_embed(images) if images is not None else None
+            text_h = self.text_embed(text_ids) if text_ids is not None else None
+        else:
+            packed = self.input_tensor
+            image_h = packed[:s_img] if s_img else None
+            text_h = packed[s_img:] if text_ids is not None else None
+
+        batch = (images if images is not None else text_ids).shape[0]
+        if image_h is not None:
+            image_mask = self._attention_mask(None, batch, image_h.shape[0], image_h.device)
+            image_h = self.vision_encoder(image_h, image_mask)
+        if text_h is not None:
+            text_mask = self._attention_mask(text_padding_mask, batch, text_h.shape[0], text_h.device)
+            text_h = self.text_encoder(text_h, text_mask)
+        if not self.post_process:
+            return torch.cat([h for h in (image_h, text_h) if h is not None], dim=0)
+
+        outputs = [self._embed(image_h, image_mask if image_h is not None else None, self.image_projection),
+                   self._embed(text_h, text_mask if text_h is not None else None, self.text_projection)]
+        if self.m2_config.backbone_heads:
+            outputs += [self._project(image_h, self.backbone_image_projection),
+                        self._project(text_h, self.backbone_text_projection)]
+        return tuple(outputs)
+
+    def _embed(self, hidden: Optional[torch.Tensor], mask: Optional[torch.Tensor], head: torch.nn.Linear
+               ) -> Optional[torch.Tensor]:
+        """VL layers (shared weights) -> final LN -> CLS -> head -> L2 normalise."""
+        if hidden is None:
+            return None
+        return self._project(self.vl_encoder(hidden, mask), head)
+
+    @staticmethod
+    def _project(hidden: Optional[torch.Tensor], head: torch.nn.Linear) -> Optional[torch.Tensor]:
+        if hidden is None:
+            return None
+        return F.normalize(head(hidden[0]), dim=-1)
+
+
+def build_model(config: M2Config, spec: str = "auto", **transformer_config_overrides) -> M2EncoderModel:
+    """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
+
+    Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
+    Layout errors are raised before anything is allocated.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    validate_parallel_shapes(config, tp, pp)
+    spec = resolve_spec(spec)
+    overrides = dict(transformer_config_overrides)
+    overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+    overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", torch.float32))
+    tc = transformer_config(config, tp, pp, **overrides)
+    model = M2EncoderModel(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,204 @@
+"""The M2-Encoder on megatron-core: math, TP/PP numerics against a TP=1/PP=1 reference, recompute, layout errors."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_m2 import parallel
+from megatron_m2.config import load_config
+from megatron_m2.errors import ConfigError
+from megatron_m2.testing import run_distributed
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+BATCH, NUM_MICROBATCHES = 4, 2
+
+
+def _batch(config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(BATCH, config.num_channels, config.image_size, config.image_size, generator=g)
+    ids = torch.randint(0, config.vocab_size, (BATCH, config.max_text_length), generator=g)
+    lengths = torch.tensor([config.max_text_length, 5, 9, 3])[:BATCH]
+    padding = torch.arange(config.max_text_length)[None, :] >= lengths[:, None]
+    w_img = torch.randn(BATCH, config.out_dim, generator=g)
+    w_txt = torch.randn(BATCH, config.out_dim, generator=g)
+    return images, ids, padding, w_img, w_txt
+
+
+def _loss(image_embeds, text_embeds, w_img, w_txt):
+    return (image_embeds * w_img).sum() + (text_embeds * w_txt).sum()
+
+
+# -- an independent restatement of the torchscale BEiT-3 / Magneto math on the canonical weights -----------------------
+def _ref_layer(x, sd, prefix, heads, eps, padding):
+    from megatron_m2.models.state_dict import split_qkv
+
+    ln = lambda t, name: F.layer_norm(t, t.shape[-1:], sd[f"{prefix}{name}.weight"], sd[f"{prefix}{name}.bias"], eps)  # noqa: E731
+    b, s, h = x.shape
+    q, k, v = (F.linear(ln(x, "input_layernorm"), w, bias) for w, bias in zip(
+        split_qkv(sd[f"{prefix}self_attention.linear_qkv.weight"], heads),
+        split_qkv(sd[f"{prefix}self_attention.linear_qkv.bias"], heads)))
+    split = lambda t: t.view(b, s, heads, h // heads).transpose(1, 2)  # noqa: E731
+    scores = split(q) * (h // heads) ** -0.5 @ split(k).transpose(-1, -2)
+    if padding is not None:
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    ctx = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, s, h)
+    proj = "self_attention.linear_proj."
+    x = x + F.linear(ln(ctx, proj + "layer_norm"), sd[f"{prefix}{proj}linear.weight"], sd[f"{prefix}{proj}linear.bias"])
+    hidden = F.gelu(F.linear(ln(x, "pre_mlp_layernorm"), sd[f"{prefix}mlp.linear_fc1.weight"],
+                             sd[f"{prefix}mlp.linear_fc1.bias"]))
+    fc2 = "mlp.linear_fc2."
+    return x + F.linear(ln(hidden, fc2 + "layer_norm"), sd[f"{prefix}{fc2}linear.weight"], sd[f"{prefix}{fc2}linear.bias"])
+
+
+def _ref_encoder(x, sd, name, num_layers, config, padding):
+    for i in range(num_layers):
+        x = _ref_layer(x, sd, f"{name}.layers.{i}.", config.num_attention_heads, config.layernorm_epsilon, padding)
+    return F.layer_norm(x, x.shape[-1:], sd[f"{name}.final_layernorm.weight"], sd[f"{name}.final_layernorm.bias"],
+                        config.layernorm_epsilon)
+
+
+def _ref_forward(sd, config, images, ids, padding):
+    off = config.position_offset
+    x = F.conv2d(images, sd["vision_embed.patch_embed.weight"], sd["vision_embed.patch_embed.bias"],
+                 stride=config.patch_size).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["vision_embed.cls_token"].expand(x.shape[0], 1, -1), x], dim=1)
+    x = x + sd["vision_embed.position_embeddings.weight"][off:off + x.shape[1]]
+    t = sd["text_embed.word_embeddings.weight"][ids] + sd["text_embed.position_embeddings.weight"][off:off + ids.shape[1]]
+    x = _ref_encoder(_ref_encoder(x, sd, "vision_encoder", config.num_layers, config, None),
+                     sd, "vl_encoder", config.num_vl_layers, config, None)
+    t = _ref_encoder(_ref_encoder(t, sd, "text_encoder", config.num_layers, config, padding),
+                     sd, "vl_encoder", config.num_vl_layers, config, padding)
+    return (F.normalize(F.linear(x[:, 0], sd["image_projection.weight"]), dim=-1),
+            F.normalize(F.linear(t[:, 0], sd["text_projection.weight"]), dim=-1))
+
+
+def _single_process_forward():
+    from megatron_m2.models import build_model
+    from megatron_m2.models.state_dict import canonical_state_dict
+
+    parallel.initialize_model_parallel(1, 1)
+    config = load_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(config, spec="local")
+    images, ids, padding, _, _ = _batch(config)
+    image_embeds, text_embeds = model(images, ids, padding)
+    # tokens under the padding mask must not matter
+    ids_other = torch.where(padding, (ids + 7) % config.vocab_size, ids)
+    text_other = model(None, ids_other, padding)[1]
+    image_only, text_none = model(images, None, None)
+    return dict(image=image_embeds.detach(), text=text_embeds.detach(), text_other=text_other.detach(),
+                image_only=image_only.detach(), text_none=text_none, state=canonical_state_dict(model, config))
+
+
+def test_tp1_pp1_forward_matches_torchscale_math():
+    out = run_distributed(4, _single_process_forward)[0]
+    config = load_config("tiny")
+    images, ids, padding, _, _ = _batch(config)
+    assert out["state"]["text_embed.word_embeddings.weight"].shape[0] == config.vocab_size  # padding stripped
+    ref_image, ref_text = _ref_forward(out["state"], config, images, ids, padding)
+    torch.testing.assert_close(out["image"], ref_image, **TOL)
+    torch.testing.assert_close(out["text"], ref_text, **TOL)
+    torch.testing.assert_close(out["text_other"], out["text"], **TOL)
+    torch.testing.assert_close(out["image_only"], out["image"], **TOL)
+    assert out["text_none"] is None
+    assert torch.allclose(out["image"].norm(dim=-1), torch.ones(BATCH))
+
+
+# -- TP / PP / recompute against the TP=1, PP=1 reference -----------------------------------------------------------
+def _rank_info():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_data_parallel_rank())
+
+
+def _train_step(model, config, num_microbatches):
+    """Forward + backward of the whole batch through megatron-core's schedule; last stage returns the embeddings."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    images, ids, padding, w_img, w_txt = _batch(config)
+    mbs = BATCH // num_microbatches
+    micro = [dict(images=images[i:i + mbs], ids=ids[i:i + mbs], padding=padding[i:i + mbs],
+                  w_img=w_img[i:i + mbs], w_txt=w_txt[i:i + mbs]) for i in range(0, BATCH, mbs)]
+    outputs = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["images"], batch["ids"], batch["padding"])
+
+        def loss_func(output_tensor):
+            image_embeds, text_embeds = output_tensor
+            outputs.append((image_embeds.detach(), text_embeds.detach()))
+            loss = _loss(image_embeds, text_embeds, batch["w_img"], batch["w_txt"])
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=model, num_microbatches=num_microbatches,
+        seq_length=config.vision_seq_length + config.max_text_length, micro_batch_size=mbs, forward_only=False)
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    embeds = None
+    if ps.is_pipeline_last_stage():
+        embeds = tuple(torch.cat(parts) for parts in zip(*outputs))
+    return embeds, grads
+
+
+def _parallel_vs_reference(tp, pp, **overrides):
+    from megatron_m2.models import build_model
+    from megatron_m2.models.state_dict import canonical_state_dict, load_canonical_state_dict, unshard_state_dicts
+
+    config = load_config("tiny")
+    parallel.initialize_model_parallel(1, 1)
+    torch.manual_seed(0)
+    reference = build_model(config, spec="local")
+    full = canonical_state_dict(reference, config)
+    ref_embeds, ref_grads = _train_step(reference, config, NUM_MICROBATCHES)
+    ref_grads = unshard_state_dicts({(0, 0): ref_grads}, config)
+
+    parallel.initialize_model_parallel(tp, pp)
+    torch.manual_seed(1)  # different init: every weight must come from the copy
+    model = build_model(config, spec="local", **overrides)
+    tp_rank, pp_rank, dp_rank = _rank_info()
+    load_canonical_state_dict(model, full, config, tp_rank, tp, pp_rank, pp)
+    embeds, grads = _train_step(model, config, NUM_MICROBATCHES)
+    num_params = sum(p.numel() for p in model.parameters())
+    return dict(rank=(tp_rank, pp_rank, dp_rank), embeds=embeds, grads=grads, ref_embeds=ref_embeds,
+                ref_grads=ref_grads, num_params=num_params, param_names=sorted(n for n, _ in model.named_parameters()))
+
+
+def _check_against_reference(results, tp, pp):
+    from megatron_m2.models.state_dict import unshard_state_dicts
+
+    config = load_config("tiny")
+    ref = results[0]
+    by_rank = {r["rank"][:2]: r for r in results if r["rank"][2] == 0}
+    assert sorted(by_rank) == [(t, p) for t in range(tp) for p in range(pp)]
+    # every parameter gets a gradient on every stage
+    for r in by_rank.values():
+        assert sorted(r["grads"]) == r["param_names"]
+    last = by_rank[(0, pp - 1)]
+    for got, want in zip(last["embeds"], ref["ref_embeds"]):
+        torch.testing.assert_close(got, want, **TOL)
+    grads = unshard_state_dicts({k: r["grads"] for k, r in by_rank.items()}, config, tp, pp)
+    assert sorted(grads) == sorted(ref["ref_grads"])
+    for name, want in ref["ref_grads"].items():
+        torch.testing.assert_close(grads[name], want, **TOL, msg=lambda m: f"{name}: {m}")
+    for r in results[1:]:  # DP replicas and TP peers agree on the embeddings too
+        if r["embeds"] is not None:
+            for got, want in zip(r["embeds"], ref["ref_embeds"]):
+                torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def test_parallel_embeddings_and_grads_match_reference(tp, pp):
+    results = run_distributed(4, _parallel_vs_reference, tp, pp)
+    _check_against_reference(results, tp, pp)
+
+
+def test_activation_recompute_gives_same_grads():
+    results = run_distributed(4, _parallel_vs_reference, 2, 2, recompute_granularity="full",
+                              recompute_method="uniform", recompute_num_layers=1)
+    _check_against_reference(results, 2, 2)
