@@ -245,3 +245,63 @@ def test_train_transform_flips_and_is_deterministic_given_rng():
     a = transform(image, rng=np.random.default_rng(7))
     assert torch.equal(a, transform(image, rng=np.random.default_rng(7)))
     assert torch.equal(train_transform(16, 3)(image), train_transform(16, 3)(image))
+
+
+# -- tools/make_shards.py -------------------------------------------------------------------------------------
+
+def test_make_shards_from_csv_and_read_back(tmp_path, tokenizer, capsys):
+    import csv
+
+    from tools.make_shards import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(7):
+        pixels = np.random.default_rng(i).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+        fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("BMP", "bmp")][i % 4]
+        Image.fromarray(pixels).save(images / f"{i}.{ext}", format=fmt)
+        rows.append({"image": f"images/{i}.{ext}", "caption": f"图片 {i} picture", "lang": "zh" if i % 2 else "en"})
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rows.insert(2, {"image": "images/corrupt.jpg", "caption": "corrupt", "lang": ""})
+    rows.insert(4, {"image": "images/0.jpg", "caption": "   ", "lang": ""})
+    rows.append({"image": "images/missing.png", "caption": "missing", "lang": ""})
+    with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["image", "caption", "lang"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    out = tmp_path / "shards"
+    assert main([str(tmp_path / "pairs.csv"), "--output-dir", str(out), "--samples-per-shard", "3",
+                 "--log-every", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "samples/s" in printed.out and "wrote 7 samples in 3 shards" in printed.out
+    assert "skipped row 4: unreadable image" in printed.err and "skipped row 6: empty caption" in printed.err
+    assert "image not found" in printed.err
+    shards = resolve_shards(str(out / "shard-{00000..00002}.tar"))
+    assert not list(out.glob("*.tmp"))
+
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+        assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+        # JPEG and PNG are copied byte for byte; WebP and BMP re-encoded.
+        assert tar.extractfile("000000000.jpg").read() == (images / "0.jpg").read_bytes()
+        assert tar.extractfile("000000001.png").read() == (images / "1.png").read_bytes()
+        assert "000000002.jpg" in names
+    stream = ShardStream(shards, shuffle_window=1)
+    got = sorted((next(stream) for _ in range(7)), key=lambda s: s.key)  # the shard order is shuffled
+    assert [s.key for s in got] == [f"{i:09d}" for i in range(7)]
+    assert [(s.caption, s.lang) for s in got] == [(r["caption"], r["lang"] or None) for r in rows
+                                                  if r["caption"].strip() and "corrupt" not in r["image"]
+                                                  and "missing" not in r["image"]]
+    assert sum(stream.stats.values()) == 0
+    batch = next(ImageTextBatches(shards, tokenizer, train_transform(8), 4, seed=0))
+    assert batch["images"].shape == (4, 3, 8, 8) and batch["text_ids"].shape == (4, 8)
+
+
+def test_make_shards_rejects_a_csv_without_the_columns(tmp_path, capsys):
+    from tools.make_shards import main
+
+    (tmp_path / "pairs.csv").write_text("path,text\na.jpg,hello\n")
+    assert main([str(tmp_path / "pairs.csv"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "lacks the column(s) ['image', 'caption']" in capsys.readouterr().err

@@ -11,10 +11,12 @@ KEY.jpg|jpeg|png|webp is the image, KEY.txt or KEY.json["caption"] the caption (
 - its position is (epoch, shard, offset, position): a few ints, saved in the checkpoint, so a resumed stream
   continues with exactly the next sample.
 Unusable samples are skipped and counted in `stats`, never raised: a broken caption must not stop a long run.
+`ShardWriter` writes the same format (tools/make_shards.py).
 """
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import json
 import logging
@@ -282,3 +284,62 @@ class ShardStream:
                 continue
             self.usable_in_epoch += 1
             return RawSample(key, image, ext, caption, lang, self.epoch, shard_id, index)
+
+
+class ShardWriter:
+    """Writes samples as webdataset tar shards PREFIX-00000.tar, ... of `samples_per_shard` samples each.
+
+    Keys are the zero-padded global sample number; each sample is KEY.<image ext>, KEY.txt (caption) and KEY.json
+    ({"caption", "lang", ...}), as img2dataset writes them. A shard is written under a temporary name and renamed
+    when complete, so a reader never sees a half-written shard.
+    """
+
+    def __init__(self, output_dir: str, samples_per_shard: int = 10000, prefix: str = "shard",
+                 key_width: int = 9) -> None:
+        if samples_per_shard < 1:
+            raise ConfigError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
+        os.makedirs(output_dir, exist_ok=True)
+        self.output_dir, self.samples_per_shard, self.prefix, self.key_width = (
+            output_dir, samples_per_shard, prefix, key_width)
+        self.count = 0
+        self.paths: list[str] = []
+        self._tar: Optional[tarfile.TarFile] = None
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o444, 0
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, image: bytes, image_ext: str, caption: str, lang: Optional[str] = None,
+              meta: Optional[dict] = None) -> str:
+        """Adds one sample; returns its key."""
+        if self._tar is None:
+            path = os.path.join(self.output_dir, f"{self.prefix}-{len(self.paths):05d}.tar")
+            self.paths.append(path)
+            self._tar = tarfile.open(path + ".tmp", "w")
+        key = str(self.count).zfill(self.key_width)
+        record = {"key": key, "caption": caption, **({"lang": lang} if lang else {}), **(meta or {})}
+        self._add_member(f"{key}.{image_ext}", image)
+        self._add_member(f"{key}.txt", caption.encode("utf-8"))
+        self._add_member(f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        self.count += 1
+        if self.count % self.samples_per_shard == 0:
+            self._finish_shard()
+        return key
+
+    def _finish_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self.paths[-1] + ".tmp", self.paths[-1])
+            self._tar = None
+
+    def close(self) -> list[str]:
+        """Completes the last shard; returns all shard paths."""
+        self._finish_shard()
+        return self.paths
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
