@@ -67,7 +67,9 @@ class ImageTextBatches:
             captions.append(sample.caption)
             self.stream.stats["samples"] += 1
         text_ids, text_padding_mask = self.tokenizer(captions)
-        return dict(images=torch.stack(images), text_ids=text_ids, text_padding_mask=text_padding_mask)
+        # One numpy copy (see transforms.to_tensor for why not torch.stack).
+        images = torch.from_numpy(np.stack([image.numpy() for image in images]))
+        return dict(images=images, text_ids=text_ids, text_padding_mask=text_padding_mask)
 
 
 def build_train_data(shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, config, micro_batch_size: int,
