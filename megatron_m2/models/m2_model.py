@@ -70,6 +70,8 @@ class M2EncoderModel(MegatronModule):
         super().__init__(config=transformer_config)
         self.m2_config = config
         self.model_type = ModelType.encoder_or_decoder
+        # megatron-core's finalize_model_grads asks every model whether to sync tied embedding grads: we tie none
+        self.share_embeddings_and_output_weights = False
         self.pre_process, self.post_process = pre_process, post_process
         self.spec = resolve_spec(spec)
         self.input_tensor: Optional[torch.Tensor] = None
