@@ -1,13 +1,15 @@
 """Training micro-batches from tar shards: decode, augment, tokenize, stack; single process, exactly resumable.
 
 Every rank of a model replica (its TP and PP peers) builds the same iterator with the same DP rank, so they read
-identical batches without any communication. No DataLoader workers: the position of one in-process stream is the
-whole state, and augmentation is seeded per sample from (seed, epoch, shard, index).
+identical batches without any communication. No DataLoader worker processes: the position of one in-process
+stream is the whole state, and augmentation is seeded per sample from (seed, epoch, shard, index); optional
+threads (num_workers) only decode and augment, so they change the speed, never the batches.
 """
 from __future__ import annotations
 
 import io
-from typing import Callable, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from PIL import Image
 from megatron_m2.data.shards import RawSample, ShardStream, resolve_shards
 from megatron_m2.data.tokenizer import GLMTokenizer
 from megatron_m2.data.transforms import to_rgb, train_transform
+from megatron_m2.errors import ConfigError
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -29,10 +32,15 @@ class ImageTextBatches:
 
     def __init__(self, shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, transform: Callable,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle_window: int = 512) -> None:
+                 shuffle_window: int = 512, num_workers: int = 0) -> None:
         self.stream = ShardStream(resolve_shards(shards), dp_rank, dp_size, seed, shuffle_window)
         self.tokenizer, self.transform = tokenizer, transform
         self.micro_batch_size, self.seed = micro_batch_size, seed
+        # Threads decode and augment the samples of a batch in parallel (Pillow and numpy release the GIL).
+        # The stream is still read in one thread and each sample's augmentation is seeded by its identity,
+        # so batches are identical for any num_workers.
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="m2-data") if num_workers > 0 else None
+        self._last_good_epoch = self.stream.epoch
 
     @property
     def stats(self) -> dict[str, int]:
@@ -44,8 +52,14 @@ class ImageTextBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+        self._last_good_epoch = self.stream.epoch
 
-    def _image(self, image: Image.Image, sample: RawSample) -> torch.Tensor:
+    def _image(self, sample: RawSample) -> Optional[torch.Tensor]:
+        """The augmented image, or None if the file does not decode."""
+        try:
+            image = to_rgb(decode_image(sample.image))
+        except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+            return None
         if getattr(self.transform, "takes_rng", False):
             rng = np.random.default_rng([self.seed, sample.epoch, sample.shard, sample.index])
             return self.transform(image, rng=rng)
@@ -57,15 +71,19 @@ class ImageTextBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         images, captions = [], []
         while len(images) < self.micro_batch_size:
-            sample = next(self.stream)
-            try:
-                image = to_rgb(decode_image(sample.image))
-            except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for bad files
-                self.stream.reject("corrupt_image", sample)
-                continue
-            images.append(self._image(image, sample))
-            captions.append(sample.caption)
-            self.stream.stats["samples"] += 1
+            samples = [next(self.stream) for _ in range(self.micro_batch_size - len(images))]
+            decoded = self._pool.map(self._image, samples) if self._pool else map(self._image, samples)
+            for sample, image in zip(samples, decoded):
+                if image is None:
+                    self.stream.reject("corrupt_image", sample)
+                    if sample.epoch >= self._last_good_epoch + 2:  # a whole epoch without one decodable image
+                        raise ConfigError(f"--data-path: data-parallel rank {self.stream.dp_rank} decoded no "
+                                          f"image in a whole epoch; skipped: {self.stats}")
+                    continue
+                self._last_good_epoch = sample.epoch
+                images.append(image)
+                captions.append(sample.caption)
+                self.stream.stats["samples"] += 1
         text_ids, text_padding_mask = self.tokenizer(captions)
         # One numpy copy (see transforms.to_tensor for why not torch.stack).
         images = torch.from_numpy(np.stack([image.numpy() for image in images]))
@@ -73,7 +91,7 @@ class ImageTextBatches:
 
 
 def build_train_data(shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, config, micro_batch_size: int,
-                     dp_rank: int, dp_size: int, seed: int) -> ImageTextBatches:
+                     dp_rank: int, dp_size: int, seed: int, num_workers: int = 0) -> ImageTextBatches:
     """The training iterator for a model config (its image_size), with the train augmentation."""
     return ImageTextBatches(shards, tokenizer, train_transform(config.image_size), micro_batch_size,
-                            dp_rank, dp_size, seed)
+                            dp_rank, dp_size, seed, num_workers=num_workers)

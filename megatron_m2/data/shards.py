@@ -246,7 +246,8 @@ class ShardStream:
     def reject(self, reason: str, sample: RawSample) -> None:
         """The consumer found the last sample unusable (e.g. an image that does not decode): count it as skipped."""
         count_skip(self.stats, reason, f"{self.shards[sample.shard]}:{sample.key}")
-        self.usable_in_epoch -= 1
+        if sample.epoch == self.epoch:  # the stream may already be in the next epoch (a batch read ahead)
+            self.usable_in_epoch -= 1
 
     # -- iteration ------------------------------------------------------------------------------------------
     def __iter__(self) -> "ShardStream":
