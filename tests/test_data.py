@@ -322,3 +322,17 @@ def test_only_corrupt_images_is_an_error_not_a_hang(tmp_path, tokenizer, num_sam
     batches = ImageTextBatches([str(shard)], tokenizer, eval_transform(8), 4)
     with pytest.raises(ConfigError, match="--data-path: data-parallel rank 0 .* in a whole epoch"):
         next(batches)
+
+
+def test_make_shards_from_jsonl_keeps_lang_and_reports_bad_lines(tmp_path, capsys):
+    from tools.make_shards import main
+
+    Image.new("RGB", (9, 7), "red").save(tmp_path / "a.png")
+    lines = [json.dumps({"image": "a.png", "caption": "红色", "lang": "zh"}, ensure_ascii=False), "{broken",
+             json.dumps({"image": str(tmp_path / "a.png"), "caption": "red"})]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main([str(tmp_path / "pairs.jsonl"), "--output-dir", str(tmp_path / "out")]) == 0
+    assert "skipped row 2: not JSON" in capsys.readouterr().err
+    stream = ShardStream(resolve_shards(str(tmp_path / "out")), shuffle_window=1)
+    assert [(s.caption, s.lang, s.image_ext) for s in (next(stream), next(stream))] == [
+        ("红色", "zh", "png"), ("red", None, "png")]
