@@ -336,3 +336,39 @@ def test_make_shards_from_jsonl_keeps_lang_and_reports_bad_lines(tmp_path, capsy
     stream = ShardStream(resolve_shards(str(tmp_path / "out")), shuffle_window=1)
     assert [(s.caption, s.lang, s.image_ext) for s in (next(stream), next(stream))] == [
         ("红色", "zh", "png"), ("red", None, "png")]
+
+
+# -- in a real process layout ---------------------------------------------------------------------------------
+
+def _replica_batches(shard_dir: str, tokenizer_path: str) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_m2 import parallel
+    from megatron_m2.config import load_config
+    from megatron_m2.data import build_train_data, load_tokenizer
+
+    parallel.initialize_model_parallel(2, 1)
+    config = load_config("tiny")
+    data = build_train_data(shard_dir, load_tokenizer(tokenizer_path, config.max_text_length), config, 2,
+                            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                            seed=11)
+    batches = [next(data) for _ in range(3)]
+    return {"dp_rank": parallel_state.get_data_parallel_rank(),
+            "images": torch.cat([b["images"] for b in batches]),
+            "text_ids": torch.cat([b["text_ids"] for b in batches])}
+
+
+@pytest.mark.slow  # starts the shared 4-process pool if no other test has (about 30 s on 2 busy cores)
+def test_tp_peers_read_identical_batches_and_dp_ranks_disjoint_ones(tmp_path, tokenizer):
+    from megatron_m2.testing import run_distributed
+
+    make_dataset(tmp_path / "shards", 4, 3)  # 12 samples; DP=2 reads 6 each
+    results = run_distributed(4, _replica_batches, str(tmp_path / "shards"), tokenizer.model_path)
+    by_dp = {}
+    for result in results:
+        by_dp.setdefault(result["dp_rank"], []).append(result)
+    assert sorted(by_dp) == [0, 1] and all(len(peers) == 2 for peers in by_dp.values())
+    for first, second in by_dp.values():
+        assert torch.equal(first["images"], second["images"]) and torch.equal(first["text_ids"], second["text_ids"])
+    captions = [{tuple(row.tolist()) for row in by_dp[r][0]["text_ids"]} for r in (0, 1)]
+    assert len(captions[0]) == len(captions[1]) == 6 and not captions[0] & captions[1]
