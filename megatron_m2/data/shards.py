@@ -196,6 +196,7 @@ class ShardStream:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle_window = max(1, shuffle_window)
         self.stats: Counter = Counter()
+        self._plan_cache: tuple = (None, None)
         # Position: samples of the current shard consumed (offset) and of the epoch (position), usable or not.
         self.epoch, self.shard, self.offset, self.position, self.usable_in_epoch = 0, 0, 0, 0, 0
         self._reset_reader()
@@ -222,10 +223,12 @@ class ShardStream:
     # -- the plan of an epoch -------------------------------------------------------------------------------
     def plan(self, epoch: int) -> tuple[list[int], int, int]:
         """(shard ids this rank reads in order, stride, phase): it keeps epoch positions p with p % stride == phase."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
-        if len(self.shards) >= self.dp_size:
-            return order[self.dp_rank::self.dp_size], 1, 0
-        return order, self.dp_size, self.dp_rank
+        if self._plan_cache[0] != epoch:  # asked for every sample: a permutation of 100k shards is not free
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+            plan = (order[self.dp_rank::self.dp_size], 1, 0) if len(self.shards) >= self.dp_size else \
+                (order, self.dp_size, self.dp_rank)
+            self._plan_cache = (epoch, plan)
+        return self._plan_cache[1]
 
     def _reset_reader(self) -> None:
         self._groups: Optional[Iterator] = None  # open tar of the current shard
