@@ -216,6 +216,13 @@ def test_eval_transform_resizes_shorter_side_and_center_crops():
     out = eval_transform(8)(image)
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     assert torch.allclose(out[:, 2:6, 2:6], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1), atol=1e-5)
+    # square=True (the official release's inference transform) keeps all three bands, squashed.
+    squashed = eval_transform(9, square=True)(image)
+    assert squashed.shape == (3, 9, 9)
+    for column, channel in ((0, 0), (4, 1), (8, 2)):
+        expected = -torch.ones(3)
+        expected[channel] = 1.0
+        assert torch.allclose(squashed[:, 4, column], expected, atol=0.05)
 
 
 @pytest.mark.parametrize("mode, color", [("L", 128), ("RGBA", (10, 20, 30, 0)), ("P", 3), ("RGB", (1, 2, 3))])

@@ -1,7 +1,9 @@
 """Image transforms with Pillow + numpy (no torchvision): PIL.Image -> FloatTensor [3, H, W], mean = std = 0.5.
 
 train: random resized crop (scale 0.8-1.0, ratio 3/4-4/3, torchvision's sampling) + horizontal flip, bicubic.
-eval: resize the shorter side to image_size (bicubic) + center crop, as M2-Encoder's val transform.
+eval: resize the shorter side to image_size (bicubic) + center crop; `square=True` instead squashes the whole image
+to image_size x image_size (bicubic), which is what M2-Encoder's release does at inference
+(vlmo/transforms/square_transform.py: Resize((size, size), BICUBIC); the model applies mean/std 0.5 itself).
 Randomness comes from a numpy Generator; the batch iterator passes one derived from (seed, epoch, sample) per call
 so augmentation is reproducible after a resume, whatever was prefetched.
 """
@@ -77,16 +79,18 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to image_size (bicubic), center crop image_size x image_size."""
+    """Resize the shorter side to image_size (bicubic), center crop image_size x image_size; or squash (square)."""
 
     takes_rng = False
 
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
+    def __init__(self, image_size: int, square: bool = False) -> None:
+        self.image_size, self.square = image_size, square
 
     def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         image = to_rgb(image)
         size, (width, height) = self.image_size, image.size
+        if self.square:
+            return to_tensor(image.resize((size, size), Image.BICUBIC))
         # torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated, not rounded.
         if width <= height:
             new_w, new_h = size, int(size * height / width)
@@ -102,5 +106,5 @@ def train_transform(image_size: int, rng: Union[np.random.Generator, int, None] 
     return TrainTransform(image_size, rng)
 
 
-def eval_transform(image_size: int) -> EvalTransform:
-    return EvalTransform(image_size)
+def eval_transform(image_size: int, square: bool = False) -> EvalTransform:
+    return EvalTransform(image_size, square)
