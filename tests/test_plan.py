@@ -1,0 +1,167 @@
+"""The memory/communication planner (megatron_m2/planner.py) and its CLI (tools/plan.py)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_m2 import planner
+from megatron_m2.config import layers_per_stage, load_config, padded_vocab_size
+from megatron_m2.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = planner.GB
+
+
+def _layout(plan: planner.Plan) -> tuple[int, int]:
+    return plan.tensor_model_parallel_size, plan.pipeline_model_parallel_size
+
+
+def test_10b_on_32_h100s_fits_tp8_pp4_and_not_tp1_pp1():
+    plans, _ = planner.plan_all(load_config("10b"), 32, planner.Training(micro_batch_size=8, global_batch_size=4096))
+    fits = {_layout(p) for p in plans if p.fits}
+    assert (8, 4) in fits and (8, 2) in fits
+    assert (1, 1) not in fits  # 9.55B x (2 + 4 + 12) bytes = 160 GiB of weights, grads and Adam state
+    tp1 = next(p for p in plans if _layout(p) == (1, 1))
+    assert tp1.memory["total"] > 150 * GIB and not tp1.fits
+    tp8 = next(p for p in plans if _layout(p) == (8, 4) and p.fits)
+    # stage 0 (embeddings + 6 layers x 2 copies, 4 micro-batches in flight) needs the most memory
+    assert tp8.peak_stage == 0 and 0.36e9 < tp8.parameters_per_gpu < 0.38e9
+    assert tp8.parameters_per_gpu == planner.stage_parameters(load_config("10b"), 8, 4)[0].per_gpu(8)
+    # listed fastest first among the layouts that fit
+    times = [p.time["step"] for p in plans if p.fits]
+    assert times == sorted(times)
+
+
+def test_distributed_optimizer_shards_adam_state_over_dp():
+    config = load_config("10b")
+    replicated = planner.plan_layout(config, 32, 2, 4, training=planner.Training(recompute=False))
+    sharded = planner.plan_layout(config, 32, 2, 4, training=planner.Training(recompute=False,
+                                                                               use_distributed_optimizer=True))
+    assert replicated.data_parallel_size == 4
+    assert sharded.memory["optimizer"] == pytest.approx(replicated.memory["optimizer"] / 4)
+    assert sharded.memory["optimizer"] == pytest.approx(replicated.parameters_per_gpu * 12 / 4)
+    assert sharded.memory["params"] == replicated.memory["params"] == replicated.parameters_per_gpu * 2
+
+
+@pytest.mark.parametrize("name", ["tiny", "0.4b", "1b", "10b"])
+def test_stage_parameters_sum_to_the_models_count(name):
+    from megatron_m2.models.param_count import model_parameter_count
+
+    config = load_config(name)
+    units = config.num_layers + config.num_vl_layers
+    for tp in (1, 2, 4):
+        for pp in [d for d in range(1, units + 1) if units % d == 0 and units // d >= config.num_vl_layers]:
+            stages = planner.stage_parameters(config, tp, pp)
+            assert len(stages) == pp
+            assert sum(s.total for s in stages) == model_parameter_count(config, tp), (tp, pp)
+
+
+def test_embeddings_on_the_first_stage_vl_and_heads_on_the_last():
+    config = load_config("10b")
+    first, middle, _, last = planner.stage_parameters(config, 8, 4)
+    h = config.hidden_size
+    layer = planner._layer_copy(config)
+    assert middle.total == 2 * 6 * layer.total
+    assert first.total - middle.total == padded_vocab_size(config.vocab_size, 8) * h + h * (
+        config.text_position_table_size + config.vision_position_table_size + 3 * 16 * 16 + 2)
+    assert last.total == 2 * 3 * layer.total + 3 * layer.total + 3 * 2 * h + 2 * h * config.out_dim + 1
+
+
+def _tiny_rank_parameters(tp: int, pp: int) -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    from megatron_m2 import parallel
+    from megatron_m2.models import build_model
+
+    parallel.initialize_model_parallel(tp, pp)
+    model = build_model(load_config("tiny"), spec="local")
+    return parallel_state.get_pipeline_model_parallel_rank(), sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow  # starts a 4-process pool (shared with other tests in a full run)
+def test_per_gpu_count_equals_the_built_model_on_every_rank():
+    from megatron_m2.testing import run_distributed
+
+    config = load_config("tiny")
+    stages = planner.stage_parameters(config, 2, 2)
+    for stage, count in run_distributed(4, _tiny_rank_parameters, 2, 2):
+        assert count == stages[stage].per_gpu(2), stage
+
+
+def test_layouts_violating_divisibility_never_appear():
+    config = load_config("10b")  # 32 heads, FFN 16384, 21 + 3 layers
+    for num_gpus in (24, 32, 48):
+        plans, _ = planner.plan_all(config, num_gpus, planner.Training(global_batch_size=num_gpus * 8 * 4))
+        assert plans
+        for p in plans:
+            tp, pp, dp, g = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size,
+                             p.itc_group_size)
+            assert tp * pp * dp == num_gpus and tp in (1, 2, 4, 8) and dp % g == 0
+            assert 24 % pp == 0 and 24 // pp >= 3 and layers_per_stage(config, pp)
+            assert p.num_microbatches * 8 * dp == num_gpus * 8 * 4
+
+
+def test_grouped_itc_memory_and_communication_grow_with_the_group():
+    config = load_config("1b")
+    training = planner.Training(micro_batch_size=64, global_batch_size=64 * 64, recompute=True)
+    by_group = {g: planner.plan_layout(config, 64, 1, 1, g, training) for g in (1, 8, 64)}
+    assert by_group[1].communication["itc"] == 0
+    b, d = 64, config.out_dim
+    m = by_group[8].num_microbatches
+    assert by_group[8].communication["itc"] == m * 2 * 2 * 7 * b * d * 2  # all-gather + reduce-scatter, bf16
+    assert by_group[8].memory["itc"] < by_group[64].memory["itc"]
+    chunked = planner.plan_layout(config, 64, 1, 1, 64, planner.Training(
+        micro_batch_size=64, global_batch_size=64 * 64, recompute=True, itc_chunk_size=256))
+    assert chunked.memory["itc"] < by_group[64].memory["itc"]
+
+
+def test_recompute_is_chosen_only_when_needed():
+    config = load_config("1b")
+    roomy = planner.plan_layout(config, 8, 1, 1, training=planner.Training(micro_batch_size=8, global_batch_size=64))
+    assert not roomy.recompute and roomy.fits
+    tight = planner.plan_layout(config, 8, 1, 1, training=planner.Training(micro_batch_size=64, global_batch_size=512),
+                                hardware=planner.Hardware(gpu_memory_gb=40))
+    assert tight.recompute and tight.fits
+    no_recompute = planner.plan_layout(config, 8, 1, 1, training=planner.Training(
+        micro_batch_size=64, global_batch_size=512, recompute=False), hardware=planner.Hardware(gpu_memory_gb=40))
+    assert no_recompute.memory["activations"] > 3 * tight.memory["activations"] and not no_recompute.fits
+
+
+def test_impossible_layouts_are_config_errors():
+    config = load_config("10b")
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 5"):
+        planner.plan_layout(config, 40, 1, 5)
+    with pytest.raises(ConfigError, match="--itc-group-size 3"):
+        planner.plan_layout(config, 32, 8, 1, itc_group_size=3)
+    with pytest.raises(ConfigError, match="--global-batch-size"):
+        planner.plan_layout(config, 32, 8, 1, training=planner.Training(global_batch_size=100))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "plan.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_lists_fitting_layouts():
+    result = _cli("--model", "10b", "--num-gpus", "32", "--tensor-model-parallel-size", "8", "--top", "0")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d+\s+\d+\s", line)]
+    assert [row[:4] for row in rows if row[1] == "4"] == [["8", "4", "1", "1"]]
+    # PP=1 fits too at TP=8 (9.55B / 8 x 18 B = 20 GiB); PP=8 would need 64 GPUs
+    assert {row[1] for row in rows} == {"1", "2", "4"} and {row[0] for row in rows} == {"8"}
+
+
+def test_cli_help_and_clear_errors():
+    assert _cli("--help").returncode == 0
+    bad = _cli("--model", "10b", "--num-gpus", "0")
+    assert bad.returncode == 2 and "--num-gpus must be >= 1" in bad.stderr
+    bad = _cli("--model", "20b", "--num-gpus", "8")
+    assert bad.returncode == 2 and "--model '20b' is neither a preset" in bad.stderr
+    bad = _cli("--num-gpus", "8", "--recompute", "sometimes")
+    assert bad.returncode == 2 and "--recompute: invalid choice" in bad.stderr
+    nothing = _cli("--model", "10b", "--num-gpus", "8", "--gpu-memory-gb", "16")
+    assert nothing.returncode == 1 and "nothing fits" in nothing.stderr

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Which TP/PP/DP/ITC-group layouts of an M2-Encoder preset fit a cluster, with memory, communication and step time.
+
+    python tools/plan.py --model 10b --num-gpus 32 --gpu-memory-gb 80 --use-distributed-optimizer
+    python tools/plan.py --model 0.4b --num-gpus 1 --no-bf16 --spec local --micro-batch-size 4 --global-batch-size 4
+
+Estimates from the assumptions printed above the table (megatron_m2/planner.py explains the model; BENCHMARKS.md
+compares it with measured peaks). A '!' after the total marks a layout that does not fit (shown with --all).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megatron_m2 import planner  # noqa: E402
+from megatron_m2.config import PRESETS, load_config  # noqa: E402
+from megatron_m2.errors import ConfigError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    hw, tr = planner.Hardware(), planner.Training()
+    p = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and cluster")
+    g.add_argument("--model", default="10b", help=f"preset ({', '.join(PRESETS)}) or a model JSON config")
+    g.add_argument("--num-gpus", type=int, required=True, help="GPUs in the job")
+    g.add_argument("--gpus-per-node", type=int, default=hw.gpus_per_node, help="GPUs per node (TP stays inside one)")
+    g.add_argument("--gpu-memory-gb", type=float, default=hw.gpu_memory_gb, help="memory per GPU, GiB")
+    g = p.add_argument_group("training (the trainer's flags)")
+    g.add_argument("--micro-batch-size", type=int, default=tr.micro_batch_size)
+    g.add_argument("--global-batch-size", type=int, default=tr.global_batch_size)
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=tr.bf16,
+                   help="bf16 weights/activations with fp32 master weights; --no-bf16 plans fp32 (CPU) training")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the fp32 master weights and Adam moments over data-parallel ranks")
+    g.add_argument("--recompute", choices=["auto", "full", "none"], default="auto",
+                   help="activation recompute (--recompute-activations): auto = only where needed to fit")
+    g.add_argument("--spec", choices=["te", "local"], default=tr.spec,
+                   help="te: TransformerEngine with flash attention (GPU); local: megatron's unfused attention")
+    g.add_argument("--itc-chunk-size", type=int, default=0, help="the loss's column chunk (0 = whole logits)")
+    g = p.add_argument_group("layouts to show")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=0, help="only this TP (0 = all)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=0, help="only this PP (0 = all)")
+    g.add_argument("--itc-group-size", type=int, default=0, help="only this ITC group size (0 = every divisor of DP)")
+    g.add_argument("--top", type=int, default=20, help="show at most this many layouts (0 = all)")
+    g.add_argument("--all", action="store_true", help="also show layouts that do not fit, and why some were skipped")
+    g = p.add_argument_group("hardware assumptions")
+    g.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="dense bf16 peak per GPU (H100 SXM)")
+    g.add_argument("--mfu", type=float, default=hw.mfu, help="fraction of peak reached in the kernels")
+    g.add_argument("--nvlink-gbps", type=float, default=hw.nvlink_gbps,
+                   help="effective per-GPU collective bandwidth inside a node, GB/s")
+    g.add_argument("--internode-gbps", type=float, default=hw.internode_gbps,
+                   help="effective per-GPU bandwidth between nodes, GB/s")
+    g.add_argument("--reserved-gb", type=float, default=hw.reserved_gb,
+                   help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation, GiB")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag in ("num_gpus", "gpus_per_node", "micro_batch_size", "global_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("gpu_memory_gb", "peak_tflops", "nvlink_gbps", "internode_gbps"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu is a fraction of peak in (0, 1], got {args.mfu}")
+    if args.tensor_model_parallel_size and args.tensor_model_parallel_size not in planner.TENSOR_PARALLEL_SIZES:
+        raise ConfigError(f"--tensor-model-parallel-size must be one of {planner.TENSOR_PARALLEL_SIZES}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+        config = load_config(args.model)
+        hardware = planner.Hardware(args.gpu_memory_gb, args.gpus_per_node, args.peak_tflops, args.mfu,
+                                    args.nvlink_gbps, args.internode_gbps, args.reserved_gb)
+        training = planner.Training(args.micro_batch_size, args.global_batch_size, args.bf16,
+                                    args.use_distributed_optimizer, {"auto": None, "full": True, "none": False}[
+                                        args.recompute], args.spec, args.itc_chunk_size)
+        plans, skipped = planner.plan_all(config, args.num_gpus, training, hardware, args.itc_group_size,
+                                          args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    fitting = [p for p in plans if p.fits]
+    shown = plans if args.all else fitting
+    if args.top:
+        shown = shown[:args.top]
+    total = sum(s.total for s in planner.stage_parameters(config))
+    print(f"{args.model}: {total / 1e9:.3f}B parameters, {args.num_gpus} GPUs ({args.gpus_per_node}/node, "
+          f"{args.gpu_memory_gb:g} GiB), micro-batch {args.micro_batch_size}, global batch {args.global_batch_size}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {'distributed' if args.use_distributed_optimizer else 'replicated'} "
+          f"optimizer, {args.spec} spec")
+    print(f"assumptions: {args.peak_tflops:g} TFLOP/s peak x MFU {args.mfu:g}; NVLink {args.nvlink_gbps:g} GB/s, "
+          f"inter-node {args.internode_gbps:g} GB/s per GPU; {args.reserved_gb:g} GiB reserved; all communication "
+          "exposed")
+    print(f"{len(fitting)} of {len(plans)} valid layouts fit; showing {len(shown)} (fastest first)")
+    if shown:
+        print(planner.format_table(shown))
+    if args.all and skipped:
+        print("skipped:\n  " + "\n  ".join(skipped))
+    if not fitting:
+        print("nothing fits: try --use-distributed-optimizer, --recompute full, a smaller --micro-batch-size or "
+              "more GPUs", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
