@@ -213,3 +213,69 @@ def test_activation_recompute_gives_same_grads():
     stages = {r["rank"][1]: r["recomputed"] for r in results}
     assert stages == {0: 2 * 2 * NUM_MICROBATCHES, 1: (2 * 1 + 2 * config.num_vl_layers) * NUM_MICROBATCHES}
     _check_against_reference(results, 2, 2)
+
+
+# -- layout errors, before anything is allocated --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fields,tp,pp,flag",
+    [
+        ({}, 3, 1, "--tensor-model-parallel-size 3 must divide the model's num_attention_heads"),
+        ({"ffn_hidden_size": 255}, 2, 1, "--tensor-model-parallel-size 2 must divide the model's ffn_hidden_size"),
+        ({}, 1, 3, "--pipeline-model-parallel-size 3 must divide num_layers"),
+        ({"num_layers": 2, "num_vl_layers": 2}, 1, 4, "--pipeline-model-parallel-size 4 leaves 1 layers"),
+    ],
+)
+def test_build_model_rejects_impossible_layouts_before_allocating(monkeypatch, fields, tp, pp, flag):
+    from megatron.core import parallel_state
+
+    from megatron_m2.models import m2_model
+
+    config = dataclasses.replace(load_config("tiny"), **fields)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: tp)
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: pp)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("allocated before validating the layout")
+
+    monkeypatch.setattr(m2_model, "transformer_config", no_allocation)
+    monkeypatch.setattr(m2_model.M2EncoderModel, "__init__", no_allocation)
+    with pytest.raises(ConfigError, match=flag):
+        m2_model.build_model(config, spec="local")
+
+
+def test_world_size_not_divisible_by_tp_x_pp_names_the_flags():
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size.*--pipeline-model-parallel-size"):
+        parallel.validate_layout(6, 2, 2)
+
+
+# -- parameter counts of the presets against the official shapes ----------------------------------------------------
+def _meta_parameter_counts(presets):
+    import torch.distributed as dist
+
+    from megatron_m2.models import build_model
+
+    parallel.initialize_model_parallel(1, 1)
+    if dist.get_rank() != 0:
+        return None
+    counts = {}
+    for preset in presets:
+        with torch.device("meta"):
+            model = build_model(load_config(preset), spec="local", perform_initialization=False)
+        counts[preset] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def test_preset_parameter_counts_match_official_shapes():
+    from megatron_m2.config import PRESETS
+    from megatron_m2.models.param_count import (
+        model_parameter_count, official_parameter_count, official_unused_parameter_count)
+
+    counts = run_distributed(4, _meta_parameter_counts, PRESETS)[0]
+    for preset in PRESETS:
+        config = load_config(preset)
+        padding = (model_parameter_count(config) - official_parameter_count(config)
+                   + official_unused_parameter_count(config)) // config.hidden_size
+        assert 0 <= padding < 128
+        assert counts[preset] == model_parameter_count(config), preset
+    official_10b = official_parameter_count(load_config("10b"))
+    assert 10.1e9 < official_10b < 10.3e9, official_10b
