@@ -29,11 +29,19 @@ while [[ "$1" == --* ]]; do echo "$1" >> "$FAKE_LOG/srun"; shift; done
 if [[ -n "${FAKE_SRUN_BLOCK:-}" ]]; then
   sleep 30 & sleeper=$!
   trap 'echo TERM >> "$FAKE_LOG/srun.signals"; kill $sleeper; exit 0' TERM
-  touch "$FAKE_LOG/srun.started"; wait; exit 1
+  echo $$ > "$FAKE_LOG/srun.pid"; touch "$FAKE_LOG/srun.started"; wait; exit 1
 fi
 for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
   (cd "$FAKE_REPO" && SLURM_NODEID=$node SLURM_PROCID=$node "$@") || exit $?
 done
+"""
+FAKE_SQUEUE = """#!/usr/bin/env bash
+printf '%s\\n' "$SLURM_JOB_ID.batch" "$SLURM_JOB_ID.extern" "$SLURM_JOB_ID.0"
+"""
+# scancel --signal=TERM reaches the step's processes: here, the blocked fake srun.
+FAKE_SCANCEL = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG/scancel"
+kill -TERM "$(cat "$FAKE_LOG/srun.pid")"
 """
 FAKE_TORCHRUN = """#!/usr/bin/env bash
 printf '%s\\0' "$@" > "$FAKE_LOG/torchrun.$$"
@@ -45,7 +53,8 @@ def fake_slurm(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
-    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("torchrun", FAKE_TORCHRUN)):
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("squeue", FAKE_SQUEUE),
+                       ("torchrun", FAKE_TORCHRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
 
@@ -137,6 +146,7 @@ def test_time_limit_signal_saves_then_requeues(fake_slurm):
     result = _signal_running_job(env(4), log, signal.SIGUSR1)
     assert result.returncode == 0, result.stderr
     assert (log / "srun.signals").read_text().split() == ["TERM"]  # the trainers get SIGTERM and save
+    assert (log / "scancel").read_text().split() == ["--signal=TERM", f"{JOB_ID}.0"]
     assert (log / "scontrol").read_text().split() == ["requeue", str(JOB_ID)]
 
 
