@@ -1,0 +1,209 @@
+"""Grouped-aggregation image-text contrastive (ITC) loss: symmetric InfoNCE with a learnable temperature.
+
+Features are all-gathered inside the ITC group (a sub-group of `--itc-group-size` data-parallel ranks, built by
+`parallel.initialize_model_parallel`; TP peers are never in the same group, so nothing is gathered twice). Rank r of a
+group of g ranks with b rows each owns rows r*b..(r+1)*b-1 of the (g*b x g*b) group logits; positives are the
+diagonal of the group batch.
+
+Why the gradient scaling is right (notation: N = g*b, x_s = the features of rank s, l_r = this module's loss on rank
+r = mean over its b rows of (CE_i2t + CE_t2i)/2):
+  * The CLIP loss of group G is L_G = (1/N) sum over its N rows = (1/g) sum_{r in G} l_r.
+  * The gather's backward is a SUM reduce-scatter, so the feature gradient that rank s backpropagates into its model
+    is  grad_s = sum_{r in G} dl_r/dx_s = g * dL_G/dx_s.
+  * megatron-core's DDP averages parameter gradients over the DP group (1/DP), so the update is
+    (1/DP) sum_s grad_s dx_s/dtheta = d/dtheta [(1/DP) sum_r l_r] = d/dtheta [mean over groups of L_G].
+    With one group (g = DP) that is exactly the CLIP loss of the global batch; the pipeline schedule's 1/num_microbatches
+    then averages micro-batches on top, as for any loss.
+  * logit_scale is replicated: each rank's local gradient is dl_r/ds and DDP's mean gives d(mean_r l_r)/ds.
+So every rank returns its own l_r; nothing is rescaled here. With local_loss=False (open_clip's default) every rank
+builds the full N x N logits and returns L_G; its gradient through the gather is again g * dL_G/dx_s, so both modes
+train identically and differ only in cost.
+
+`chunk_size` bounds the logit memory (Inf-CL style): the logsumexp of each local row over the gathered columns is
+computed chunk by chunk with an online logsumexp, and the backward recomputes each chunk's logits, so the extra memory
+is O(b x chunk) instead of O(b x N), with the same loss and gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_m2.errors import ConfigError
+
+MAX_LOG_SCALE = math.log(100.0)
+
+# Bytes this process sent by the ITC gather (forward + backward), as a ring collective moves them: the benchmark reads
+# and resets it. Counted, not measured on the wire: each ring step of an all-gather / reduce-scatter sends 1/g of the
+# tensor, (g-1) steps in all.
+comm_bytes_sent = 0
+
+
+def _account(numel: int, element_size: int, group_size: int) -> None:
+    global comm_bytes_sent
+    comm_bytes_sent += (group_size - 1) * numel * element_size
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 (forward) / SUM reduce-scatter (backward)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        local = local.contiguous()
+        out = local.new_empty((size * local.shape[0],) + tuple(local.shape[1:]))
+        dist.all_gather_into_tensor(out, local, group=group)
+        _account(local.numel(), local.element_size(), size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        grad = grad.contiguous()
+        rows = grad.shape[0] // size
+        if dist.get_backend(group) == dist.Backend.GLOO:
+            # gloo has no reduce-scatter; an all-to-all of the row blocks then a local sum moves the same bytes.
+            received = torch.empty_like(grad)
+            dist.all_to_all_single(received, grad, group=group)
+            out = received.view(size, rows, *grad.shape[1:]).sum(0)
+        else:
+            out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
+        _account(out.numel(), out.element_size(), size)
+        return out, None
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp_j(scale * rows_i . cols_j) over column chunks; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = rows.new_full((rows.shape[0],), -math.inf)
+        for start in range(0, cols.shape[0], chunk):
+            logits = scale * (rows @ cols[start : start + chunk].T)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(rows, cols, scale, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor):
+        rows, cols, scale, lse = ctx.saved_tensors
+        grad_rows = torch.zeros_like(rows)
+        grad_cols = torch.empty_like(cols)
+        grad_scale = torch.zeros_like(scale)
+        for start in range(0, cols.shape[0], ctx.chunk):
+            block = cols[start : start + ctx.chunk]
+            dots = rows @ block.T
+            # d lse_i / d logit_ij = softmax_ij; weighted by the incoming gradient of each row
+            weights = torch.exp(scale * dots - lse[:, None]) * grad_lse[:, None]
+            grad_rows += scale * (weights @ block)
+            grad_cols[start : start + ctx.chunk] = scale * (weights.T @ rows)
+            grad_scale += (weights * dots).sum()
+        return grad_rows, grad_cols, grad_scale, None
+
+
+def _row_loss(rows, cols, scale, labels, chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of `rows` against all `cols` (positive of row i = column labels[i]), and its accuracy."""
+    if chunk_size is None:
+        logits = scale * (rows @ cols.T)
+        correct = (logits.argmax(dim=1) == labels).float().mean()
+        return F.cross_entropy(logits, labels), correct
+    positives = scale * (rows * cols[labels]).sum(dim=1)
+    lse = _ChunkedLogSumExp.apply(rows, cols, scale, chunk_size)
+    # accuracy = argmax over all columns is the positive; a running (max, argmax) per chunk, no O(b x N) buffer
+    with torch.no_grad():
+        best = torch.full_like(lse, -math.inf)
+        best_index = torch.zeros_like(labels)
+        for start in range(0, cols.shape[0], chunk_size):
+            value, index = (scale * (rows @ cols[start : start + chunk_size].T)).max(dim=1)
+            better = value > best  # strict: ties keep the first column, as argmax does
+            best = torch.where(better, value, best)
+            best_index = torch.where(better, index + start, best_index)
+        correct = (best_index == labels).float().mean()
+    return (lse - positives).mean(), correct
+
+
+def _resolve_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    if group is not None or not dist.is_initialized():
+        return group
+    from megatron_m2 import parallel
+
+    return parallel.get_itc_group()
+
+
+def _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss) -> None:
+    if image_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
+        raise ConfigError(
+            f"itc_loss needs image and text embeddings of the same shape [b, d]; got {tuple(image_embeds.shape)} "
+            f"and {tuple(text_embeds.shape)}"
+        )
+    if logit_scale.dim() != 0:
+        raise ConfigError(f"itc_loss needs a 0-dim logit_scale, got shape {tuple(logit_scale.shape)}")
+    if chunk_size is not None and (chunk_size < 1 or not local_loss):
+        raise ConfigError(
+            f"--itc-chunk-size {chunk_size}: needs a positive size and the local loss (local_loss=True)"
+        )
+    if group is not None and dist.get_world_size(group) > 1:
+        # the gather needs equal shapes on every rank; a mismatch would otherwise hang or corrupt rows
+        # one small collective: max of (shape, -shape) gives the group's max and min
+        shape = torch.tensor(image_embeds.shape, dtype=torch.int64, device=image_embeds.device)
+        bounds = torch.cat([shape, -shape])
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+        hi, lo = bounds[:2], -bounds[2:]
+        if not torch.equal(lo, hi):
+            raise ConfigError(
+                f"itc_loss needs the same local batch [b, d] on every rank of the ITC group; this rank has "
+                f"{list(shape.tolist())}, the group ranges from {lo.tolist()} to {hi.tolist()}: use the same "
+                f"--micro-batch-size everywhere and drop the last incomplete batch"
+            )
+
+
+def itc_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    chunk_size: Optional[int] = None,
+    local_loss: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's symmetric InfoNCE loss over its rows of the group logits, and detached metrics.
+
+    image_embeds, text_embeds: [b, d], already L2-normalised. logit_scale: the learnable LOG scale (0-dim); the
+    logits use exp(min(logit_scale, log 100)) as in CLIP. group: None -> `parallel.get_itc_group()`; a group of size 1
+    or no distributed init gives the local CLIP loss. chunk_size: tile the softmax over this many columns.
+    local_loss=False: every rank builds the full group logits and returns the group loss (same gradients).
+    """
+    group = _resolve_group(group)
+    _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss)
+    scale = logit_scale.clamp(max=MAX_LOG_SCALE).exp()
+    b = image_embeds.shape[0]
+    if group is None or dist.get_world_size(group) == 1:
+        rank = 0
+        all_image, all_text = image_embeds, text_embeds
+    else:
+        rank = dist.get_rank(group)
+        # one collective for both modalities
+        gathered = _GatherRows.apply(torch.cat([image_embeds, text_embeds], dim=1), group)
+        all_image, all_text = gathered.split(image_embeds.shape[1], dim=1)
+    if local_loss:
+        rows_image, rows_text = image_embeds, text_embeds
+        labels = torch.arange(rank * b, (rank + 1) * b, device=image_embeds.device)
+    else:
+        rows_image, rows_text = all_image, all_text
+        labels = torch.arange(all_image.shape[0], device=image_embeds.device)
+    loss_i2t, acc_i2t = _row_loss(rows_image, all_text, scale, labels, chunk_size)
+    loss_t2i, acc_t2i = _row_loss(rows_text, all_image, scale, labels, chunk_size)
+    loss = (loss_i2t + loss_t2i) / 2
+    metrics = {
+        "itc_loss": loss.detach(),
+        "logit_scale": scale.detach(),
+        "i2t_acc": acc_i2t.detach(),
+        "t2i_acc": acc_t2i.detach(),
+    }
+    return loss, metrics
