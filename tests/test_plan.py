@@ -165,3 +165,13 @@ def test_cli_help_and_clear_errors():
     assert bad.returncode == 2 and "--recompute: invalid choice" in bad.stderr
     nothing = _cli("--model", "10b", "--num-gpus", "8", "--gpu-memory-gb", "16")
     assert nothing.returncode == 1 and "nothing fits" in nothing.stderr
+
+
+@pytest.mark.slow  # two real training steps of the tiny preset in a subprocess (~15 s, mostly imports)
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_predicted_activations_match_what_autograd_keeps(recompute):
+    result = _cli("--model", "tiny", "--no-bf16", "--spec", "local", "--micro-batch-size", "64",
+                  "--global-batch-size", "64", "--recompute", recompute, "--measure")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ratio = float(re.search(r"/ predicted activations = ([\d.]+)", result.stdout).group(1))
+    assert 0.95 <= ratio <= 1.05, result.stdout

@@ -2,7 +2,8 @@
 """Which TP/PP/DP/ITC-group layouts of an M2-Encoder preset fit a cluster, with memory, communication and step time.
 
     python tools/plan.py --model 10b --num-gpus 32 --gpu-memory-gb 80 --use-distributed-optimizer
-    python tools/plan.py --model 0.4b --num-gpus 1 --no-bf16 --spec local --micro-batch-size 4 --global-batch-size 4
+    python tools/plan.py --model 0.4b --no-bf16 --spec local --micro-batch-size 2 --global-batch-size 2 \
+        --recompute none --measure      # check the prediction against two real steps on this machine
 
 Estimates from the assumptions printed above the table (megatron_m2/planner.py explains the model; BENCHMARKS.md
 compares it with measured peaks). A '!' after the total marks a layout that does not fit (shown with --all).
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and cluster")
     g.add_argument("--model", default="10b", help=f"preset ({', '.join(PRESETS)}) or a model JSON config")
-    g.add_argument("--num-gpus", type=int, required=True, help="GPUs in the job")
+    g.add_argument("--num-gpus", type=int, default=None, help="GPUs in the job (required unless --measure)")
     g.add_argument("--gpus-per-node", type=int, default=hw.gpus_per_node, help="GPUs per node (TP stays inside one)")
     g.add_argument("--gpu-memory-gb", type=float, default=hw.gpu_memory_gb, help="memory per GPU, GiB")
     g = p.add_argument_group("training (the trainer's flags)")
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--itc-group-size", type=int, default=0, help="only this ITC group size (0 = every divisor of DP)")
     g.add_argument("--top", type=int, default=20, help="show at most this many layouts (0 = all)")
     g.add_argument("--all", action="store_true", help="also show layouts that do not fit, and why some were skipped")
+    g.add_argument("--measure", action="store_true",
+                   help="instead of planning: run two real training steps of --model on this machine (one process, "
+                   "TP=1 PP=1, synthetic data, global batch = micro-batch) and compare the planner's memory "
+                   "prediction with the measured peak (GPU: max_memory_allocated; CPU: peak RSS growth)")
     g = p.add_argument_group("hardware assumptions")
     g.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="dense bf16 peak per GPU (H100 SXM)")
     g.add_argument("--mfu", type=float, default=hw.mfu, help="fraction of peak reached in the kernels")
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.num_gpus is None:
+        if not args.measure:
+            raise ConfigError("--num-gpus is required: the number of GPUs to plan for")
+        args.num_gpus = 1
     for flag in ("num_gpus", "gpus_per_node", "micro_batch_size", "global_batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -73,6 +82,119 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--tensor-model-parallel-size must be one of {planner.TENSOR_PARALLEL_SIZES}")
 
 
+def _rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(args: argparse.Namespace, config, training: "planner.Training") -> dict[str, float]:
+    """Peak memory of two real training steps (the trainer's own model, DDP, optimizer and train_step).
+
+    The second step is the steady state: Adam's moments exist (they are created in the first step) while
+    the activations of the forward/backward are alive. On CPU the peak RSS growth also counts the allocator's
+    fragmentation, autograd's transient gradient buffers and the optimizer's temporaries, which the planner does not
+    model; the process's RSS before the model is built (torch, megatron-core, the process group) is subtracted.
+    """
+    import time
+    import weakref
+
+    import torch
+
+    from megatron_m2 import parallel
+    from megatron_m2.training.arguments import build_parser as trainer_parser, validate_args
+
+    flags = ["--model", args.model, "--micro-batch-size", str(training.micro_batch_size), "--global-batch-size",
+             str(training.micro_batch_size), "--spec", training.spec, "--dry-run", "--clip-grad", "1.0"]
+    flags += ["--bf16"] * training.bf16 + ["--recompute-activations"] * bool(training.recompute)
+    flags += ["--use-distributed-optimizer"] * training.use_distributed_optimizer
+    trainer_args = trainer_parser().parse_args(flags)
+    trainer_args.model_config = config
+    trainer_args.layout = validate_args(trainer_args, world_size=1)
+    trainer_args.dry_run = False
+
+    parallel.initialize_model_parallel(1, 1)
+    from megatron_m2.models import build_model
+    from megatron_m2.training.loop import train_step
+    from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    b = training.micro_batch_size
+    batch = dict(images=torch.randn(b, config.num_channels, config.image_size, config.image_size, device=device),
+                 text_ids=torch.randint(0, config.vocab_size, (b, config.max_text_length), device=device),
+                 text_padding_mask=torch.zeros(b, config.max_text_length, dtype=torch.bool, device=device))
+    if training.bf16:
+        batch["images"] = batch["images"].bfloat16()
+
+    def batches():
+        while True:
+            yield batch
+
+    torch.manual_seed(0)
+    baseline = torch.cuda.memory_allocated() if on_gpu else _rss_bytes("VmRSS")
+    overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if training.recompute else {}
+    if training.bf16:
+        overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    model = build_model(config, spec=training.spec, **overrides)
+    ddp = wrap_ddp(model, trainer_args)
+    optimizer, scheduler = build_optimizer(ddp, trainer_args)
+    data = batches()
+    start = time.perf_counter()
+    metrics = [train_step(ddp, optimizer, scheduler, data, trainer_args)]
+    # The peak of what autograd keeps alive for backward in the second step (unique storages, weights excluded):
+    # the planner's "activations" term, measured without the allocator's noise. A storage counts from the first time
+    # an op saves it until the last saved reference to it is freed.
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    live: dict[int, list[int]] = {}  # storage -> [bytes, saved references alive]
+    saved = dict(now=0, peak=0)
+
+    def release(ptr: int) -> None:
+        live[ptr][1] -= 1
+        if not live[ptr][1]:
+            saved["now"] -= live.pop(ptr)[0]
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in weights:
+            entry = live.setdefault(ptr, [tensor.untyped_storage().nbytes(), 0])
+            if not entry[1]:
+                saved["now"] += entry[0]
+                saved["peak"] = max(saved["peak"], saved["now"])
+            entry[1] += 1
+            weakref.finalize(tensor, release, ptr)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        metrics.append(train_step(ddp, optimizer, scheduler, data, trainer_args))
+    seconds = (time.perf_counter() - start) / 2
+    peak = torch.cuda.max_memory_allocated() if on_gpu else _rss_bytes("VmHWM")
+    parallel.destroy_model_parallel()
+    return dict(measured=float(peak - baseline), saved=float(saved["peak"]), seconds_per_step=seconds,
+                loss=metrics[-1].get("itc_loss", float("nan")),
+                device=torch.cuda.get_device_name() if on_gpu else "cpu")
+
+
+def _report_measurement(args: argparse.Namespace, config, training: "planner.Training") -> int:
+    predicted = planner.plan_layout(config, 1, 1, 1, 0, training, planner.Hardware(
+        gpu_memory_gb=1e6, reserved_gb=0.0))
+    result = measure(args, config, training)
+    mem = predicted.memory
+    print(f"{args.model} on {result['device']}, micro-batch {training.micro_batch_size}, "
+          f"{'bf16' if training.bf16 else 'fp32'}, {training.spec} spec, recompute {predicted.recompute}: "
+          f"{result['seconds_per_step']:.2f} s/step, loss {result['loss']:.3f}")
+    print(f"predicted GiB: params {mem['params'] / planner.GB:.3f} grads {mem['grads'] / planner.GB:.3f} optimizer "
+          f"{mem['optimizer'] / planner.GB:.3f} activations {mem['activations'] / planner.GB:.3f} itc "
+          f"{mem['itc'] / planner.GB:.4f} total {mem['total'] / planner.GB:.3f}")
+    print(f"measured GiB: peak saved for backward {result['saved'] / planner.GB:.3f} (/ predicted activations = "
+          f"{result['saved'] / mem['activations']:.2f}); peak {result['measured'] / planner.GB:.3f} "
+          f"(/ predicted total = {result['measured'] / mem['total']:.2f})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -83,6 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         training = planner.Training(args.micro_batch_size, args.global_batch_size, args.bf16,
                                     args.use_distributed_optimizer, {"auto": None, "full": True, "none": False}[
                                         args.recompute], args.spec, args.itc_chunk_size)
+        if args.measure:
+            return _report_measurement(args, config, training)
         plans, skipped = planner.plan_all(config, args.num_gpus, training, hardware, args.itc_group_size,
                                           args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     except ConfigError as error:
