@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             save_hf_folder(model, args.hf_output, args.tokenizer_model, args.max_shard_size)
             logging.info("wrote %s", args.hf_output)
         if args.megatron_output:
-            from megatron_m2.hf.megatron_io import save_megatron_from_hf
-            save_megatron_from_hf(model.state_dict(), config, args.megatron_output,
-                                  args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+            from megatron_m2.hf.convert import hf_to_megatron, m2_config_from_hf
+            hf_to_megatron(model.state_dict(), m2_config_from_hf(config), args.megatron_output,
+                           args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
             logging.info("wrote %s", args.megatron_output)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -112,3 +112,70 @@ def count_official_layers(keys: Any) -> tuple[int, int]:
         if m:
             seen[m.group(1)].add(int(m.group(2)))
     return len(seen["backbone.encoder."]), len(seen["backbone_vl."])
+
+
+# ---- megatron-core dist-checkpoint keys <-> HF keys ---------------------------------------------------------------
+# Dist checkpoints use TransformerEngine names for both specs (layer_spec.py maps the local spec's input_layernorm /
+# pre_mlp_layernorm onto them) and stack each block's layers on a leading axis: one key per parameter name.
+TOWERS = ("vision_encoder", "text_encoder", "vl_encoder")  # the same block names on both sides
+
+# HF layer sub-key -> megatron layer sub-key (fused QKV handled separately, see QKV_KEYS)
+MEGATRON_LAYER_KEYS = {
+    "attn_norm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "attn_norm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "attn.inner_attn_norm.weight": "self_attention.linear_proj.layer_norm.weight",
+    "attn.inner_attn_norm.bias": "self_attention.linear_proj.layer_norm.bias",
+    "attn.out_proj.weight": "self_attention.linear_proj.linear.weight",
+    "attn.out_proj.bias": "self_attention.linear_proj.linear.bias",
+    "ffn_norm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "ffn_norm.bias": "mlp.linear_fc1.layer_norm_bias",
+    "fc1.weight": "mlp.linear_fc1.weight",
+    "fc1.bias": "mlp.linear_fc1.bias",
+    "ffn_inner_norm.weight": "mlp.linear_fc2.layer_norm.weight",
+    "ffn_inner_norm.bias": "mlp.linear_fc2.layer_norm.bias",
+    "fc2.weight": "mlp.linear_fc2.linear.weight",
+    "fc2.bias": "mlp.linear_fc2.linear.bias",
+}
+# megatron fused QKV sub-key -> the HF q/k/v sub-keys it holds (layout: megatron_m2.models.state_dict.fuse_qkv)
+QKV_KEYS = {
+    "self_attention.linear_qkv.weight": ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"),
+    "self_attention.linear_qkv.bias": ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias"),
+}
+VOCAB_KEY = "text_embed.word_embeddings.weight"  # padded to padded_vocab_size(vocab, TP); HF keeps vocab_size rows
+
+
+def megatron_top_keys(config: Any) -> dict[str, str]:
+    """Non-layer megatron dist-checkpoint key -> HF key."""
+    pairs = {
+        "vision_embed.patch_embed.weight": "vision_embed.patch_embed.weight",
+        "vision_embed.patch_embed.bias": "vision_embed.patch_embed.bias",
+        "vision_embed.cls_token": "vision_embed.cls_token",
+        "vision_embed.position_embeddings.weight": "vision_embed.position_embedding.weight",
+        VOCAB_KEY: "text_embed.token_embedding.weight",
+        "text_embed.position_embeddings.weight": "text_embed.position_embedding.weight",
+        "image_projection.weight": "image_projection.weight",
+        "text_projection.weight": "text_projection.weight",
+        "logit_scale": "logit_scale",
+    }
+    if config.backbone_heads:
+        for name in ("backbone_image_projection.weight", "backbone_text_projection.weight", "backbone_logit_scale"):
+            pairs[name] = name
+    for tower in TOWERS:
+        for p in ("weight", "bias"):
+            pairs[f"{tower}.final_layernorm.{p}"] = f"{tower}.final_norm.{p}"
+    return pairs
+
+
+def tower_layers(config: Any) -> dict[str, int]:
+    return {"vision_encoder": config.num_layers, "text_encoder": config.num_layers,
+            "vl_encoder": config.num_vl_layers}
+
+
+def megatron_layer_keys() -> list[str]:
+    """Every stacked per-layer megatron sub-key (without the tower prefix)."""
+    return list(MEGATRON_LAYER_KEYS.values()) + list(QKV_KEYS)
+
+
+def is_megatron_model_key(key: str) -> bool:
+    """Model tensors of a training checkpoint (not optimizer state, not TE's _extra_state objects)."""
+    return not key.startswith("optimizer.") and not key.endswith("_extra_state")

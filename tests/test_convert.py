@@ -1,0 +1,158 @@
+"""megatron <-> HF conversion: round trips, layout independence, embeddings equal to the megatron model's."""
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_m2 import parallel
+from megatron_m2.config import load_config
+from megatron_m2.testing import run_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 4
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _inputs(config):
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(BATCH, 3, config.image_size, config.image_size, generator=g)
+    ids = torch.randint(0, config.vocab_size, (BATCH, config.max_text_length), generator=g)
+    padding = torch.zeros_like(ids, dtype=torch.bool)
+    padding[1, 10:] = True
+    padding[3, 5:] = True
+    return images, ids, padding
+
+
+def _embeddings(model, config):
+    """The megatron model's embeddings through the evaluation path (forward-only pipeline schedule)."""
+    from megatron_m2.eval.runner import make_encoders
+
+    images, ids, padding = _inputs(config)
+    encode_images, encode_texts = make_encoders(model, lambda texts: (ids, padding), config, micro_batch_size=2)
+    return encode_images(images), encode_texts(["-"] * BATCH)
+
+
+def _save(root, model, config, iteration):
+    from megatron_m2.hf.convert import make_dist_save_work_without_psutil
+    from megatron_m2.training.checkpointing import save_checkpoint
+
+    make_dist_save_work_without_psutil()
+    process = multiprocessing.current_process()
+    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
+    try:
+        save_checkpoint(root, iteration, model, None, None, {}, common={"model_config": config.to_dict()})
+    finally:
+        process.daemon = daemon
+
+
+def _train_layout_save(root, tp, pp, backbone_heads):
+    """A seeded model at TP x PP: save a checkpoint and return its embeddings."""
+    from megatron_m2.models import build_model
+
+    config = load_config("tiny", backbone_heads=backbone_heads, vocab_size=1000)  # 1000: padding rows exist
+    parallel.initialize_model_parallel(tp, pp)
+    torch.manual_seed(11)
+    model = build_model(config, spec="local")
+    with torch.no_grad():  # Sub-LNs and biases start at 1/0: perturb everything so a swapped tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _save(root, model, config, iteration=5)
+    return _embeddings(model, config)
+
+
+def _load_and_compare(original_root, converted_root, backbone_heads):
+    """At TP=1/PP=1: load both checkpoints (megatron reshards the original) and compare every tensor."""
+    from megatron_m2.models import build_model
+    from megatron_m2.training.checkpointing import load_checkpoint
+
+    config = load_config("tiny", backbone_heads=backbone_heads, vocab_size=1000)
+    parallel.initialize_model_parallel(1, 1)
+    models = []
+    for seed, root in ((1, original_root), (2, converted_root)):
+        torch.manual_seed(seed)
+        model = build_model(config, spec="local")
+        load_checkpoint(root, model)
+        models.append(model)
+    a, b = (m.state_dict() for m in models)
+    diffs = []
+    for key, value in a.items():
+        if key.endswith("_extra_state"):
+            continue
+        other = b[key]
+        if key.endswith("word_embeddings.weight"):
+            value, other = value[:config.vocab_size], other[:config.vocab_size]
+        if not torch.equal(value, other):
+            diffs.append(key)
+    return diffs, sorted(a) == sorted(b), _embeddings(models[1], config)
+
+
+def _convert_from_hf(hf_dir, out_root, tp=1, pp=1):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_from_hf.py"), "--hf-input", str(hf_dir),
+                           "--save", str(out_root), "--tensor-model-parallel-size", str(tp),
+                           "--pipeline-model-parallel-size", str(pp)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_round_trip_tp2pp2_to_hf_to_tp1pp1_is_bit_exact(tmp_path, backbone_heads=True):
+    """(backbone_heads on: every optional tensor travels too; ~60 s on 2 cores)"""
+    from megatron_m2.hf.modeling_m2 import M2EncoderModel
+
+    original = tmp_path / "megatron_tp2pp2"
+    image_ref, text_ref = run_distributed(4, _train_layout_save, str(original), 2, 2, backbone_heads)[0]
+
+    hf_dir = tmp_path / "hf"
+    assert _tool("convert_to_hf").main(["--load", str(original), "--hf-output", str(hf_dir),
+                                        "--max-shard-size", "300KB", "--no-progress"]) == 0
+    assert (hf_dir / "model.safetensors.index.json").exists()  # sharded
+
+    # the HF model's embeddings equal the megatron model's (TP2 x PP2, through the pipeline schedule)
+    hf = M2EncoderModel.from_pretrained(hf_dir).eval()
+    images, ids, padding = _inputs(load_config("tiny", vocab_size=1000))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_image_features(images), image_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf.get_text_features(ids, (~padding).long()), text_ref, atol=1e-5, rtol=0)
+
+    converted = tmp_path / "megatron_tp1pp1"
+    result = _convert_from_hf(hf_dir, converted)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diffs, same_keys, (image, text) = run_distributed(4, _load_and_compare, str(original), str(converted),
+                                                      backbone_heads)[0]
+    assert same_keys and diffs == []
+    # same weights at another layout: the same embeddings up to TP's different summation order
+    torch.testing.assert_close(image, image_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text, text_ref, atol=1e-5, rtol=0)
+
+
+def test_convert_to_hf_errors(tmp_path, capsys):
+    tool = _tool("convert_to_hf")
+    assert tool.main(["--load", str(tmp_path / "none"), "--hf-output", str(tmp_path / "hf")]) == 2
+    assert "--load" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.main(["--hf-output", str(tmp_path / "hf")])  # --load is required
+
+
+def test_convert_from_hf_layout_error(tmp_path):
+    from megatron_m2.hf.configuration_m2 import M2EncoderConfig
+    from megatron_m2.hf.export import save_hf_folder
+    from megatron_m2.hf.modeling_m2 import M2EncoderModel
+
+    config = load_config("tiny")
+    save_hf_folder(M2EncoderModel(M2EncoderConfig(**config.to_dict())), tmp_path / "hf")
+    result = _convert_from_hf(tmp_path / "hf", tmp_path / "out", tp=3)  # 4 heads: TP 3 cannot split them
+    assert result.returncode == 2 and "--tensor-model-parallel-size 3" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Convert a megatron-core dist checkpoint (saved at ANY TP/PP) into a Hugging Face folder.
+
+The folder holds config.json (with auto_map), model.safetensors (sharded above --max-shard-size), the modeling code,
+preprocessor_config.json and, with --tokenizer-model, tokenizer.model; load it with
+AutoModel.from_pretrained(folder, trust_remote_code=True), no megatron needed.
+
+Memory: the checkpoint's global tensors are read one at a time, block tensors one layer at a time, and written into
+safetensors shards flushed at --max-shard-size, so peak memory is about --max-shard-size + one layer. No model is
+built and no process group is needed.
+
+  python tools/convert_to_hf.py --load checkpoints/m2-1b --hf-output out/m2-1b-hf --tokenizer-model glm_sp.model
+
+Exit codes: 0 success, 2 bad flags / missing files / checkpoint-config mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_m2.errors import ConfigError  # noqa: E402
+
+DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True,
+                   help="checkpoint root (with latest_checkpointed_iteration.txt) or one iter_NNNNNNN directory")
+    p.add_argument("--iteration", type=int, help="iteration to convert (default: the latest complete one)")
+    p.add_argument("--hf-output", required=True, help="output folder (created; existing files are overwritten)")
+    p.add_argument("--model", help="model preset or JSON (default: the model_config saved in the checkpoint)")
+    p.add_argument("--tokenizer-model", help="SentencePiece model to ship as tokenizer.model")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
+                   help="cast floating tensors (default: keep the checkpoint's dtype)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def convert(args: argparse.Namespace) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    from megatron_m2.hf.convert import (ShardedSafetensorsWriter, count_read_steps, hf_config_from_m2,
+                                        megatron_config_from_checkpoint, megatron_to_hf_tensors)
+    from megatron_m2.hf.export import write_processor, write_remote_code
+    from megatron_m2.hf.megatron_io import DistCheckpointReader
+
+    if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
+        raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
+    reader = DistCheckpointReader(args.load, args.iteration)
+    config = megatron_config_from_checkpoint(reader, args.model)
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    out = Path(args.hf_output)
+    writer = ShardedSafetensorsWriter(out, args.max_shard_size)
+    with tqdm(total=count_read_steps(config), desc=f"{reader.path.name} -> HF", unit="tensor",
+              disable=args.no_progress) as bar:
+        for key, tensor in megatron_to_hf_tensors(reader, config, dtype, progress=bar.update):
+            writer.add(key, tensor)
+        shards = writer.finish()
+    hf_config = hf_config_from_m2(config)
+    hf_config.architectures = ["M2EncoderModel"]
+    if dtype is not None:
+        hf_config.dtype = str(dtype).removeprefix("torch.")
+    write_remote_code(out, hf_config)
+    hf_config.save_pretrained(str(out))
+    write_processor(out, hf_config, args.tokenizer_model)
+    print(f"wrote {out}: {len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
