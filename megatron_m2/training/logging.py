@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
@@ -43,7 +44,10 @@ class MetricsLogger:
     def __init__(self, tensorboard_dir: Optional[str], train_iters: int, flops_per_sample: float,
                  world_size: int, on_gpu: bool, metrics_file: Optional[str] = None):
         self.enabled = is_logging_rank()
-        self.metrics_file = open(metrics_file, "a", encoding="utf-8") if self.enabled and metrics_file else None
+        self.metrics_file = None
+        if self.enabled and metrics_file:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = open(metrics_file, "a", encoding="utf-8")
         self.train_iters, self.flops_per_sample = train_iters, flops_per_sample
         self.world_size, self.on_gpu = world_size, on_gpu
         self.writer = None
