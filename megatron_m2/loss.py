@@ -79,20 +79,28 @@ class _GatherRows(torch.autograd.Function):
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
-    """logsumexp_j(scale * rows_i . cols_j) over column chunks; backward recomputes each chunk's logits."""
+    """logsumexp_j(scale * rows_i . cols_j) over column chunks, and the argmax over j (for the accuracy metric,
+    not differentiable); the backward recomputes each chunk's logits instead of keeping them."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, chunk: int):
         lse = rows.new_full((rows.shape[0],), -math.inf)
+        best = rows.new_full((rows.shape[0],), -math.inf)
+        best_index = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
         for start in range(0, cols.shape[0], chunk):
             logits = scale * (rows @ cols[start : start + chunk].T)
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+            value, index = logits.max(dim=1)
+            better = value > best  # strict: ties keep the first column, as argmax does
+            best = torch.where(better, value, best)
+            best_index = torch.where(better, index + start, best_index)
         ctx.save_for_backward(rows, cols, scale, lse)
         ctx.chunk = chunk
-        return lse
+        ctx.mark_non_differentiable(best_index)
+        return lse, best_index
 
     @staticmethod
-    def backward(ctx, grad_lse: torch.Tensor):
+    def backward(ctx, grad_lse: torch.Tensor, _grad_index):
         rows, cols, scale, lse = ctx.saved_tensors
         grad_rows = torch.zeros_like(rows)
         grad_cols = torch.empty_like(cols)
@@ -115,18 +123,8 @@ def _row_loss(rows, cols, scale, labels, chunk_size: Optional[int]) -> tuple[tor
         correct = (logits.argmax(dim=1) == labels).float().mean()
         return F.cross_entropy(logits, labels), correct
     positives = scale * (rows * cols[labels]).sum(dim=1)
-    lse = _ChunkedLogSumExp.apply(rows, cols, scale, chunk_size)
-    # accuracy = argmax over all columns is the positive; a running (max, argmax) per chunk, no O(b x N) buffer
-    with torch.no_grad():
-        best = torch.full_like(lse, -math.inf)
-        best_index = torch.zeros_like(labels)
-        for start in range(0, cols.shape[0], chunk_size):
-            value, index = (scale * (rows @ cols[start : start + chunk_size].T)).max(dim=1)
-            better = value > best  # strict: ties keep the first column, as argmax does
-            best = torch.where(better, value, best)
-            best_index = torch.where(better, index + start, best_index)
-        correct = (best_index == labels).float().mean()
-    return (lse - positives).mean(), correct
+    lse, predicted = _ChunkedLogSumExp.apply(rows, cols, scale, chunk_size)
+    return (lse - positives).mean(), (predicted == labels).float().mean()
 
 
 def _resolve_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
