@@ -48,10 +48,11 @@ DIGIT_CLASS_NAMES: dict[str, list[str]] = {
 # Zero-shot prompts for the digits (only the class name varies).
 DIGIT_TEMPLATES: dict[str, list[str]] = {
     "en": ["a photo of the digit {}.", "a handwritten {}.", "the number {}, written by hand."],
-    "zh": ["数字{}的照片。", "手写的{}。", "一张手写数字{}的图片。"],
+    "zh": ["数字{}的照片。", "手写的{}。", "手写数字{}的图片。"],
 }
 
-# Training captions for the digits: {name} is the word ("seven" / "七"), {digit} the numeral ("7").
+# Training captions for the digits: {name} is the word ("seven" / "七"), {digit} the numeral ("7"). No "一张" /
+# "一个" (a, one): 一 is also the class name of 1.
 DIGIT_CAPTION_TEMPLATES: dict[str, list[str]] = {
     "en": [
         "a photo of the digit {name}.",
@@ -64,10 +65,10 @@ DIGIT_CAPTION_TEMPLATES: dict[str, list[str]] = {
     "zh": [
         "数字{name}的照片。",
         "手写的数字{digit}。",
-        "一张手写数字{name}的图片。",
+        "手写数字{name}的图片。",
         "手写的{name}。",
         "数字{digit}的扫描图。",
-        "一个模糊的数字{name}。",
+        "模糊的数字{name}。",
     ],
 }
 

@@ -1,0 +1,161 @@
+"""The embedded default data set: scikit-learn's bundled handwritten digits with bilingual captions.
+
+1,797 real 8x8 scans (UCI optdigits, 43 writers; shipped inside scikit-learn, so no download), upsampled bicubic
+to image_size and written as dark ink on a light background in RGB. A stratified, seeded split gives:
+  train/digits-NNNNN.tar   webdataset shards; every train image twice, once with an English and once with a Chinese
+                           caption drawn from varied templates ("a handwritten 7." / "数字七的照片。"), in shuffled
+                           order; KEY.png + KEY.txt + KEY.json {"caption", "lang", "label", "index"}
+  eval/NN_name/IIII.png    the held-out images in the ImageNet layout (IIII = index in load_digits)
+  classnames_{en,zh}.txt   "zero".."nine" / "零".."九", label order
+  templates_{en,zh}.txt    the zero-shot prompts for the digits ("{}" = class name)
+  retrieval.jsonl          one held-out image per class with two English and two Chinese captions. The gallery
+                           holds one image per digit because the captions can only name the digit: with several
+                           images of a class, instance-level recall would mostly measure ties (chance t2i R@1: 10%).
+  captions.txt             every train caption, one a line (to train the tiny tokenizer)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from megatron_m2.data.shards import ShardWriter
+from megatron_m2.errors import ConfigError
+from megatron_m2.eval.templates import DIGIT_CAPTION_TEMPLATES, DIGIT_CLASS_NAMES, DIGIT_TEMPLATES
+
+LANGS = ("en", "zh")
+SHARD_PREFIX = "digits"
+
+
+@dataclass(frozen=True)
+class DigitsPaths:
+    root: str
+    train_dir: str
+    train_shards: list[str]
+    eval_dir: str
+    classnames: dict[str, str]   # lang -> classnames_<lang>.txt
+    templates: dict[str, str]    # lang -> templates_<lang>.txt
+    retrieval: str
+    captions: str
+    num_train_images: int
+    num_eval_images: int
+
+
+def render_digit(pixels: np.ndarray, image_size: int) -> Image.Image:
+    """An 8x8 array of ink levels 0..16 -> RGB image_size x image_size, dark ink on light paper."""
+    grey = Image.fromarray((255 - pixels * (255 / 16)).round().clip(0, 255).astype(np.uint8), mode="L")
+    return grey.resize((image_size, image_size), Image.BICUBIC).convert("RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def caption(label: int, lang: str, rng: np.random.Generator) -> str:
+    """A random caption of the digit `label` in `lang`."""
+    templates = DIGIT_CAPTION_TEMPLATES[lang]
+    return _fill(templates[rng.integers(len(templates))], label, lang)
+
+
+def _fill(template: str, label: int, lang: str) -> str:
+    return template.format(name=DIGIT_CLASS_NAMES[lang][label], digit=label)
+
+
+def class_dir_name(label: int) -> str:
+    return f"{label:02d}_{DIGIT_CLASS_NAMES['en'][label]}"
+
+
+def split_indices(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/held-out split of sample indices (sorted), deterministic given the seed."""
+    if not 0.0 < train_fraction < 1.0:
+        raise ConfigError(f"--train-fraction {train_fraction}: must be strictly between 0 and 1")
+    rng = np.random.default_rng(seed)
+    train, held_out = [], []
+    for label in range(10):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_train = int(round(train_fraction * len(members)))
+        if n_train == len(members):  # keep at least one held-out image per class
+            n_train -= 1
+        train.extend(members[:n_train].tolist())
+        held_out.extend(members[n_train:].tolist())
+    return np.array(sorted(train)), np.array(sorted(held_out))
+
+
+def _clear_previous(out_dir: str) -> None:
+    # Only what an earlier run of this function wrote, so a smaller re-run leaves no stale shard or class.
+    train_dir, eval_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "eval")
+    if os.path.isdir(train_dir):
+        for name in os.listdir(train_dir):
+            if name.startswith(SHARD_PREFIX + "-") and name.endswith((".tar", ".tar.tmp")):
+                os.remove(os.path.join(train_dir, name))
+    for label in range(10):
+        shutil.rmtree(os.path.join(eval_dir, class_dir_name(label)), ignore_errors=True)
+
+
+def write_digits_dataset(out_dir: str, image_size: int = 32, train_fraction: float = 0.8, seed: int = 0,
+                         samples_per_shard: int = 512) -> DigitsPaths:
+    """Writes the digits data set under out_dir (layout in the module docstring); deterministic given the seed."""
+    from sklearn.datasets import load_digits
+
+    if image_size < 8:
+        raise ConfigError(f"--image-size {image_size}: the digits are 8x8, use at least 8")
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    train_idx, eval_idx = split_indices(labels, train_fraction, seed)
+    rng = np.random.default_rng([seed, 1])
+    _clear_previous(out_dir)
+    train_dir, eval_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "eval")
+
+    # Train: (index, lang) pairs shuffled so the two captions of an image rarely share a batch.
+    pairs = [(int(i), lang) for i in train_idx for lang in LANGS]
+    order = rng.permutation(len(pairs))
+    captions = []
+    with ShardWriter(train_dir, samples_per_shard=samples_per_shard, prefix=SHARD_PREFIX, key_width=6) as writer:
+        for position in order:
+            index, lang = pairs[position]
+            label = int(labels[index])
+            text = caption(label, lang, rng)
+            captions.append(text)
+            writer.write(png_bytes(render_digit(images[index], image_size)), "png", text, lang,
+                         {"label": label, "index": index})
+    shards = writer.paths
+
+    # Held-out: ImageNet layout.
+    eval_paths: dict[int, list[str]] = {label: [] for label in range(10)}
+    for index in eval_idx:
+        label = int(labels[index])
+        relative = os.path.join("eval", class_dir_name(label), f"{index:04d}.png")
+        os.makedirs(os.path.join(out_dir, os.path.dirname(relative)), exist_ok=True)
+        render_digit(images[index], image_size).save(os.path.join(out_dir, relative))
+        eval_paths[label].append(relative)
+
+    classnames, templates = {}, {}
+    for lang in LANGS:
+        classnames[lang] = _write_lines(os.path.join(out_dir, f"classnames_{lang}.txt"), DIGIT_CLASS_NAMES[lang])
+        templates[lang] = _write_lines(os.path.join(out_dir, f"templates_{lang}.txt"), DIGIT_TEMPLATES[lang])
+
+    retrieval = os.path.join(out_dir, "retrieval.jsonl")
+    with open(retrieval, "w", encoding="utf-8") as f:
+        for label in range(10):
+            image = eval_paths[label][rng.integers(len(eval_paths[label]))]
+            texts = [_fill(t, label, lang) for lang in LANGS
+                     for t in rng.choice(DIGIT_CAPTION_TEMPLATES[lang], size=2, replace=False)]
+            f.write(json.dumps({"image": image, "captions": texts}, ensure_ascii=False) + "\n")
+
+    captions_path = _write_lines(os.path.join(out_dir, "captions.txt"), captions)
+    return DigitsPaths(root=out_dir, train_dir=train_dir, train_shards=shards, eval_dir=eval_dir,
+                       classnames=classnames, templates=templates, retrieval=retrieval, captions=captions_path,
+                       num_train_images=len(train_idx), num_eval_images=len(eval_idx))
+
+
+def _write_lines(path: str, lines: list[str]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
