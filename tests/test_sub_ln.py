@@ -56,3 +56,32 @@ def test_sub_ln_tp2_matches_unsharded_layer_norm():
     torch.testing.assert_close(x_grad, x.grad, **TOL)
     torch.testing.assert_close(w_grad, norm.weight.grad, **TOL)
     torch.testing.assert_close(b_grad, norm.bias.grad, **TOL)
+
+
+def test_qkv_split_fuse_round_trip_follows_megatron_head_layout():
+    from megatron_m2.models.state_dict import fuse_qkv, split_qkv
+
+    heads, head_dim, hidden = 2, 4, 5
+    fused = torch.randn(3 * heads * head_dim, hidden)
+    q, k, v = split_qkv(fused, heads)
+    # megatron's linear_qkv rows: per head [q_h; k_h; v_h]
+    torch.testing.assert_close(q[head_dim:], fused[3 * head_dim:4 * head_dim])
+    torch.testing.assert_close(v[:head_dim], fused[2 * head_dim:3 * head_dim])
+    torch.testing.assert_close(fuse_qkv(q, k, v, heads), fused)
+    bias = torch.randn(3 * heads * head_dim)
+    torch.testing.assert_close(fuse_qkv(*split_qkv(bias, heads), heads), bias)
+
+
+def test_spec_resolution_without_transformer_engine():
+    import pytest
+
+    from megatron_m2.errors import ConfigError
+    from megatron_m2.models import resolve_spec, te_available
+
+    if te_available():
+        pytest.skip("TransformerEngine and CUDA present")
+    assert resolve_spec("auto") == "local"
+    with pytest.raises(ConfigError, match="--spec te"):
+        resolve_spec("te")
+    with pytest.raises(ConfigError, match="--spec"):
+        resolve_spec("apex")
