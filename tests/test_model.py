@@ -376,3 +376,21 @@ def test_sharded_state_dict_is_layout_independent():
         if "word_embeddings" in key:  # vocab padding: 128 rows at TP1, 256 at TP2
             tensor, split[key] = tensor[:config.vocab_size], split[key][:config.vocab_size]
         torch.testing.assert_close(split[key], tensor, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+
+
+def _time_tiny_steps(tp, pp, steps=5):
+    """Seconds per forward+backward of the tiny preset (batch 4, 2 micro-batches); for the report, not a test:
+    `.venv/bin/python -c "from megatron_m2.testing import run_distributed; from tests.test_model import
+    _time_tiny_steps as f; print(run_distributed(4, f, 2, 2))"`"""
+    import time
+
+    from megatron_m2.models import build_model
+
+    config = load_config("tiny")
+    parallel.initialize_model_parallel(tp, pp)
+    model = build_model(config, spec="local")
+    _train_step(model, config, NUM_MICROBATCHES)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        _train_step(model, config, NUM_MICROBATCHES)
+    return (time.perf_counter() - start) / steps
