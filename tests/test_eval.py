@@ -277,3 +277,25 @@ def test_retrieval_with_negative_similarities():
     texts = torch.tensor([[-0.5, 0.0], [-0.2, 1.0]])
     scores = retrieval_metrics(torch.eye(2), texts, torch.tensor([0, 1]))
     assert scores["i2t_R@1"] == 50.0 and scores["t2i_R@1"] == 50.0
+
+
+# ---------------------------------------------------------------- the demo's plot
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_plot_training_curves_writes_a_png(tmp_path, flat):
+    from megatron_m2.plot import plot_training_curves
+
+    evals = [{"iteration": 0, "en/top1": 9.0, "zh/top1": 11.0}, {"iteration": 50, "en/top1": 70.0, "zh/top1": 60.0}]
+    history = {"iteration": list(range(0, 60, 10)), "loss": [4.0, 3.0, 2.5, 2.0, 1.8, 1.7]}
+    if flat:
+        history.update({"eval_iteration": [0, 50], "en/top1": [9.0, 70.0], "zh/top1": [11.0, 60.0]})
+    else:
+        history["eval"] = evals
+    path = plot_training_curves(history, str(tmp_path / "curves.png"))
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (900, 340)
+        pixels = np.asarray(image.convert("RGB"))
+    # Each curve was drawn, in its colour: loss tab:blue (left), en tab:orange and zh tab:red (right).
+    for rgb, columns in (([31, 119, 180], slice(0, 450)), ([255, 127, 14], slice(450, None)),
+                         ([214, 39, 40], slice(450, None))):
+        assert (np.abs(pixels[:, columns].astype(int) - rgb).sum(-1) < 30).sum() > 20, rgb
