@@ -156,3 +156,35 @@ def test_convert_from_hf_layout_error(tmp_path):
     result = _convert_from_hf(tmp_path / "hf", tmp_path / "out", tp=3)  # 4 heads: TP 3 cannot split them
     assert result.returncode == 2 and "--tensor-model-parallel-size 3" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _load_embeddings(root, tp, pp):
+    from megatron_m2.models import build_model
+    from megatron_m2.training.checkpointing import load_checkpoint
+
+    config = load_config("tiny", backbone_heads=True)
+    parallel.initialize_model_parallel(tp, pp)
+    model = build_model(config, spec="local")
+    load_checkpoint(root, model)
+    return _embeddings(model, config)
+
+
+@pytest.mark.slow
+def test_official_import_to_megatron_gives_reference_embeddings(tmp_path):
+    """Official-layout .ckpt -> megatron checkpoint -> the megatron model at TP2 x PP2 embeds like the official math."""
+    from tests.test_hf import _official_state_dict, _reference_embeddings
+
+    sd = _official_state_dict(seed=5)
+    torch.save({"state_dict": {f"_forward_module.{k}": v for k, v in sd.items()}}, tmp_path / "m2.ckpt")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "import_official.py"), "--checkpoint",
+                             str(tmp_path / "m2.ckpt"), "--megatron-output", str(tmp_path / "megatron"),
+                             "--num-attention-heads", "4", "--max-text-length", "16",
+                             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "known unused official keys" in result.stderr and "backbone_vl.layers.0.ffn.B.fc1.weight" in result.stderr
+    image, text = run_distributed(4, _load_embeddings, str(tmp_path / "megatron"), 2, 2)[0]
+    images, ids, padding = _inputs(load_config("tiny"))
+    ref_image, ref_text = _reference_embeddings(sd, images, ids, (~padding).long())
+    torch.testing.assert_close(image, ref_image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text, ref_text, atol=1e-5, rtol=0)
