@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -130,8 +131,8 @@ log-softmax output, per direction) plus two transients (the logits' gradient and
 products), next to the gathered [N, 2d] features. The second is the peak in the gather's backward: the features'
 gradient assembled from both directions meets the all-to-all receive buffer of the same size, plus the local
 [b, 2d] pair. The table's "model peak" is this formula; "peak" is measured.
-Matmul work per rank: 12*R*N*d FLOPs (one forward and two backward
-matmuls per direction), 16*R*N*d when chunked (the backward recomputes each chunk's logits).
+Matmul work per rank: 12*R*N*d FLOPs (one forward and two backward matmuls per direction), 16*R*N*d when chunked
+(the backward recomputes each chunk's logits).
 
 So at g = P the local loss divides the logit memory and FLOPs by P, grouping divides both by another P/g and the
 communication by (P-1)/(g-1), and chunking bounds the logit term at b*chunk but not the gathered features and
@@ -160,11 +161,30 @@ def measure(local_batch_sizes: list[int], dim: int, reps: int, chunk_size: int) 
     return rows
 
 
+def _model_checks(rows: list[dict], dim: int, chunk_size: int) -> str:
+    """One paragraph computed from the run: how far the measurements are from the model."""
+    comm = max(abs(r["written"] / r["sent"] - 1) for r in rows)
+    counted = all(r["sent"] == analytic(r["b_local"], dim, r["variant"], chunk_size)["comm"] for r in rows)
+    big = max(r["b_local"] for r in rows)
+    peak = [r["peak"] / analytic(r["b_local"], dim, r["variant"], chunk_size)["peak"] for r in rows]
+    peak_big = [p for p, r in zip(peak, rows) if r["b_local"] == big]
+    return (
+        f"Checks of this run: the counted bytes {'equal' if counted else 'DIFFER FROM'} the formula in every row, and "
+        f"the bytes the processes actually wrote (wchar) are within {100 * comm:.2f}% of them. Measured peak / model "
+        f"peak: {min(peak):.2f} to {max(peak):.2f} over all rows, {min(peak_big):.2f} to {max(peak_big):.2f} at "
+        f"B_local = {big} (small batches carry fixed overheads the model leaves out). Times: 8 single-threaded "
+        f"processes on {os.cpu_count()} shared cores, so they are noisy; compare them "
+        f"with the model's FLOP ratio, which the loss step follows only roughly here."
+    )
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def to_markdown(rows: list[dict], dim: int, reps: int, chunk_size: int, command: str, wall_s: float) -> str:
+def to_markdown(
+    rows: list[dict], dim: int, reps: int, chunk_size: int, command: str, wall_s: float, load: Optional[list] = None
+) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     head = (
         f"| B_local | variant | time (s) | time / full | peak MiB | peak / full | model peak MiB "
@@ -184,11 +204,14 @@ def to_markdown(rows: list[dict], dim: int, reps: int, chunk_size: int, command:
             f"| {_mib(row['sent'])} | {row['sent'] / full['sent']:.3f} | {_mib(row['model_comm'])} "
             f"| {_mib(row['written'])} | {model_flops:.3f} |"
         )
+    checks = _model_checks(rows, dim, chunk_size)
     return (
+        checks + "\n\n"
         f"Command: `{command}` (total {wall_s:.0f} s). Machine: {os.cpu_count()} cores ({cpu}), "
         f"{platform.system()}, torch {torch.__version__}, gloo; 8 processes with 1 thread each share the cores, "
         f"so times are contended and only the ratios measured in the same run mean something. "
-        f"d = {dim}, fp32, DP = 8, chunk = {chunk_size}, {reps} timed repetitions (median of the slowest rank).\n\n"
+        f"d = {dim}, fp32, DP = 8, chunk = {chunk_size}, {reps} timed repetitions (median of the slowest rank)"
+        + (f"; 1-min load average {load[0]:.0f} at the start, {load[1]:.0f} at the end" if load else "") + ".\n\n"
         + head + "\n".join(lines) + "\n"
     )
 
@@ -219,14 +242,14 @@ def main() -> None:
     if args.load:
         run = json.loads(args.load.read_text())
     else:
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()[0]
         rows = measure(args.local_batch_sizes, args.dim, args.reps, args.chunk_size)
         command = "python -m benchmarks.itc_loss " + " ".join(
             ["--local-batch-sizes", *map(str, args.local_batch_sizes), "--dim", str(args.dim),
              "--reps", str(args.reps), "--chunk-size", str(args.chunk_size)]
         )
         run = {"rows": rows, "dim": args.dim, "reps": args.reps, "chunk_size": args.chunk_size, "command": command,
-               "wall_s": time.perf_counter() - start}
+               "wall_s": time.perf_counter() - start, "load": [load_before, os.getloadavg()[0]]}
         if args.save:
             args.save.write_text(json.dumps(run, indent=1))
     table = to_markdown(**run)
