@@ -87,8 +87,11 @@ def _single_process_forward():
     ids_other = torch.where(padding, (ids + 7) % config.vocab_size, ids)
     text_other = model(None, ids_other, padding)[1]
     image_only, text_none = model(images, None, None)
+    groups = {name: (model.is_vision_parameter(name), model.is_text_parameter(name))
+              for name, _ in model.named_parameters()}
     return dict(image=image_embeds.detach(), text=text_embeds.detach(), text_other=text_other.detach(),
-                image_only=image_only.detach(), text_none=text_none, state=canonical_state_dict(model, config))
+                image_only=image_only.detach(), text_none=text_none, state=canonical_state_dict(model, config),
+                groups=groups)
 
 
 def test_tp1_pp1_forward_matches_torchscale_math():
@@ -103,6 +106,12 @@ def test_tp1_pp1_forward_matches_torchscale_math():
     torch.testing.assert_close(out["image_only"], out["image"], **TOL)
     assert out["text_none"] is None
     assert torch.allclose(out["image"].norm(dim=-1), torch.ones(BATCH))
+    # LiT / partial loading: towers are told apart; the shared VL layers and logit_scale belong to neither
+    for name, (vision, text) in out["groups"].items():
+        shared = name.startswith("vl_encoder.") or name == "logit_scale"
+        assert (vision, text) == (name.startswith(("vision_", "image_")), name.startswith(("text_embed", "text_enc",
+                                                                                            "text_proj")))
+        assert shared == (not vision and not text), name
 
 
 # -- TP / PP / recompute against the TP=1, PP=1 reference -----------------------------------------------------------
@@ -394,3 +403,24 @@ def _time_tiny_steps(tp, pp, steps=5):
     for _ in range(steps):
         _train_step(model, config, NUM_MICROBATCHES)
     return (time.perf_counter() - start) / steps
+
+
+@pytest.mark.parametrize("preset", ["tiny", "0.4b", "10b"])
+def test_megatron_layer_offsets_follow_layers_per_stage(preset):
+    """Every valid PP size: megatron's own layer numbering (used by dist checkpoints) matches layers_per_stage."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from megatron_m2.config import layers_per_stage, transformer_config
+    from megatron_m2.models.m2_model import _stage_block_config
+
+    config = load_config(preset)
+    units = config.num_layers + config.num_vl_layers
+    for pp in [p for p in range(1, units + 1) if units % p == 0 and units // p >= config.num_vl_layers]:
+        stages = layers_per_stage(config, pp)
+        tc = transformer_config(config, 1, pp, use_cpu_initialization=True, pipeline_dtype=torch.float32)
+        block_config = _stage_block_config(tc, config.num_layers, stages)
+        for rank, count in enumerate(stages):
+            if count:
+                assert get_transformer_layer_offset(block_config, None, rank) == sum(stages[:rank]), (pp, rank)
+                assert get_num_layers_to_build(block_config, None, rank) == count, (pp, rank)
