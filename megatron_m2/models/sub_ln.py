@@ -44,7 +44,7 @@ class TensorParallelLayerNorm(MegatronModule):
                  tp_group: Optional[torch.distributed.ProcessGroup] = None):
         super().__init__(config=config)
         self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
-        tp = torch.distributed.get_world_size(self.tp_group) if torch.distributed.is_initialized() else 1
+        tp = self.tp_size = torch.distributed.get_world_size(self.tp_group) if self.tp_group is not None else 1
         if hidden_size % tp:
             raise ValueError(f"Sub-LN size {hidden_size} is not divisible by the tensor-parallel size {tp}")
         self.hidden_size = hidden_size
@@ -58,7 +58,7 @@ class TensorParallelLayerNorm(MegatronModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         stats = torch.stack([x32.sum(-1), x32.square().sum(-1)])
-        if torch.distributed.get_world_size(self.tp_group) > 1:
+        if self.tp_size > 1:
             stats = all_reduce_with_grad(stats, self.tp_group)
         mean = stats[0] / self.hidden_size
         var = (stats[1] / self.hidden_size - mean.square()).clamp_min(0.0)
