@@ -226,7 +226,6 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.slow
 def test_automodel_remote_code_in_fresh_process(imported, tmp_path):
     sd, folder = imported
     pixels, ids, mask = _inputs(seed=3)

@@ -2,7 +2,8 @@
 
 to HF: streamed. Tensors are read from the checkpoint one at a time (per layer for the stacked block tensors, see
 megatron_io.DistCheckpointReader) and appended to a safetensors shard that is flushed to disk once it reaches
-max_shard_size, so peak memory is about max_shard_size + one layer's largest tensor, whatever the model size.
+max_shard_size, so peak memory is about max_shard_size + twice the largest single tensor (dcp reads a stored chunk
+whole, then copies the requested block out of it), whatever the model size.
 from HF: the state is written through a TP=1/PP=1 megatron model's own sharded_state_dict() (so keys, layer axes and
 TransformerEngine _extra_state entries are exactly what training loads); a dist checkpoint holds global tensors, so
 it loads at any TP/PP (the word embedding is padded for the requested TP; megatron also accepts other paddings).
@@ -56,6 +57,10 @@ class ShardedSafetensorsWriter:
     def __init__(self, folder: Union[str, Path], max_shard_size: Union[int, str] = "5GB"):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # weights from an earlier conversion into this folder would shadow or mix with ours
+        for stale in (*self.folder.glob("model*.safetensors"), *self.folder.glob(".shard-*.tmp"),
+                      *self.folder.glob("model.safetensors.index.json")):
+            stale.unlink()
         self.max_bytes = parse_size(max_shard_size)
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
