@@ -158,3 +158,83 @@ def test_no_requeue_on_scancel_or_after_max_restarts(fake_slurm, sig, extra):
     assert result.returncode == 0, result.stderr
     assert (log / "srun.signals").read_text().split() == ["TERM"]
     assert not (log / "scontrol").exists()
+
+
+# -- the real thing: a one-node Slurm (examples/slurm/local_slurm.sh) runs the tiny preset through sbatch -------------
+
+def _free_port_pair() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        if port < 65000:
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no two adjacent free ports")
+
+
+@pytest.fixture
+def local_slurm(tmp_path):
+    import shutil
+
+    missing = [c for c in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(c, path="/usr/sbin:/usr/bin")
+               is None]
+    if missing:
+        pytest.skip(f"Slurm not installed ({', '.join(missing)} missing): apt-get install slurmd slurmctld "
+                    "slurm-client munge to run this test")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmd and munged needs root")
+    if os.environ.get("M2_TEST_REAL_SLURM") != "1":
+        # Starts daemons and trains for about a minute on 2 cores: opt in (CI images with Slurm set it).
+        pytest.skip("set M2_TEST_REAL_SLURM=1 to start a one-node Slurm and submit the tiny job through sbatch")
+    cluster = tmp_path / "slurm"
+    script = ROOT / "examples" / "slurm" / "local_slurm.sh"
+    started = subprocess.run(["bash", str(script), "start", str(cluster), str(_free_port_pair())],
+                             capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        yield cluster / "slurm.conf"
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(cluster)], capture_output=True, timeout=60)
+
+
+TINY_LAUNCHER = """RUN_NAME=tiny_slurm
+MODEL_ARGS=(--model tiny --spec local)
+PARALLEL_ARGS=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 2)
+TRAIN_ARGS=(--micro-batch-size 8 --global-batch-size 16 --train-iters 3 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 1
+            --log-interval 1 --save-interval 3)
+source {root}/examples/launch.sh
+"""
+
+
+@pytest.mark.slow
+def test_real_sbatch_trains_the_tiny_preset(local_slurm, tmp_path):
+    import sys
+
+    data = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "megatron_m2.demo", "prepare", "--output-dir", str(data)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    launcher = tmp_path / "pretrain_m2_tiny_slurm.sh"
+    launcher.write_text(TINY_LAUNCHER.format(root=ROOT))
+    env = {**os.environ, "SLURM_CONF": str(local_slurm), "CONTAINER_IMAGE": "none", "GPUS_PER_NODE": "2",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "LOG_DIR": str(tmp_path / "logs"),
+           "DATA_PATH": str(data / "data" / "train"), "TOKENIZER_MODEL": str(data / "tokenizer.model"),
+           "CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "OMP_NUM_THREADS": "1"}
+    # --no-requeue: a job that hangs must fail this test at its time limit, not be requeued while --wait waits
+    job = subprocess.run(["sbatch", "--wait", "--no-requeue", "--gpus-per-node=0", "--time=8",
+                          f"--output={tmp_path}/%x-%j.out",
+                          "examples/slurm/pretrain_m2.sbatch", str(launcher)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("**/*-*.out")) + sorted(
+        (tmp_path / "logs").glob("*.log")))
+    assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{logs[-4000:]}"
+    assert "1 node(s) x 2 GPUs" in logs
+    from megatron_m2.training.checkpointing import latest_iteration
+
+    assert latest_iteration(str(tmp_path / "checkpoints")) == 3, logs[-4000:]
