@@ -11,8 +11,9 @@ Variants (all fp32, forward + backward of the loss only, the features are leaves
 What is measured, per rank:
   time   wall time of itc_loss + backward; per repetition the slowest rank counts, median over repetitions after
          one warm-up (barrier before each repetition).
-  memory peak of the bytes allocated by torch inside one profiled step (the warm-up) (torch.profiler profile_memory: the running
-         sum of allocation/free events, sorted by time); the inputs existing before the step are not counted.
+  memory peak of the bytes allocated by torch inside one profiled step, the warm-up (torch.profiler profile_memory:
+         the running sum of allocation/free events, sorted by time); the inputs existing before the step are not
+         counted.
   comm   bytes this rank sends in one step: `loss.comm_bytes_sent` (what a ring all-gather / reduce-scatter moves),
          checked against the bytes the process actually wrote (`wchar` of /proc/self/io: gloo's TCP pairs write with
          writev; includes gloo's small headers and the loss's one 32-byte shape check).

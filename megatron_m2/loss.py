@@ -12,8 +12,8 @@ r = mean over its b rows of (CE_i2t + CE_t2i)/2):
     is  grad_s = sum_{r in G} dl_r/dx_s = g * dL_G/dx_s.
   * megatron-core's DDP averages parameter gradients over the DP group (1/DP), so the update is
     (1/DP) sum_s grad_s dx_s/dtheta = d/dtheta [(1/DP) sum_r l_r] = d/dtheta [mean over groups of L_G].
-    With one group (g = DP) that is exactly the CLIP loss of the global batch; the pipeline schedule's 1/num_microbatches
-    then averages micro-batches on top, as for any loss.
+    With one group (g = DP) that is exactly the CLIP loss of the global batch; the pipeline schedule's
+    1/num_microbatches then averages micro-batches on top, as for any loss.
   * logit_scale is replicated: each rank's local gradient is dl_r/ds and DDP's mean gives d(mean_r l_r)/ds.
 So every rank returns its own l_r; nothing is rescaled here. With local_loss=False (open_clip's default) every rank
 builds the full N x N logits and returns L_G; its gradient through the gather is again g * dL_G/dx_s, so both modes
@@ -37,8 +37,8 @@ from megatron_m2.errors import ConfigError
 MAX_LOG_SCALE = math.log(100.0)
 
 # Bytes this process sent by the ITC gather (forward + backward), as a ring collective moves them: the benchmark reads
-# and resets it. Counted, not measured on the wire: each ring step of an all-gather / reduce-scatter sends 1/g of the
-# tensor, (g-1) steps in all.
+# and resets it. Counted, not measured here: each ring step of an all-gather / reduce-scatter sends 1/g of the
+# tensor, (g-1) steps in all (the benchmark checks it against the bytes gloo's sockets actually wrote).
 comm_bytes_sent = 0
 
 
@@ -63,7 +63,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         group = ctx.group
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        size = dist.get_world_size(group)
         grad = grad.contiguous()
         rows = grad.shape[0] // size
         if dist.get_backend(group) == dist.Backend.GLOO:
