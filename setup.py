@@ -21,6 +21,8 @@ setup(
         "safetensors",
         "tensorboard",
         "tqdm",
+        # megatron-core's dist-checkpoint writer processes need it (without it every save hangs)
+        "psutil",
     ],
     extras_require={
         "hf": ["transformers>=4.40"],

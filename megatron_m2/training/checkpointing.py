@@ -93,6 +93,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     if iteration is None:
         raise FileNotFoundError(f"no complete checkpoint in {root}")
     path = checkpoint_dir(root, iteration)
+    if dist_checkpointing.load_common_state_dict(str(path)).get("converted_from_hf"):
+        optimizer = scheduler = None  # tools/convert_from_hf.py writes model weights only
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration), str(path))
     model.load_state_dict(loaded["model"])
     if optimizer is not None:

