@@ -135,11 +135,22 @@ def initialize_model_parallel(
 
 
 def destroy_model_parallel() -> None:
+    """Forget the layout and free every process group but the default one.
+
+    megatron-core's own destroy only drops its references (and destroys its *_GLOO groups); the TP/PP/DP groups and
+    ours stay registered in torch.distributed, and each gloo group keeps ~3 threads per process. A process that
+    re-initialises layouts (tests, tools, evaluation) would pile up thousands of them, which starved 2-core machines.
+    """
     global _ITC_GROUP, _ITC_GROUP_RANKS, _LAYOUT
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     _ITC_GROUP = _ITC_GROUP_RANKS = _LAYOUT = None
+    if dist.is_initialized():
+        # torch has no public list of process groups; `_world.pg_map` is where destroy_process_group looks them up
+        world = dist.distributed_c10d._world
+        for group in [g for g in world.pg_map if g is not dist.GroupMember.WORLD]:
+            dist.destroy_process_group(group)
 
 
 def get_layout() -> Layout:

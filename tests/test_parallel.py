@@ -39,6 +39,22 @@ def test_itc_subgroups_split_dp_contiguously():
         assert groups["itc"] == [rank - rank % 2, rank - rank % 2 + 1]
 
 
+def _threads_after_layouts(cycles):
+    import os
+
+    for _ in range(cycles):
+        parallel.initialize_model_parallel(2, 2, 1)
+        parallel.destroy_model_parallel()
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def test_destroy_frees_the_process_groups_and_their_threads():
+    # Each gloo group holds threads; if destroy leaked them, a worker that runs many tests would pile up thousands.
+    once = run_distributed(4, _threads_after_layouts, 1)
+    many = run_distributed(4, _threads_after_layouts, 6)
+    assert many == once, (once, many)
+
+
 @pytest.mark.parametrize(
     "world,tp,pp,group,flag",
     [
