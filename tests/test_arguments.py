@@ -28,6 +28,8 @@ def _parse(*extra, world=1, monkeypatch=None):
         (["--zeroshot-data", "x"], 1, "--zeroshot-classnames"),
         (["--freeze-vision"], 1, "--freeze-vision"),
         (["--model", "nope"], 1, "--model 'nope'"),
+        (["--exit-interval", "-1"], 1, "--exit-interval must be >= 0"),
+        (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], 1, "exclude each other"),
     ],
 )
 def test_bad_flags_raise_config_error_naming_the_flag(flags, world, message):

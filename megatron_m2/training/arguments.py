@@ -72,14 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model of the GLM-compatible tokenizer")
 
     g = p.add_argument_group("checkpointing")
-    g.add_argument("--save", default=None, help="directory for checkpoints (megatron-core dist_checkpointing)")
+    g.add_argument("--save", default=None,
+                   help="directory for checkpoints (megatron-core dist_checkpointing); on SIGTERM (Slurm preemption "
+                   "or time limit) the trainer finishes the current step, saves here and exits")
     g.add_argument("--save-interval", type=int, default=0, help="save every N steps (0 = only at the end/on SIGTERM)")
     g.add_argument("--load", default=None,
                    help="resume from the latest complete checkpoint in this directory (may equal --save; a missing "
                    "or empty directory starts from scratch)")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state from --load")
-    g.add_argument("--exit-on-sigterm", action="store_true", default=True,
-                   help="on SIGTERM (Slurm preemption) save a checkpoint after the current step and exit")
+    g.add_argument("--exit-interval", type=int, default=0,
+                   help="save (with --save) and exit after the first iteration divisible by N, e.g. to stop a run "
+                   "mid-schedule and continue it later, maybe at another TP/PP layout (0 = off)")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
+                   help="on resume, take the learning-rate/weight-decay schedule from these flags instead of the "
+                   "checkpoint (e.g. after changing --train-iters or --lr); the iteration count is kept")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true",
+                   help="on resume, take the schedule from the checkpoint even where these flags differ")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="print one line of metrics every N steps")
@@ -138,6 +147,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.itc_chunk_size < 0:
         raise ConfigError("--itc-chunk-size must be >= 0")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
+    if args.exit_interval < 0:
+        raise ConfigError(f"--exit-interval must be >= 0, got {args.exit_interval}")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
     if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):

@@ -43,11 +43,14 @@ def latest_iteration(root: Optional[str]) -> Optional[int]:
     return done[-1] if done else None
 
 
-def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, extra_common: Optional[dict] = None):
+def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, extra_common: Optional[dict] = None,
+                   is_loading: bool = False):
     model_state = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_state, "iteration": iteration}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        # Loading: megatron-core first creates the (empty) Adam moments, otherwise a fresh optimizer asks for no
+        # state at all and the moments silently restart from zero.
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if extra_common:
@@ -82,6 +85,25 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
     return final
 
 
+def check_schedule(root: str, flags_schedule: dict) -> None:
+    """Before any allocation: a resumed run whose schedule flags differ from the checkpoint's must say which to use.
+
+    (megatron-core would otherwise take the checkpoint's values silently, or assert deep inside loading.)
+    """
+    from megatron_m2.errors import ConfigError
+
+    saved = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, latest_iteration(root))))
+    saved = saved.get("scheduler") or {}
+    differ = {k: (saved[k], v) for k, v in flags_schedule.items() if k in saved and saved[k] != v}
+    if differ:
+        listing = ", ".join(f"{k}: checkpoint {old!r} vs flags {new!r}" for k, (old, new) in differ.items())
+        raise ConfigError(
+            f"the learning-rate schedule in {root} differs from the flags ({listing}); pass "
+            "--override-opt-param-scheduler to follow the flags, or --use-checkpoint-opt-param-scheduler to keep "
+            "the checkpoint's schedule"
+        )
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
                     iteration: Optional[int] = None) -> tuple[int, Optional[dict], dict]:
     """Load the latest (or given) complete checkpoint into model/optimizer/scheduler, in place.
@@ -95,7 +117,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     path = checkpoint_dir(root, iteration)
     if dist_checkpointing.load_common_state_dict(str(path)).get("converted_from_hf"):
         optimizer = scheduler = None  # tools/convert_from_hf.py writes model weights only
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration), str(path))
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration, is_loading=True), str(path))
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

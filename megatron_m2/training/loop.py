@@ -16,7 +16,7 @@ from megatron_m2 import parallel
 from megatron_m2.loss import itc_loss
 from megatron_m2.training import checkpointing
 from megatron_m2.training.logging import MetricsLogger, model_flops_per_sample, print_rank_0
-from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
+from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
 
 
 def sequence_length(config, with_images: bool = True, with_text: bool = True) -> int:
@@ -118,6 +118,10 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
     check_vocab(tokenizer, config.vocab_size)
 
+    resume = checkpointing.latest_iteration(args.load) is not None
+    if resume and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        checkpointing.check_schedule(args.load, schedule(args))
+
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed)
     overrides = {}
@@ -131,7 +135,6 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
 
     iteration, rank_state = 0, None
-    resume = checkpointing.latest_iteration(args.load) is not None
     if not resume:
         for root, tower in ((args.load_vision, "vision"), (args.load_text, "text")):
             if root:
@@ -191,12 +194,15 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
         if eval_fn is not None and args.eval_interval and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
             evaluate(iteration)
-        stop = sigterm.any_rank()
+        preempted = sigterm.any_rank()
+        stop = preempted or bool(args.exit_interval and iteration % args.exit_interval == 0)
         if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop
                           or iteration == args.train_iters):
             save(iteration)
         if stop:
-            print_rank_0(f"SIGTERM received: saved at iteration {iteration}, exiting")
+            reason = "SIGTERM received" if preempted else f"--exit-interval {args.exit_interval}"
+            print_rank_0(f"{reason}: {'saved' if args.save else 'not saved (no --save)'} at iteration {iteration}, "
+                         "exiting")
             break
     logger.close()
     history["data_stats"] = getattr(data, "stats", {})

@@ -26,6 +26,21 @@ def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDat
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+def schedule(args: argparse.Namespace) -> dict:
+    """Warmup + cosine learning rate and constant weight decay, in the names megatron-core's scheduler saves."""
+    return dict(
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=max(args.lr_decay_iters, args.lr_warmup_iters + 1),
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+
+
 def build_optimizer(
     model: DistributedDataParallel, args: argparse.Namespace
 ) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
@@ -48,15 +63,9 @@ def build_optimizer(
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=max(args.lr_decay_iters, args.lr_warmup_iters + 1),
-        lr_decay_style="cosine",
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
+        **schedule(args),
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
     # The pipeline schedule calls these: loss scaling, no-sync during accumulation, DP grad reduction at the end.
     model.config.grad_scale_func = optimizer.scale_loss
