@@ -199,7 +199,8 @@ def itc_loss(
     loss_t2i, acc_t2i = _row_loss(rows_text, all_image, scale, labels, chunk_size)
     loss = (loss_i2t + loss_t2i) / 2
     metrics = {
-        "itc_loss": loss.detach(),
+        # a copy: megatron-core's schedule divides the returned loss by num_microbatches in place
+        "itc_loss": loss.detach().clone(),
         "logit_scale": scale.detach(),
         "i2t_acc": acc_i2t.detach(),
         "t2i_acc": acc_t2i.detach(),

@@ -131,6 +131,16 @@ def test_single_process_is_clip_and_chunked_matches(chunk_size):
         torch.testing.assert_close(chunked[1][key], ref[1][key])
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_metrics_survive_the_schedule_scaling_the_loss_in_place(chunk_size):
+    # megatron-core's pipeline schedule does `output_tensor /= num_microbatches` on the returned loss
+    image, text = _features(6)
+    loss, metrics = itc_loss(image, text, torch.tensor(LOG_SCALE), chunk_size=chunk_size)
+    logged = loss.item()
+    loss /= 4
+    assert metrics["itc_loss"].item() == pytest.approx(logged)
+
+
 def test_logit_scale_is_clamped_at_100():
     image, text = _features(5)
     loss, metrics, _, _, scale_grad = _loss_and_grads(image, text, torch.tensor(math.log(200.0)))
