@@ -127,6 +127,25 @@ def test_train_tokenizer_tool_gives_a_glm_layout_model_for_the_tiny_preset(tmp_p
     assert "--vocab-size 2000 exceeds --model-vocab-size 1024" in capsys.readouterr().err
 
 
+def test_chinese_characters_are_pieces_of_their_own_unless_disabled(tmp_path, capsys):
+    from tools.train_tokenizer import main
+
+    inputs = _corpus(tmp_path)
+    assert main(["--input", *inputs, "--output", str(tmp_path / "split"), "--vocab-size", "200"]) == 0
+    assert main(["--input", *inputs, "--output", str(tmp_path / "fused"), "--vocab-size", "200",
+                 "--no-split-cjk-characters"]) == 0
+    split = GLMTokenizer(str(tmp_path / "split.model"))
+    fused = GLMTokenizer(str(tmp_path / "fused.model"))
+    # A prompt worded unlike any caption still shares the numeral's piece with the captions.
+    pieces = split.sp.encode("七的照片", out_type=str)
+    assert [p.lstrip("▁") for p in pieces if p != "▁"] == ["七", "的", "照", "片"]
+    assert any(len(p.lstrip("▁")) > 1 for p in fused.sp.encode("数字七的照片", out_type=str))
+    # Room for the characters is checked before training.
+    assert main(["--input", *inputs, "--output", str(tmp_path / "small"), "--vocab-size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--vocab-size 30 cannot hold the" in err and "--no-split-cjk-characters" in err
+
+
 def test_a_model_without_the_glm_pieces_is_a_config_error(tmp_path):
     import sentencepiece as spm
 

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SentencePiece algorithm (the GLM model is BPE)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters covered by pieces; rarer ones map to <unk> (0.9995 suits Chinese)")
+    p.add_argument("--split-cjk-characters", action=argparse.BooleanOptionalAction, default=True,
+                   help="make every Chinese character a piece of its own, as Chinese BERT/Chinese-CLIP vocabularies "
+                        "do (without it, BPE on a small corpus fuses whole Chinese phrases into single pieces)")
     return p.parse_args(argv)
 
 
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
         if args.vocab_size > args.model_vocab_size:
             raise ConfigError(f"--vocab-size {args.vocab_size} exceeds --model-vocab-size {args.model_vocab_size}")
         path = train_tokenizer(args.input, args.output, args.vocab_size, args.caption_key,
-                               args.character_coverage, args.model_type)
+                               args.character_coverage, args.model_type,
+                               split_cjk_characters=args.split_cjk_characters)
         tokenizer = GLMTokenizer(path)
         check_vocab(tokenizer, args.model_vocab_size)
     except ConfigError as exc:

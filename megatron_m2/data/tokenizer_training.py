@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import unicodedata
 from typing import Iterator, Sequence
 
 from megatron_m2.errors import ConfigError
@@ -17,6 +18,10 @@ from megatron_m2.errors import ConfigError
 GLM_SPECIAL_PIECES = ("<n>", "<|endoftext|>", "[SEP]", "[CLS]", "[MASK]", "[UNK]", "<|endofpiece|>",
                       "<|startofpiece|>", "[gMASK]", "[sMASK]", "[dBLOCK]",
                       *(f"<|blank_{n}|>" for n in range(10, 1, -1)), "<pad>")
+
+
+# CJK Unified Ideographs, Extension A, and the compatibility block (NFKC maps most of it into the first)
+CJK_RANGES = (("\u4e00", "\u9fff"), ("\u3400", "\u4dbf"), ("\uf900", "\ufaff"))
 
 
 def iter_captions(paths: Sequence[str], caption_key: str = "caption") -> Iterator[str]:
@@ -44,10 +49,27 @@ def iter_captions(paths: Sequence[str], caption_key: str = "caption") -> Iterato
                         yield line.rstrip("\n")
 
 
+def cjk_characters(texts: Sequence[str]) -> list[str]:
+    """The distinct CJK ideographs of `texts` after NFKC (the normalisation the model applies), in first-seen order."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        for char in unicodedata.normalize("NFKC", text):
+            if any(start <= char <= end for start, end in CJK_RANGES):
+                seen.setdefault(char, None)
+    return list(seen)
+
+
 def train_tokenizer(inputs: Sequence[str], model_prefix: str, vocab_size: int = 1000,
                     caption_key: str = "caption", character_coverage: float = 0.9995,
-                    model_type: str = "bpe", seed_sentencepiece_size: int = 100000) -> str:
-    """Train on the captions of `inputs`; writes MODEL_PREFIX.model (+ .vocab) and returns the .model path."""
+                    model_type: str = "bpe", seed_sentencepiece_size: int = 100000,
+                    split_cjk_characters: bool = True) -> str:
+    """Train on the captions of `inputs`; writes MODEL_PREFIX.model (+ .vocab) and returns the .model path.
+
+    split_cjk_characters: every Chinese character becomes a piece of its own (user-defined symbols are never merged),
+    as in Chinese BERT / Chinese-CLIP vocabularies. Chinese has no spaces, so BPE on a small caption corpus otherwise
+    fuses whole phrases into one piece ("数字七的照片"), and a prompt worded unlike the captions shares no token
+    with them.
+    """
     import sentencepiece as spm
 
     if vocab_size <= len(GLM_SPECIAL_PIECES) + 3:
@@ -56,6 +78,11 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str, vocab_size: int = 
     captions = list(iter_captions(inputs, caption_key))
     if not captions:
         raise ConfigError(f"--input {list(inputs)}: no caption found")
+    characters = cjk_characters(captions) if split_cjk_characters else []
+    if len(GLM_SPECIAL_PIECES) + len(characters) + 3 > vocab_size:
+        raise ConfigError(f"--vocab-size {vocab_size} cannot hold the {len(characters)} Chinese characters of the "
+                          f"corpus plus {len(GLM_SPECIAL_PIECES)} special pieces; raise it or pass "
+                          "--no-split-cjk-characters")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(captions),
@@ -65,7 +92,7 @@ def train_tokenizer(inputs: Sequence[str], model_prefix: str, vocab_size: int = 
         hard_vocab_limit=False,
         model_type=model_type,
         character_coverage=character_coverage,
-        user_defined_symbols=list(GLM_SPECIAL_PIECES),
+        user_defined_symbols=[*GLM_SPECIAL_PIECES, *characters],
         normalization_rule_name="nmt_nfkc",
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
