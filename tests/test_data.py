@@ -254,6 +254,18 @@ def test_train_transform_flips_and_is_deterministic_given_rng():
     assert torch.equal(train_transform(16, 3)(image), train_transform(16, 3)(image))
 
 
+def test_no_hflip_keeps_the_orientation_and_the_same_crops():
+    image = Image.new("RGB", (32, 32))
+    image.paste((255, 255, 255), (16, 0, 32, 32))  # left black, right white
+    flipping, keeping = train_transform(16), train_transform(16, hflip=False)
+    outputs = [(flipping(image, rng=np.random.default_rng(i)), keeping(image, rng=np.random.default_rng(i)))
+               for i in range(40)]
+    assert all(kept[0, 8, 0].item() == -1.0 for _, kept in outputs)
+    # The flip is still drawn, so both transforms crop alike: equal up to the mirror.
+    assert all(torch.equal(kept, flipped) or torch.equal(kept.flip(-1), flipped) for flipped, kept in outputs)
+    assert any(not torch.equal(kept, flipped) for flipped, kept in outputs)
+
+
 # -- tools/make_shards.py -------------------------------------------------------------------------------------
 
 def test_make_shards_from_csv_and_read_back(tmp_path, tokenizer, capsys):

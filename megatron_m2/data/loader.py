@@ -91,7 +91,8 @@ class ImageTextBatches:
 
 
 def build_train_data(shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, config, micro_batch_size: int,
-                     dp_rank: int, dp_size: int, seed: int, num_workers: int = 0) -> ImageTextBatches:
+                     dp_rank: int, dp_size: int, seed: int, num_workers: int = 0,
+                     hflip: bool = True) -> ImageTextBatches:
     """The training iterator for a model config (its image_size), with the train augmentation."""
-    return ImageTextBatches(shards, tokenizer, train_transform(config.image_size), micro_batch_size,
+    return ImageTextBatches(shards, tokenizer, train_transform(config.image_size, hflip=hflip), micro_batch_size,
                             dp_rank, dp_size, seed, num_workers=num_workers)

@@ -58,22 +58,24 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 class TrainTransform:
-    """Random resized crop + horizontal flip; `transform(image, rng)` uses rng, else its own generator."""
+    """Random resized crop + horizontal flip (unless hflip=False: for digits or text, a mirror changes the meaning);
+    `transform(image, rng)` uses rng, else its own generator."""
 
     takes_rng = True
 
     def __init__(self, image_size: int, rng: Union[np.random.Generator, int, None] = None,
-                 scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+                 scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 hflip: bool = True) -> None:
         self.image_size = image_size
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        self.scale, self.ratio = scale, ratio
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
 
     def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         rng = self.rng if rng is None else rng
         image = to_rgb(image)
         left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and self.hflip:  # draw either way, so the crops do not depend on hflip
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(image)
 
@@ -102,8 +104,9 @@ class EvalTransform:
         return to_tensor(image.crop((left, top, left + size, top + size)))
 
 
-def train_transform(image_size: int, rng: Union[np.random.Generator, int, None] = None) -> TrainTransform:
-    return TrainTransform(image_size, rng)
+def train_transform(image_size: int, rng: Union[np.random.Generator, int, None] = None,
+                    hflip: bool = True) -> TrainTransform:
+    return TrainTransform(image_size, rng, hflip=hflip)
 
 
 def eval_transform(image_size: int, square: bool = False) -> EvalTransform:

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="webdataset tar shards: files, directories or brace patterns (shard-{00000..00099}.tar)")
+    g.add_argument("--no-hflip", dest="hflip", action="store_false",
+                   help="no random horizontal flip in the train augmentation (for images where a mirror changes the "
+                   "meaning: digits, text)")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model of the GLM-compatible tokenizer")
 
     g = p.add_argument_group("checkpointing")
