@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -127,6 +128,7 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
                        num_layers: Optional[int] = None, **kwargs: Any):
     """megatron-core TransformerConfig for one tower (or the VL layers) of this model."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.utils import init_method_normal
     import torch.nn.functional as F
 
     defaults = dict(
@@ -148,6 +150,12 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         normalization="LayerNorm",
+        # BEiT-3's effective init (unilm's BEiT3Wrapper re-initialises every Linear with std 0.02): no depth-scaled
+        # output layers, unlike megatron's GPT default; the embedding tables are initialised in models/
+        output_layer_init_method=init_method_normal(0.02),
     )
     defaults.update(kwargs)
-    return TransformerConfig(**defaults)
+    with warnings.catch_warnings():
+        # megatron-core 0.16 warns about its own default cuda_graph_scope ("full") even with CUDA graphs off
+        warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+        return TransformerConfig(**defaults)
