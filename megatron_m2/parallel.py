@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -193,6 +194,8 @@ def _make_megatron_cpu_safe() -> None:
     from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as megatron_random
 
+    # a CUDA tuning hint that megatron's layers print on every rank; it has no meaning on CPU
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 

@@ -151,7 +151,8 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
 
     data = build_train_data(shards, tokenizer, config, args.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), layout.data_parallel_size, args.seed)
+                            parallel_state.get_data_parallel_rank(), layout.data_parallel_size, args.seed,
+                            hflip=args.hflip)
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
@@ -170,7 +171,8 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
                                              common={"model_config": config.to_dict()})
         print_rank_0(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
 
-    print_rank_0(f"training {args.model} for {args.train_iters} iterations: TP {layout.tensor_model_parallel_size} "
+    print_rank_0(f"training {args.model} ({model.spec} layer spec, {'bf16' if args.bf16 else 'fp32'}) for "
+                 f"{args.train_iters} iterations: TP {layout.tensor_model_parallel_size} "
                  f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} ITC group "
                  f"{layout.itc_group_size}, global batch {args.global_batch_size}")
     def evaluate(step: int) -> None:
