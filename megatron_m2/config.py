@@ -35,6 +35,10 @@ class M2Config:
     text_position_table_size: int = 1024
     layernorm_epsilon: float = 1e-5
     logit_scale_init: float = math.log(1 / 0.07)
+    # std of the normal init of every weight matrix and embedding table (megatron's --init-method-std). 0.02 is
+    # BEiT-3's; a narrow model needs about hidden^-1/2 (CLIP's width scaling), else at init the CLS outputs of all
+    # inputs have cosine ~0.999 and contrastive training sits at loss ln(batch) for hundreds of steps.
+    init_method_std: float = 0.02
     # The release also projects the backbone output (before the VL layers); optional second pair of heads.
     backbone_heads: bool = False
 
@@ -150,9 +154,10 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         normalization="LayerNorm",
-        # BEiT-3's effective init (unilm's BEiT3Wrapper re-initialises every Linear with std 0.02): no depth-scaled
-        # output layers, unlike megatron's GPT default; the embedding tables are initialised in models/
-        output_layer_init_method=init_method_normal(0.02),
+        # as BEiT-3 (unilm's BEiT3Wrapper re-initialises every Linear with one std): output layers not depth-scaled,
+        # unlike megatron's GPT default
+        init_method_std=config.init_method_std,
+        output_layer_init_method=init_method_normal(config.init_method_std),
     )
     defaults.update(kwargs)
     with warnings.catch_warnings():

@@ -114,6 +114,30 @@ def test_tp1_pp1_forward_matches_torchscale_math():
         assert shared == (not vision and not text), name
 
 
+def _init_stds():
+    from megatron_m2.models import build_model
+
+    parallel.initialize_model_parallel(1, 1)
+    stds = {}
+    for std in (None, 0.02):  # the tiny preset's own (0.125), and BEiT-3's
+        torch.manual_seed(0)
+        model = build_model(load_config("tiny", init_method_std=std), spec="local")
+        stds[std] = {name: p.std().item() for name, p in model.named_parameters()
+                     if p.dim() >= 2 and "patch_embed" not in name}
+    return stds
+
+
+def test_init_method_std_sets_every_weight_matrix_and_table_without_depth_scaling():
+    stds = run_distributed(4, _init_stds)[0]  # the shared pool; each rank builds the TP=1 model
+    for key, expected in ((None, load_config("tiny").init_method_std), (0.02, 0.02)):
+        names = stds[key]
+        assert any("linear_proj" in n for n in names) and any("linear_fc2" in n for n in names)
+        assert any("position_embeddings" in n for n in names) and any("word_embeddings" in n for n in names)
+        for name, std in names.items():
+            assert std == pytest.approx(expected, rel=0.2), (key, name)
+    assert load_config("tiny").init_method_std == 0.125 and load_config("10b").init_method_std == 0.02
+
+
 # -- TP / PP / recompute against the TP=1, PP=1 reference -----------------------------------------------------------
 def _rank_info():
     from megatron.core import parallel_state as ps

@@ -1,7 +1,8 @@
 """transformers config for M2-Encoder.
 
 Self-contained (torch + transformers only): this file is copied into converted folders as remote code.
-Field names equal megatron_m2.config.M2Config so a config converts with `M2EncoderConfig(**m2config.to_dict())`.
+Field names equal megatron_m2.config.M2Config (its init_method_std is `initializer_range` here, the transformers
+name); megatron_m2.hf.convert maps one to the other.
 """
 from __future__ import annotations
 

@@ -29,11 +29,13 @@ M2_FIELDS = tuple(M2Config.__dataclass_fields__)
 
 
 def hf_config_from_m2(config: M2Config) -> M2EncoderConfig:
-    return M2EncoderConfig(**config.to_dict())
+    fields = config.to_dict()
+    return M2EncoderConfig(initializer_range=fields.pop("init_method_std"), **fields)
 
 
 def m2_config_from_hf(config: M2EncoderConfig) -> M2Config:
-    return M2Config(**{name: getattr(config, name) for name in M2_FIELDS})
+    return M2Config(**{name: getattr(config, "initializer_range" if name == "init_method_std" else name)
+                       for name in M2_FIELDS})
 
 
 def parse_size(size: Union[int, str]) -> int:

@@ -5,7 +5,6 @@ import torch
 from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import init_method_normal
 
 from megatron_m2.config import M2Config, padded_vocab_size
 
@@ -21,15 +20,14 @@ class TextEmbedding(MegatronModule):
         super().__init__(config=transformer_config)
         tp = transformer_config.tensor_model_parallel_size
         self.position_offset = config.position_offset
-        # torchscale's init: TextEmbedding N(0, hidden^-1/2), PositionalEmbedding (a plain nn.Embedding) N(0, 1)
         self.word_embeddings = VocabParallelEmbedding(
             padded_vocab_size(config.vocab_size, tp), config.hidden_size,
-            init_method=init_method_normal(config.hidden_size ** -0.5), config=transformer_config,
+            init_method=transformer_config.init_method, config=transformer_config,
         )
         self.position_embeddings = torch.nn.Embedding(config.text_position_table_size, config.hidden_size,
                                                       dtype=transformer_config.params_dtype)
         if transformer_config.perform_initialization:
-            torch.nn.init.normal_(self.position_embeddings.weight, std=1.0)
+            transformer_config.init_method(self.position_embeddings.weight)
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(text_ids)  # [b, L, h]

@@ -23,10 +23,8 @@ class VisionEmbedding(MegatronModule):
         self.cls_token = torch.nn.Parameter(torch.empty(1, 1, h, dtype=dtype))
         self.position_embeddings = torch.nn.Embedding(config.vision_position_table_size, h, dtype=dtype)
         if transformer_config.perform_initialization:
-            transformer_config.init_method(self.cls_token)
-            # torchscale's PositionalEmbedding is a plain nn.Embedding that BEiT-3 leaves at N(0, 1): positions then
-            # stand out against the patch tokens from the first step (with std 0.02 a tiny ViT trained ~4x slower)
-            torch.nn.init.normal_(self.position_embeddings.weight, std=1.0)
+            for weight in (self.cls_token, self.position_embeddings.weight):
+                transformer_config.init_method(weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2)  # [b, h, patches]
