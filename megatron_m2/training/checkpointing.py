@@ -68,11 +68,12 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
-        (tmp / "extra").mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: megatron warns "Overwriting old incomplete / corrupted" into a used one
     dist.barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, iteration, common), str(tmp))
     dp_rank = parallel_state.get_data_parallel_rank()
     if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
+        (tmp / "extra").mkdir(exist_ok=True)
         torch.save(rank_state, tmp / "extra" / f"rank_{dp_rank:05d}.pt")
     dist.barrier()
     if rank == 0:
