@@ -299,3 +299,19 @@ def test_plot_training_curves_writes_a_png(tmp_path, flat):
     for rgb, columns in (([31, 119, 180], slice(0, 450)), ([255, 127, 14], slice(450, None)),
                          ([214, 39, 40], slice(450, None))):
         assert (np.abs(pixels[:, columns].astype(int) - rgb).sum(-1) < 30).sum() > 20, rgb
+
+
+# ---------------------------------------------------------------- python -m megatron_m2.eval: flag errors
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "nothing to evaluate"),
+    (["--zeroshot-data", "x"], "--zeroshot-classnames"),
+    (["--retrieval-data", "r.jsonl", "--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--retrieval-data", "r.jsonl"], "no complete checkpoint"),
+    (["--retrieval-data", "r.jsonl", "--iteration", "7"], "no complete checkpoint for --iteration 7"),
+])
+def test_evaluate_cli_errors_before_any_model(tmp_path, capsys, flags, message):
+    from megatron_m2.eval.__main__ import main
+
+    code = main(["--load", str(tmp_path / "ckpt"), "--tokenizer-model", "tok.model", *flags])
+    assert code == 2 and message in capsys.readouterr().err

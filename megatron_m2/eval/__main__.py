@@ -1,0 +1,118 @@
+"""Zero-shot classification and retrieval of a checkpoint, at any TP/PP layout (one process per GPU, or on CPU).
+
+    torchrun --nproc-per-node 4 -m megatron_m2.eval --load runs/demo/checkpoints \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --tokenizer-model runs/demo/tokenizer.model \\
+        --zeroshot-data runs/demo/data/eval \\
+        --zeroshot-classnames en=runs/demo/data/classnames_en.txt zh=runs/demo/data/classnames_zh.txt \\
+        --retrieval-data runs/demo/data/retrieval.jsonl --output results.json
+
+The model's shape comes from the checkpoint (the trainer and tools/convert_from_hf.py store it), so any layout the
+shape allows works, whatever layout the checkpoint was written at. Exit codes: 0 success, 2 bad flags or inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_m2.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_m2.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint root (its latest complete iteration is evaluated)")
+    p.add_argument("--iteration", type=int, default=None, help="evaluate this iteration instead of the latest")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP ranks that split each layer")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP stages")
+    p.add_argument("--spec", default="auto", choices=["auto", "local", "te"],
+                   help="layer implementation: te (TransformerEngine, GPU), local (pure PyTorch), auto = te if usable")
+    p.add_argument("--tokenizer-model", required=True, help="SentencePiece model the checkpoint was trained with")
+    p.add_argument("--zeroshot-data", default=None,
+                   help="ImageNet-layout folder (one sub-folder per class) for zero-shot classification")
+    p.add_argument("--zeroshot-classnames", nargs="+", default=[], metavar="LANG=FILE",
+                   help="one class-name file per prompt language, lines in the sorted order of the class folders")
+    p.add_argument("--retrieval-data", default=None,
+                   help='JSONL of {"image": path, "captions": [...]} for image-text retrieval')
+    p.add_argument("--eval-batch-size", type=int, default=64, help="images or texts per forward (micro-batch)")
+    p.add_argument("--output", default=None, help="also write the metrics to this JSON file (rank 0)")
+    return p
+
+
+def _check(args: argparse.Namespace, world_size: int):
+    """Every check that needs no model: returns (model config, layout, checkpoint iteration)."""
+    from megatron_m2.config import M2Config, validate_parallel_shapes
+    from megatron_m2.parallel import validate_layout
+    from megatron_m2.training import checkpointing
+
+    if not (args.zeroshot_data or args.retrieval_data):
+        raise ConfigError("nothing to evaluate: pass --zeroshot-data (with --zeroshot-classnames) and/or "
+                          "--retrieval-data")
+    if args.zeroshot_data and not args.zeroshot_classnames:
+        raise ConfigError("--zeroshot-data needs --zeroshot-classnames LANG=FILE [LANG=FILE ...]")
+    if args.eval_batch_size < 1:
+        raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    iteration = args.iteration if args.iteration is not None else checkpointing.latest_iteration(args.load)
+    if iteration is None or not (checkpointing.checkpoint_dir(args.load, iteration) / checkpointing.DONE).exists():
+        raise ConfigError(f"--load {args.load}: no complete checkpoint"
+                          + (f" for --iteration {args.iteration}" if args.iteration is not None else ""))
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpointing.checkpoint_dir(args.load, iteration)))
+    if "model_config" not in common:
+        raise ConfigError(f"--load {args.load}: the checkpoint does not record its model config")
+    config = M2Config(**common["model_config"])
+    layout = validate_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    validate_parallel_shapes(config, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    return config, layout, iteration
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
+    import torch.distributed as dist
+
+    from megatron_m2 import parallel
+    from megatron_m2.data import check_vocab, load_tokenizer
+    from megatron_m2.eval.runner import make_eval_fn
+    from megatron_m2.models import build_model
+    from megatron_m2.training import checkpointing
+    from megatron_m2.training.logging import print_rank_0
+
+    config, layout, iteration = _check(args, int(os.environ.get("WORLD_SIZE", "1")))
+    tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
+    check_vocab(tokenizer, config.vocab_size)
+    args.model_config = config
+    evaluate = make_eval_fn(args)  # reads the class folders and name files: bad inputs fail before the model
+
+    parallel.initialize_distributed()
+    parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    model = build_model(config, spec=args.spec)
+    checkpointing.load_checkpoint(args.load, model, iteration=iteration)
+    print_rank_0(f"loaded {args.load} iteration {iteration} at TP {layout.tensor_model_parallel_size} "
+                 f"PP {layout.pipeline_model_parallel_size}")
+    start = time.perf_counter()
+    results = evaluate(model, tokenizer)
+    print_rank_0(f"evaluated in {time.perf_counter() - start:.1f} s")
+    for name, value in results.items():
+        print_rank_0(f"  {name:24s} {value:6.2f}")
+    if args.output and dist.get_rank() == 0:
+        Path(args.output).write_text(json.dumps({"load": args.load, "iteration": iteration, **results}, indent=1))
+    parallel.destroy_model_parallel()
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate_checkpoint(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
