@@ -12,8 +12,8 @@ $PYTHON -m megatron_m2.demo prepare --output-dir "$OUT"
 $PYTHON -m torch.distributed.run --standalone --nproc-per-node 4 -m megatron_m2.train \
   --model tiny --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
   --micro-batch-size 32 --global-batch-size 128 --train-iters ${TRAIN_ITERS:-300} \
-  --lr 2e-4 --min-lr 1e-5 --lr-warmup-iters 20 --weight-decay 0.05 --clip-grad 1.0 \
-  --data-path "$OUT/data/train" --tokenizer-model "$OUT/tokenizer.model" \
+  --lr 1e-3 --min-lr 1e-5 --lr-warmup-iters 20 --weight-decay 0.05 --clip-grad 1.0 \
+  --data-path "$OUT/data/train" --tokenizer-model "$OUT/tokenizer.model" --no-hflip \
   --eval-interval ${EVAL_INTERVAL:-50} --eval-at-start --eval-batch-size 128 \
   --zeroshot-data "$OUT/data/eval" --zeroshot-classnames en="$OUT/data/classnames_en.txt" zh="$OUT/data/classnames_zh.txt" \
   --retrieval-data "$OUT/data/retrieval.jsonl" \

@@ -21,15 +21,6 @@ pytestmark = pytest.mark.slow
 ITERS = 8
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    from megatron_m2.demo import prepare
-
-    out = tmp_path_factory.mktemp("demo")
-    prepare(out)
-    return out
-
-
 def _command(data: Path, run_dir: Path, nproc: int, tp: int, pp: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "megatron_m2.train", *_flags(data, run_dir, tp, pp, *extra)]
