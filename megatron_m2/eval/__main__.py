@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_m2.errors import ConfigError
+from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="auto", choices=["auto", "local", "te"],
                    help="layer implementation: te (TransformerEngine, GPU), local (pure PyTorch), auto = te if usable")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece model the checkpoint was trained with")
-    p.add_argument("--zeroshot-data", default=None,
-                   help="ImageNet-layout folder (one sub-folder per class) for zero-shot classification")
-    p.add_argument("--zeroshot-classnames", nargs="+", default=[], metavar="LANG=FILE",
-                   help="one class-name file per prompt language, lines in the sorted order of the class folders")
-    p.add_argument("--retrieval-data", default=None,
-                   help='JSONL of {"image": path, "captions": [...]} for image-text retrieval')
-    p.add_argument("--eval-batch-size", type=int, default=64, help="images or texts per forward (micro-batch)")
+    add_eval_data_arguments(p)
     p.add_argument("--output", default=None, help="also write the metrics to this JSON file (rank 0)")
     return p
 
@@ -52,10 +47,7 @@ def _check(args: argparse.Namespace, world_size: int):
     if not (args.zeroshot_data or args.retrieval_data):
         raise ConfigError("nothing to evaluate: pass --zeroshot-data (with --zeroshot-classnames) and/or "
                           "--retrieval-data")
-    if args.zeroshot_data and not args.zeroshot_classnames:
-        raise ConfigError("--zeroshot-data needs --zeroshot-classnames LANG=FILE [LANG=FILE ...]")
-    if args.eval_batch_size < 1:
-        raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    check_eval_data_arguments(args)
     iteration = args.iteration if args.iteration is not None else checkpointing.latest_iteration(args.load)
     if iteration is None or not (checkpointing.checkpoint_dir(args.load, iteration) / checkpointing.DONE).exists():
         raise ConfigError(f"--load {args.load}: no complete checkpoint"

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from megatron_m2.config import PRESETS, M2Config, load_config, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
+from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
 from megatron_m2.parallel import Layout, validate_layout
 
 
@@ -97,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10, help="print one line of metrics every N steps")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
     g.add_argument("--eval-interval", type=int, default=0, help="run zero-shot evaluation every N steps (0 = off)")
-    g.add_argument("--zeroshot-data", default=None,
-                   help="folder-per-class image tree (ImageNet layout) for zero-shot classification")
-    g.add_argument("--zeroshot-classnames", nargs="+", default=[], metavar="LANG=FILE",
-                   help="class-name files, one name per line in class-folder order, e.g. en=names_en.txt zh=names_zh.txt")
-    g.add_argument("--retrieval-data", default=None,
-                   help='retrieval JSONL: one {"image": path, "captions": [...]} per line')
-    g.add_argument("--eval-batch-size", type=int, default=64, help="images or texts per evaluation forward")
+    add_eval_data_arguments(g)
     g.add_argument("--eval-at-start", action="store_true",
                    help="also evaluate before the first step (the untrained baseline)")
     g.add_argument("--metrics-file", default=None,
@@ -158,11 +153,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError("--save-interval needs --save DIR")
     if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):
         raise ConfigError("--eval-interval needs --zeroshot-data and/or --retrieval-data")
-    if args.zeroshot_data and not args.zeroshot_classnames:
-        raise ConfigError("--zeroshot-data needs --zeroshot-classnames LANG=FILE [LANG=FILE ...]")
-    for item in args.zeroshot_classnames:
-        if "=" not in item:
-            raise ConfigError(f"--zeroshot-classnames expects LANG=FILE, got {item!r}")
+    check_eval_data_arguments(args)
     if args.freeze_vision and args.load_vision is None and args.load is None:
         raise ConfigError("--freeze-vision freezes a random tower: pass --load-vision DIR (or --load DIR)")
     if not args.dry_run:

@@ -1,0 +1,28 @@
+"""The evaluation-data flags, shared by the trainer (--eval-interval) and `python -m megatron_m2.eval`."""
+from __future__ import annotations
+
+import argparse
+
+from megatron_m2.errors import ConfigError
+
+
+def add_eval_data_arguments(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--zeroshot-data", default=None,
+                       help="folder-per-class image tree (ImageNet layout) for zero-shot classification")
+    group.add_argument("--zeroshot-classnames", nargs="+", default=[], metavar="LANG=FILE",
+                       help="class-name files, one name per line in class-folder order, e.g. en=names_en.txt "
+                            "zh=names_zh.txt")
+    group.add_argument("--retrieval-data", default=None,
+                       help='retrieval JSONL: one {"image": path, "captions": [...]} per line')
+    group.add_argument("--eval-batch-size", type=int, default=64, help="images or texts per evaluation forward")
+
+
+def check_eval_data_arguments(args: argparse.Namespace) -> None:
+    """ConfigError for inconsistent evaluation flags (files are read later, by the evaluation itself)."""
+    if args.zeroshot_data and not args.zeroshot_classnames:
+        raise ConfigError("--zeroshot-data needs --zeroshot-classnames LANG=FILE [LANG=FILE ...]")
+    for item in args.zeroshot_classnames:
+        if "=" not in item:
+            raise ConfigError(f"--zeroshot-classnames expects LANG=FILE, got {item!r}")
+    if args.eval_batch_size < 1:
+        raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
