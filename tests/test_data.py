@@ -169,10 +169,11 @@ def test_epochs_reshuffle_with_seed(tmp_path):
 def tokenizer(tmp_path_factory):
     from megatron_m2.data.tokenizer import GLMTokenizer
 
-    glm = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glm_sp.model"
-    if not glm.exists():
-        pytest.skip(f"GLM SentencePiece model not found at {glm}")
-    return GLMTokenizer(str(glm), max_length=8)
+    from tests.glm import GLM_MODEL
+
+    if not GLM_MODEL.exists():
+        pytest.skip(f"GLM SentencePiece model not found at {GLM_MODEL} (set M2_GLM_MODEL)")
+    return GLMTokenizer(str(GLM_MODEL), max_length=8)
 
 
 @pytest.mark.parametrize("num_shards, dp_rank, dp_size, n_before", [(3, 0, 1, 2), (3, 1, 2, 3), (1, 1, 2, 4)])

@@ -17,11 +17,11 @@ from megatron_m2.errors import ConfigError
 from megatron_m2.hf.configuration_m2 import M2EncoderConfig
 from megatron_m2.hf.export import save_hf_folder
 from megatron_m2.hf.modeling_m2 import M2EncoderModel
+from tests.glm import GLM_MODEL, needs_glm
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, num_layers=3, num_vl_layers=1, out_dim=32,
             image_size=32, patch_size=8, vocab_size=1024, max_text_length=16, text_position_table_size=18)
-GLM_MODEL = Path("/work/shared/data/glm_sp.model")
 
 
 def _tool(name: str):
@@ -270,7 +270,7 @@ def test_tokenizer_rules(tiny_sp):
     assert batch["attention_mask"][1].all()
 
 
-@pytest.mark.skipif(not GLM_MODEL.exists(), reason="GLM SentencePiece model not available")
+@needs_glm
 def test_tokenizer_matches_glm_tokenizer():
     glm = pytest.importorskip("megatron_m2.data.tokenizer")
     from megatron_m2.hf.processing_m2 import M2Tokenizer

@@ -3,16 +3,12 @@
 Expected ids come from SentencePiece pieces written out by hand, so the tests pin the wrapping, truncation,
 special-token and blank logic, not SentencePiece itself.
 """
-from pathlib import Path
-
 import pytest
 import torch
 
 from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, encode_whitespaces
 from megatron_m2.errors import ConfigError
-
-GLM_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glm_sp.model"
-needs_glm = pytest.mark.skipif(not GLM_MODEL.exists(), reason=f"GLM SentencePiece model not found at {GLM_MODEL}")
+from tests.glm import GLM_MODEL, needs_glm
 
 
 @pytest.fixture(scope="module")
