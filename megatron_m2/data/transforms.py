@@ -26,6 +26,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] (0-255) -> float32 (x / 255 - mean) / std, on whatever device they are (the trainer
+    copies uint8 to the GPU and normalises there: 4x fewer bytes than float32)."""
+    return images.float().mul_(1 / (255.0 * std)).sub_(mean / std)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     # Grayscale, palette, RGBA, CMYK, 16-bit ...: the model always sees 3 channels.
     return image if image.mode == "RGB" else image.convert("RGB")
