@@ -195,13 +195,16 @@ def local_slurm(tmp_path):
         pytest.skip("set M2_TEST_REAL_SLURM=1 to start a one-node Slurm and submit the tiny job through sbatch")
     cluster = tmp_path / "slurm"
     script = ROOT / "examples" / "slurm" / "local_slurm.sh"
-    started = subprocess.run(["bash", str(script), "start", str(cluster), str(_free_port_pair())],
-                             capture_output=True, text=True, timeout=120)
-    try:
+    try:  # stop whatever part of the cluster started, also when start fails or times out
+        started = subprocess.run(["bash", str(script), "start", str(cluster), str(_free_port_pair())],
+                                 capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stderr
         yield cluster / "slurm.conf"
     finally:
-        subprocess.run(["bash", str(script), "stop", str(cluster)], capture_output=True, timeout=60)
+        stopped = subprocess.run(["bash", str(script), "stop", str(cluster)], capture_output=True, text=True,
+                                 timeout=60)
+        # stop waits until each daemon (by its pid file) has exited: no munged/slurmctld/slurmd outlives the test
+        assert stopped.returncode == 0, stopped.stderr
 
 
 TINY_LAUNCHER = """RUN_NAME=tiny_slurm
