@@ -82,7 +82,8 @@ def _bench_rank(b_local: int, dim: int, reps: int, chunk_size: int, names: list[
 
         def step():
             loss, _ = loss_module.itc_loss(
-                image, text, log_scale, chunk_size=chunk_size if chunk else None, local_loss=local_loss
+                image, text, log_scale, group=parallel.get_itc_group(), chunk_size=chunk_size if chunk else None,
+                local_loss=local_loss,
             )
             loss.backward()
             image.grad = text.grad = log_scale.grad = None

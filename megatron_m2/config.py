@@ -164,3 +164,16 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
         # megatron-core 0.16 warns about its own default cuda_graph_scope ("full") even with CUDA graphs off
         warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
         return TransformerConfig(**defaults)
+
+
+def transformer_overrides(recompute_activations: bool = False, bf16: bool = False) -> dict:
+    """The TransformerConfig fields that the trainer's flags set (--recompute-activations, --bf16): one place for the
+    trainer, the planner's measurement and the GPU check."""
+    overrides: dict = {}
+    if recompute_activations:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if bf16:
+        import torch
+
+        overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    return overrides

@@ -1,7 +1,8 @@
 """Grouped-aggregation image-text contrastive (ITC) loss: symmetric InfoNCE with a learnable temperature.
 
-Features are all-gathered inside the ITC group (a sub-group of `--itc-group-size` data-parallel ranks, built by
-`parallel.initialize_model_parallel`; TP peers are never in the same group, so nothing is gathered twice). Rank r of a
+Features are all-gathered inside the ITC group that the caller hands in (a sub-group of `--itc-group-size`
+data-parallel ranks, built by `parallel.initialize_model_parallel`; TP peers are never in the same group, so nothing
+is gathered twice). This module looks up no global state. Rank r of a
 group of g ranks with b rows each owns rows r*b..(r+1)*b-1 of the (g*b x g*b) group logits; positives are the
 diagonal of the group batch.
 
@@ -127,14 +128,6 @@ def _row_loss(rows, cols, scale, labels, chunk_size: Optional[int]) -> tuple[tor
     return (lse - positives).mean(), (predicted == labels).float().mean()
 
 
-def _resolve_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
-    if group is not None or not dist.is_initialized():
-        return group
-    from megatron_m2 import parallel
-
-    return parallel.get_itc_group()
-
-
 def _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss) -> None:
     if image_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
         raise ConfigError(
@@ -173,11 +166,11 @@ def itc_loss(
     """This rank's symmetric InfoNCE loss over its rows of the group logits, and detached metrics.
 
     image_embeds, text_embeds: [b, d], already L2-normalised. logit_scale: the learnable LOG scale (0-dim); the
-    logits use exp(min(logit_scale, log 100)) as in CLIP. group: None -> `parallel.get_itc_group()`; a group of size 1
-    or no distributed init gives the local CLIP loss. chunk_size: tile the softmax over this many columns.
+    logits use exp(min(logit_scale, log 100)) as in CLIP. group: the ITC group to gather over (the trainer passes
+    `parallel.get_itc_group()`); None or a group of size 1 gives the local CLIP loss of these rows.
+    chunk_size: tile the softmax over this many columns.
     local_loss=False: every rank builds the full group logits and returns the group loss (same gradients).
     """
-    group = _resolve_group(group)
     _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss)
     scale = logit_scale.clamp(max=MAX_LOG_SCALE).exp()
     b = image_embeds.shape[0]

@@ -39,9 +39,11 @@ def _inputs(config):
 def _embeddings(model, config):
     """The megatron model's embeddings through the evaluation path (forward-only pipeline schedule)."""
     from megatron_m2.eval.runner import make_encoders
+    from megatron_m2.training.step import forward_step
 
     images, ids, padding = _inputs(config)
-    encode_images, encode_texts = make_encoders(model, lambda texts: (ids, padding), config, micro_batch_size=2)
+    encode_images, encode_texts = make_encoders(forward_step, model, lambda texts: (ids, padding), config,
+                                                micro_batch_size=2)
     return encode_images(images), encode_texts(["-"] * BATCH)
 
 

@@ -59,7 +59,8 @@ def _rank_step(tp: int, group_size, chunk_size, local_loss: bool):
     rows = slice(dp_rank * B_LOCAL, (dp_rank + 1) * B_LOCAL)
     image, text = image[rows].clone().requires_grad_(True), text[rows].clone().requires_grad_(True)
     log_scale = torch.tensor(LOG_SCALE, requires_grad=True)
-    loss, metrics = itc_loss(image, text, log_scale, chunk_size=chunk_size, local_loss=local_loss)
+    loss, metrics = itc_loss(image, text, log_scale, group=parallel.get_itc_group(), chunk_size=chunk_size,
+                             local_loss=local_loss)
     loss.backward()
     return {
         "dp_rank": dp_rank, "dp": layout.data_parallel_size, "loss": loss.detach(), "metrics": metrics,
@@ -162,7 +163,7 @@ def _uneven_batch():
 
     image, text = _features(2 + dist.get_rank() % 2)
     try:
-        itc_loss(image, text, torch.tensor(LOG_SCALE))
+        itc_loss(image, text, torch.tensor(LOG_SCALE), group=parallel.get_itc_group())
     except ConfigError as exc:
         return str(exc)
     return None

@@ -117,7 +117,8 @@ def measure(args: argparse.Namespace, config, training: "planner.Training") -> d
 
     parallel.initialize_model_parallel(1, 1)
     from megatron_m2.models import build_model
-    from megatron_m2.training.loop import train_step
+    from megatron_m2.config import transformer_overrides
+    from megatron_m2.training.step import forward_step, step_config_from_args, train_step
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
 
     on_gpu = torch.cuda.is_available()
@@ -135,16 +136,13 @@ def measure(args: argparse.Namespace, config, training: "planner.Training") -> d
 
     torch.manual_seed(0)
     baseline = torch.cuda.memory_allocated() if on_gpu else _rss_bytes("VmRSS")
-    overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if training.recompute else {}
-    if training.bf16:
-        overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
-    model = build_model(config, spec=training.spec, **overrides)
+    model = build_model(config, spec=training.spec, **transformer_overrides(bool(training.recompute), training.bf16))
     ddp = wrap_ddp(model, trainer_args)
     optimizer, scheduler = build_optimizer(ddp, trainer_args)
     data = batches()
+    step_config = step_config_from_args(trainer_args)
     start = time.perf_counter()
-    metrics = [train_step(ddp, optimizer, scheduler, data, trainer_args)]
+    metrics = [train_step(forward_step, data, ddp, optimizer, scheduler, step_config)]
     # The peak of what autograd keeps alive for backward in the second step (unique storages, weights excluded):
     # the planner's "activations" term, measured without the allocator's noise. A storage counts from the first time
     # an op saves it until the last saved reference to it is freed.
@@ -169,7 +167,7 @@ def measure(args: argparse.Namespace, config, training: "planner.Training") -> d
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        metrics.append(train_step(ddp, optimizer, scheduler, data, trainer_args))
+        metrics.append(train_step(forward_step, data, ddp, optimizer, scheduler, step_config))
     seconds = (time.perf_counter() - start) / 2
     peak = torch.cuda.max_memory_allocated() if on_gpu else _rss_bytes("VmHWM")
     parallel.destroy_model_parallel()

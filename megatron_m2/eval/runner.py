@@ -15,21 +15,20 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2.config import M2Config
+from megatron_m2.models.m2_model import packed_sequence_length
 
 
-def _encode(model: torch.nn.Module, config: M2Config, batches: list[dict], micro_batch_size: int,
-            with_images: bool, with_text: bool) -> torch.Tensor:
-    from megatron_m2.training.loop import forward_step, sequence_length
-
+def _encode(forward_step_func: Callable, model: torch.nn.Module, config: M2Config, batches: list[dict],
+            micro_batch_size: int, with_images: bool, with_text: bool) -> torch.Tensor:
     was_training = model.training
     model.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=forward_step_func,
             data_iterator=iter(batches),
             model=model,
             num_microbatches=len(batches),
-            seq_length=sequence_length(config, with_images, with_text),
+            seq_length=packed_sequence_length(config, with_images, with_text),
             micro_batch_size=micro_batch_size,
             forward_only=True,
             collect_non_loss_data=True,
@@ -55,15 +54,19 @@ def _split(tensor: torch.Tensor, micro_batch_size: int) -> tuple[list[torch.Tens
     return list(tensor.split(micro_batch_size)), n
 
 
-def make_encoders(model: torch.nn.Module, tokenizer, config: M2Config, micro_batch_size: int
+def make_encoders(forward_step_func: Callable, model: torch.nn.Module, tokenizer, config: M2Config,
+                  micro_batch_size: int
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[list[str]], torch.Tensor]]:
-    """encode_images(images [n,3,H,W]) and encode_texts(texts) -> L2-normalised embeddings [n, out_dim]."""
+    """encode_images(images [n,3,H,W]) and encode_texts(texts) -> L2-normalised embeddings [n, out_dim].
+
+    `forward_step_func(data_iterator, model)` is the trainer's step function (Megatron-LM's shape); its loss function
+    must return the (image, text) embeddings when called with non_loss_data=True."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def encode_images(images: torch.Tensor) -> torch.Tensor:
         chunks, n = _split(images, micro_batch_size)
         batches = [dict(images=c.to(device), text_ids=None, text_padding_mask=None) for c in chunks]
-        return _encode(model, config, batches, micro_batch_size, True, False)[:n]
+        return _encode(forward_step_func, model, config, batches, micro_batch_size, True, False)[:n]
 
     def encode_texts(texts: list[str]) -> torch.Tensor:
         ids, mask = tokenizer(list(texts))
@@ -71,7 +74,7 @@ def make_encoders(model: torch.nn.Module, tokenizer, config: M2Config, micro_bat
         mask_chunks, _ = _split(mask, micro_batch_size)
         batches = [dict(images=None, text_ids=i.to(device), text_padding_mask=m.to(device))
                    for i, m in zip(id_chunks, mask_chunks)]
-        return _encode(model, config, batches, micro_batch_size, False, True)[:n]
+        return _encode(forward_step_func, model, config, batches, micro_batch_size, False, True)[:n]
 
     return encode_images, encode_texts
 
@@ -80,8 +83,8 @@ def parse_classnames(items: list[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
-def make_eval_fn(args: argparse.Namespace) -> Callable[[torch.nn.Module, object], dict[str, float]]:
-    """The evaluation the flags ask for (zero-shot and/or retrieval), as a function of the model."""
+def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Module, object], dict[str, float]]:
+    """The evaluation the flags ask for (zero-shot and/or retrieval): evaluate(forward_step_func, model, tokenizer)."""
     from megatron_m2.data.transforms import eval_transform
     from megatron_m2.eval.datasets import ImageFolderWithClassNames
     from megatron_m2.eval.retrieval import evaluate_retrieval
@@ -94,8 +97,8 @@ def make_eval_fn(args: argparse.Namespace) -> Callable[[torch.nn.Module, object]
         zeroshot = ImageFolderWithClassNames(args.zeroshot_data, parse_classnames(args.zeroshot_classnames),
                                              transform)
 
-    def evaluate(model: torch.nn.Module, tokenizer) -> dict[str, float]:
-        encode_images, encode_texts = make_encoders(model, tokenizer, config, args.eval_batch_size)
+    def evaluate(forward_step_func: Callable, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+        encode_images, encode_texts = make_encoders(forward_step_func, model, tokenizer, config, args.eval_batch_size)
         results: dict[str, float] = {}
         if zeroshot is not None:
             results.update(evaluate_zero_shot(zeroshot, zeroshot.class_names, encode_images, encode_texts,

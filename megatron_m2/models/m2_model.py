@@ -31,6 +31,11 @@ VISION_MODULES = ("vision_embed", "vision_encoder", "image_projection", "backbon
 TEXT_MODULES = ("text_embed", "text_encoder", "text_projection", "backbone_text_projection")
 
 
+def packed_sequence_length(config: M2Config, with_images: bool = True, with_text: bool = True) -> int:
+    """Length of the packed [image tokens; text tokens] activation that travels between pipeline stages."""
+    return config.vision_seq_length * with_images + config.max_text_length * with_text
+
+
 def _has_module(name: str, modules: tuple[str, ...]) -> bool:
     # names may carry wrapper prefixes (module., DDP) before ours
     return re.search(r"(^|\.)(" + "|".join(modules) + r")\.", name) is not None

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--itc-chunk-size", type=int, default=0,
                    help="compute the contrastive softmax in column chunks of this size to bound logit memory; "
                    "0 = unchunked")
+    g.add_argument("--itc-batch-accumulation", action=argparse.BooleanOptionalAction, default=True,
+                   help="GBA-ITC batch accumulation: one contrastive loss over ALL micro-batches of a step, so each "
+                   "ITC group scores itc-group-size x global-batch-size / DP pairs against each other (the global "
+                   "batch with the default group), exact, at the cost of one extra forward pass when a step has "
+                   "more than one micro-batch; --no-itc-batch-accumulation: one loss per micro-batch (each "
+                   "contrastive batch is itc-group-size x micro-batch-size pairs)")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=4, help="samples per micro-batch per data-parallel rank")

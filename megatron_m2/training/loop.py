@@ -1,46 +1,22 @@
-"""The pretraining loop: build, (re)load, step with megatron-core's pipeline schedule, log, evaluate, save."""
+"""The pretraining loop: build, (re)load, step (training/step.py), log, evaluate, save."""
 from __future__ import annotations
 
 import argparse
 import signal
 import time
-from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2 import parallel
-from megatron_m2.loss import itc_loss
+from megatron_m2.config import transformer_overrides
 from megatron_m2.training import checkpointing
 from megatron_m2.training.logging import MetricsLogger, model_flops_per_sample, print_rank_0
 from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
-
-
-def sequence_length(config, with_images: bool = True, with_text: bool = True) -> int:
-    """Length of the packed [image tokens; text tokens] activation that travels between pipeline stages."""
-    return config.vision_seq_length * with_images + config.max_text_length * with_text
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, itc_chunk_size: Optional[int] = None):
-    """One micro-batch through this stage; on the last stage, the grouped contrastive loss."""
-    batch = next(data_iterator)
-    output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
-
-    def loss_func(output_tensor, non_loss_data: bool = False):
-        image_embeds, text_embeds = output_tensor[:2]
-        if non_loss_data:  # evaluation collects embeddings instead of a loss
-            return image_embeds, text_embeds
-        loss, metrics = itc_loss(image_embeds, text_embeds, unwrap(model).logit_scale, chunk_size=itc_chunk_size)
-        return loss, metrics
-
-    return output, loss_func
+from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, step_config_from_args,
+                                       train_step)
 
 
 class SigtermFlag:
@@ -60,40 +36,12 @@ class SigtermFlag:
         return bool(flag.item())
 
 
-def _reduce_metrics(losses: list[dict]) -> dict[str, float]:
-    """Average the last stage's per-micro-batch metrics over micro-batches and data-parallel ranks."""
-    if not losses:
-        return {}
-    names = sorted(losses[0])
-    stacked = torch.stack([torch.stack([m[n].float().reshape(()) for n in names]) for m in losses]).mean(0)
-    dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
-    stacked /= parallel_state.get_data_parallel_world_size()
-    return dict(zip(names, stacked.tolist()))
-
-
-def train_step(model, optimizer, scheduler, data_iterator, args: argparse.Namespace) -> dict[str, float]:
-    config = args.model_config
-    num_microbatches = args.global_batch_size // (args.micro_batch_size * args.layout.data_parallel_size)
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, itc_chunk_size=args.itc_chunk_size or None),
-        data_iterator=data_iterator,
-        model=model,
-        num_microbatches=num_microbatches,
-        seq_length=sequence_length(config),
-        micro_batch_size=args.micro_batch_size,
-        forward_only=False,
-    )
-    update_ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    metrics = _reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
-    metrics["lr"] = optimizer.param_groups[0]["lr"]
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
-    if not update_ok:
-        metrics["skipped"] = 1.0
-    return metrics
+def _accumulation_note(step_config: StepConfig) -> str:
+    if step_config.accumulates:
+        return "GBA-ITC batch accumulation over the step's micro-batches: one extra forward"
+    if step_config.num_microbatches > 1:
+        return "--no-itc-batch-accumulation: one loss per micro-batch"
+    return "one micro-batch per step"
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> int:
@@ -106,8 +54,10 @@ def freeze_vision_tower(model: torch.nn.Module) -> int:
     return frozen
 
 
-def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
-    """Train as the flags say; returns the history (losses and evaluations) for the demo and tests."""
+def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_step,
+             eval_fn: Optional[Callable] = None) -> dict[str, Any]:
+    """Train as the flags say with `forward_step_func` (training/step.py's shape); `eval_fn(forward_step_func, model,
+    tokenizer)` -> metrics runs at --eval-interval. Returns the per-rank data statistics."""
     from megatron_m2.data import build_train_data, check_vocab, load_tokenizer, resolve_shards
     from megatron_m2.models import build_model
 
@@ -124,12 +74,7 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
 
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed)
-    overrides = {}
-    if args.recompute_activations:
-        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if args.bf16:
-        overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
-    model = build_model(config, spec=args.spec, **overrides)
+    model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
@@ -162,7 +107,7 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
     logger = MetricsLogger(args.tensorboard_dir, args.train_iters, model_flops_per_sample(config),
                            dist.get_world_size(), torch.cuda.is_available(), args.metrics_file)
     sigterm = SigtermFlag()
-    history: dict[str, Any] = {"iteration": [], "loss": [], "eval": []}
+    step_config = step_config_from_args(args)
 
     def save(step: int) -> None:
         rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -174,11 +119,13 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
     print_rank_0(f"training {args.model} ({model.spec} layer spec, {'bf16' if args.bf16 else 'fp32'}) for "
                  f"{args.train_iters} iterations: TP {layout.tensor_model_parallel_size} "
                  f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} ITC group "
-                 f"{layout.itc_group_size}, global batch {args.global_batch_size}")
+                 f"{layout.itc_group_size}, global batch {args.global_batch_size} = {step_config.num_microbatches} "
+                 f"micro-batches of {args.micro_batch_size} per data-parallel rank; contrastive batch "
+                 f"{contrastive_batch_size(args)} pairs per ITC group ({_accumulation_note(step_config)})")
+
     def evaluate(step: int) -> None:
         start = time.perf_counter()
-        results = eval_fn(model, tokenizer)
-        history["eval"].append({"iteration": step, **results})
+        results = eval_fn(forward_step_func, model, tokenizer)
         logger.scalars("eval", results, step)
         print_rank_0(f" eval at iteration {step} ({time.perf_counter() - start:.1f} s): " +
                      ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
@@ -186,13 +133,10 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
     if eval_fn is not None and args.eval_at_start and iteration == 0:
         evaluate(0)
     while iteration < args.train_iters:
-        metrics = train_step(ddp, optimizer, scheduler, data, args)
+        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
         iteration += 1
         logger.step(iteration, iteration * args.global_batch_size, args.global_batch_size, metrics,
                     print_line=iteration % args.log_interval == 0 or iteration == args.train_iters)
-        if "itc_loss" in metrics:
-            history["iteration"].append(iteration)
-            history["loss"].append(metrics["itc_loss"])
         if eval_fn is not None and args.eval_interval and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
             evaluate(iteration)
@@ -207,5 +151,4 @@ def pretrain(args: argparse.Namespace, eval_fn=None) -> dict[str, Any]:
                          "exiting")
             break
     logger.close()
-    history["data_stats"] = getattr(data, "stats", {})
-    return history
+    return {"data_stats": getattr(data, "stats", {})}

@@ -1,0 +1,163 @@
+"""One training step: the forward step megatron-core's schedules call, and `train_step`, which runs them.
+
+`forward_step(data_iterator, model)` is Megatron-LM's step-function shape: it runs one micro-batch through this
+pipeline stage and returns (output, loss_func). The loss function computes the grouped ITC loss of the micro-batch,
+or, when the batch carries a cached embedding gradient (GBA-ITC batch accumulation, see batch_accumulation.py), the
+surrogate loss; with `non_loss_data=True` it returns the embeddings (pass 1 and evaluation).
+
+`train_step(forward_step_func, data_iterator, model, optimizer, scheduler, step_config)` reads the step's M
+micro-batches once, moves them to the device and either
+- runs megatron's forward-backward schedule with the per-micro-batch loss (M = 1, or --no-itc-batch-accumulation), or
+- computes one ITC loss over all M micro-batches (pass 1: forward-only schedule for the embeddings; pass 2: loss and
+  embedding gradients; pass 3: the forward-backward schedule with the surrogate loss), replaying the same batches.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_m2 import parallel
+from megatron_m2.data.transforms import normalize
+from megatron_m2.loss import itc_loss
+from megatron_m2.models.m2_model import packed_sequence_length
+from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
+                                                     surrogate_loss)
+
+ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """The batch on the model's device: non-blocking copies (from pinned memory when the loader pinned it), uint8
+    images normalised there (4x fewer bytes over PCIe than float32). Tensors on the 'meta' device (the image shape that
+    later pipeline stages get instead of pixels) and None stay as they are."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            value = value.to(device, non_blocking=True)
+            if key == "images":
+                value = normalize(value).to(dtype) if value.dtype == torch.uint8 else value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
+                 itc_group: Optional[dist.ProcessGroup] = None, itc_chunk_size: Optional[int] = None):
+    """One micro-batch through this stage; on the last stage, the loss function (see the module docstring)."""
+    batch = next(data_iterator)
+    output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
+
+    def loss_func(output_tensor, non_loss_data: bool = False):
+        image_embeds, text_embeds = output_tensor[:2]
+        if non_loss_data:
+            return image_embeds, text_embeds
+        logit_scale = unwrap(model).logit_scale
+        cached: Optional[CachedGradient] = batch.get(ITC_GRADIENT)
+        if cached is not None:
+            return surrogate_loss(image_embeds, text_embeds, logit_scale, cached), {}
+        return itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group, chunk_size=itc_chunk_size)
+
+    return output, loss_func
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What one step needs besides the model: the micro-batching and the contrastive loss's settings."""
+
+    num_microbatches: int
+    micro_batch_size: int
+    seq_length: int
+    itc_batch_accumulation: bool = True
+    itc_chunk_size: Optional[int] = None
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def accumulates(self) -> bool:
+        """A second pass only pays off with more than one micro-batch."""
+        return self.itc_batch_accumulation and self.num_microbatches > 1
+
+
+def step_config_from_args(args: argparse.Namespace) -> StepConfig:
+    layout = args.layout
+    return StepConfig(
+        num_microbatches=args.global_batch_size // (args.micro_batch_size * layout.data_parallel_size),
+        micro_batch_size=args.micro_batch_size,
+        seq_length=packed_sequence_length(args.model_config),
+        itc_batch_accumulation=args.itc_batch_accumulation,
+        itc_chunk_size=args.itc_chunk_size or None,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    )
+
+
+def contrastive_batch_size(args: argparse.Namespace) -> int:
+    """Pairs each contrastive loss of a step scores against each other (per ITC group)."""
+    layout = args.layout
+    per_rank = args.global_batch_size // layout.data_parallel_size
+    if not (args.itc_batch_accumulation or per_rank == args.micro_batch_size):
+        per_rank = args.micro_batch_size
+    return layout.itc_group_size * per_rank
+
+
+def reduce_metrics(metrics: list[dict]) -> dict[str, float]:
+    """Average the last stage's metrics over micro-batches (one entry with accumulation) and data-parallel ranks."""
+    metrics = [m for m in metrics if m]
+    if not metrics:
+        return {}
+    names = sorted(metrics[0])
+    stacked = torch.stack([torch.stack([m[n].float().reshape(()) for n in names]) for m in metrics]).mean(0)
+    dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
+    stacked /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module,
+                     config: StepConfig) -> list[dict]:
+    """Gradients of the step's loss in the model's grad buffers (DP-reduced by the schedule's finalize); returns the
+    last stage's per-micro-batch metrics (one entry for the whole step with batch accumulation)."""
+    device = model_device(model)
+    batches = [to_device(next(data_iterator), device, config.dtype) for _ in range(config.num_microbatches)]
+    itc_group = parallel.get_itc_group()
+    step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
+    schedule = partial(get_forward_backward_func(), model=model, num_microbatches=config.num_microbatches,
+                       seq_length=config.seq_length, micro_batch_size=config.micro_batch_size)
+    if not config.accumulates:
+        return schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
+
+    embeddings = embed_microbatches(step_func, batches, model, config.seq_length, config.micro_batch_size)
+    metrics: dict = {}
+    if embeddings is not None:  # the last stage
+        metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size)
+        batches = [dict(batch, **{ITC_GRADIENT: gradient}) for batch, gradient in zip(batches, cached)]
+    schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
+    return [metrics]
+
+
+def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module, optimizer,
+               scheduler, config: StepConfig) -> dict[str, float]:
+    """Zero the gradients, forward-backward the step's micro-batches, update; returns the logged metrics."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = forward_backward(forward_step_func, data_iterator, model, config)
+    update_ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    metrics = reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    if not update_ok:
+        metrics["skipped"] = 1.0
+    return metrics
