@@ -33,5 +33,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": []},
-    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+    # PEP 639 SPDX expression (setuptools >= 77, required in pyproject.toml): the "License ::" classifier it
+    # replaces printed a deprecation banner on every install
+    license_expression="Apache-2.0",
+    classifiers=["Programming Language :: Python :: 3"],
 )
