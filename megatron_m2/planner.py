@@ -14,6 +14,10 @@ Model of a training step (megatron-core as the trainer configures it, training/o
   spans the whole job. A group whose span fits in one node uses NVLink, otherwise the inter-node network.
 - step time = compute / (peak x MFU) x (1 + pipeline bubble (PP - 1) / micro-batches) + all communication, which is
   counted as exposed (an upper bound: the trainer overlaps the DP gradient reduction with backward on GPU).
+- GBA-ITC batch accumulation (training/batch_accumulation.py), with more than one micro-batch per step: one more
+  forward pass (+1/3 of compute, +1/4 with full recompute), its TP all-reduces and PP sends, the loss over the rank's
+  whole step (M x b rows against g x M x b columns), the cached embeddings and gradients, and the step's micro-batches
+  kept on the first stage for the replay.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from megatron_m2.config import M2Config, layers_per_stage, padded_vocab_size, validate_parallel_shapes
+from megatron_m2.arithmetic import StageParameters, model_flops_per_sample, stage_parameters
+from megatron_m2.config import M2Config, layers_per_stage, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 
 GB = 1024**3
@@ -52,21 +57,7 @@ class Training:
     recompute: Optional[bool] = None  # None = off if the layout fits without it, else on
     spec: str = "te"  # te: flash attention (no s^2 activations); local: megatron's unfused attention
     itc_chunk_size: int = 0  # the loss's column chunk; 0 = the whole group's logits at once
-
-
-@dataclass(frozen=True)
-class StageParameters:
-    """Parameters of one pipeline stage: `sharded` ones are split over TP ranks, `replicated` ones are not."""
-
-    sharded: int
-    replicated: int
-
-    def per_gpu(self, tensor_model_parallel_size: int) -> int:
-        return self.sharded // tensor_model_parallel_size + self.replicated
-
-    @property
-    def total(self) -> int:
-        return self.sharded + self.replicated
+    itc_batch_accumulation: bool = True  # GBA-ITC: one loss over all micro-batches of a step (one extra forward)
 
 
 @dataclass(frozen=True)
@@ -85,62 +76,14 @@ class Plan:
     communication: dict[str, float]  # bytes per GPU per step: tp, pp, dp, itc
     time: dict[str, float]  # seconds per step: compute, tp, pp, dp, itc, step
     fits: bool
+    contrastive_batch: int = 0  # pairs each contrastive loss scores against each other (per ITC group)
+    extra_forward: float = 0.0  # compute added by batch accumulation's forward-only pass, as a fraction
 
     @property
     def samples_per_second(self) -> float:
         return 0.0 if not self.time["step"] else self._global_batch / self.time["step"]
 
     _global_batch: int = 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# parameters
-
-def _layer_copy(config: M2Config) -> StageParameters:
-    """One multiway copy of one layer. Column-parallel qkv/fc1 (weights and biases) and row-parallel out/fc2 weights
-    are split over TP, and so are the Sub-LNs, which normalise the TP-split attention context and FFN activation
-    (models/sub_ln.py); the pre-LNs and the row-parallel biases are replicated."""
-    h, f = config.hidden_size, config.ffn_hidden_size
-    sharded = (3 * h * h + 3 * h) + h * h + 2 * h + (h * f + f) + 2 * f + f * h
-    replicated = 2 * h + 2 * h + h + h  # self_attn_layer_norm, final_layer_norm, out_proj bias, fc2 bias
-    return StageParameters(sharded, replicated)
-
-
-def _embeddings(config: M2Config, tensor_model_parallel_size: int) -> StageParameters:
-    """First stage: vocab-parallel token embedding (padded vocab); positions, patch conv and CLS replicated."""
-    h, p = config.hidden_size, config.patch_size
-    vocab = padded_vocab_size(config.vocab_size, tensor_model_parallel_size)
-    replicated = (config.text_position_table_size * h + config.vision_position_table_size * h
-                  + config.num_channels * p * p * h + h + h)
-    return StageParameters(vocab * h, replicated)
-
-
-def _last_stage_extras(config: M2Config) -> StageParameters:
-    """Last stage: the two towers' final LNs, the VL layers (one shared copy each), the VL final LN, heads, scale."""
-    h = config.hidden_size
-    layer = _layer_copy(config)
-    num_heads = 4 if config.backbone_heads else 2
-    replicated = (2 * 2 * h + config.num_vl_layers * layer.replicated + 2 * h
-                  + num_heads * h * config.out_dim + num_heads // 2)
-    return StageParameters(config.num_vl_layers * layer.sharded, replicated)
-
-
-def stage_parameters(config: M2Config, tensor_model_parallel_size: int = 1,
-                     pipeline_model_parallel_size: int = 1) -> list[StageParameters]:
-    """Parameters of every pipeline stage (whole stage, all TP ranks together); sums to the model's count."""
-    validate_parallel_shapes(config, tensor_model_parallel_size, pipeline_model_parallel_size)
-    layer = _layer_copy(config)
-    stages = []
-    for stage, num_layers in enumerate(layers_per_stage(config, pipeline_model_parallel_size)):
-        sharded, replicated = 2 * num_layers * layer.sharded, 2 * num_layers * layer.replicated
-        parts = []
-        if stage == 0:
-            parts.append(_embeddings(config, tensor_model_parallel_size))
-        if stage == pipeline_model_parallel_size - 1:
-            parts.append(_last_stage_extras(config))
-        stages.append(StageParameters(sharded + sum(p.sharded for p in parts),
-                                      replicated + sum(p.replicated for p in parts)))
-    return stages
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,12 +134,17 @@ def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bo
     return boundary + full, 0.0
 
 
-def itc_bytes(config: M2Config, micro_batch_size: int, itc_group_size: int, chunk_size: int = 0) -> float:
+def itc_bytes(config: M2Config, micro_batch_size: int, itc_group_size: int, chunk_size: int = 0,
+              num_microbatches: int = 1) -> float:
     """Loss memory on the last stage: the gathered image and text features of the group (fp32) and, for both
-    directions, the logits and their softmax of b_local x (g x b_local) (or x chunk with --itc-chunk-size)."""
-    b, g, d = micro_batch_size, itc_group_size, config.out_dim
+    directions, the logits and their softmax of b_local x (g x b_local) (or x chunk with --itc-chunk-size).
+
+    With batch accumulation (num_microbatches M > 1) b_local is the rank's whole step, M x micro-batch rows, and the
+    step also keeps the rows' embeddings and their cached gradients (fp32, both modalities)."""
+    b, g, d = micro_batch_size * num_microbatches, itc_group_size, config.out_dim
     columns = g * b if not chunk_size else min(chunk_size, g * b)
-    return 4 * (2 * g * b * d + 2 * 2 * b * columns)
+    cache = 2 * 2 * b * d if num_microbatches > 1 else 0
+    return 4 * (2 * g * b * d + 2 * 2 * b * columns + cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,13 +152,6 @@ def itc_bytes(config: M2Config, micro_batch_size: int, itc_group_size: int, chun
 
 def _bandwidth(hw: Hardware, span: int) -> float:
     return (hw.nvlink_gbps if span <= hw.gpus_per_node else hw.internode_gbps) * 1e9
-
-
-def model_flops_per_sample(config: M2Config) -> float:
-    """Training FLOPs (3 x forward, matmuls) of one image-text pair: the trainer's own count (MFU in its logs)."""
-    from megatron_m2.training.logging import model_flops_per_sample as flops
-
-    return flops(config)
 
 
 def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
@@ -230,6 +171,8 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
         raise ConfigError(f"--global-batch-size {training.global_batch_size} is not divisible by --micro-batch-size "
                           f"{b} x data-parallel size {dp}")
     m = training.global_batch_size // (b * dp)
+    accumulate = training.itc_batch_accumulation and m > 1
+    loss_rows = m * b if training.itc_batch_accumulation else b  # a rank's rows in one contrastive loss
     if training.recompute is None:
         plain = plan_layout(config, num_gpus, tp, pp, itc_group_size,
                             dataclasses.replace(training, recompute=False), hardware)
@@ -253,8 +196,10 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
             params=float(n * dt),
             grads=float(n * 4),
             optimizer=n * optimizer_bytes / (dp if training.use_distributed_optimizer else 1),
-            activations=kept * in_flight + working,
-            itc=itc_bytes(config, b, g, training.itc_chunk_size) if stage == pp - 1 else 0.0,
+            # batch accumulation replays the step's micro-batches: the first stage keeps them (uint8 images + text)
+            activations=kept * in_flight + working + (m * b * _batch_bytes(config) if accumulate and stage == 0
+                                                      else 0.0),
+            itc=itc_bytes(config, b, g, training.itc_chunk_size, m if accumulate else 1) if stage == pp - 1 else 0.0,
             reserved=hardware.reserved_gb * GB,
         )
         memory["total"] = sum(memory.values())
@@ -267,8 +212,10 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     ring = lambda size: (size - 1) / size  # noqa: E731 - ring collectives move (n-1)/n of the data per GPU
     all_reduces_per_layer = 6 if recompute else 4  # 2 forward (+2 again in recompute), 2 backward
     max_layers = max(layers + (config.num_vl_layers if s == pp - 1 else 0) for s, layers in enumerate(per_stage_layers))
+    all_reduces_per_layer += 2 if accumulate else 0  # batch accumulation's forward-only pass
     tp_bytes = (m * max_layers * all_reduces_per_layer * 2 * ring(tp) * dt * b * (s_img + s_txt) * h) if tp > 1 else 0.0
-    pp_bytes = m * 2 * dt * b * (s_img + s_txt) * h if pp > 1 else 0.0  # activations forward, gradients backward
+    # activations forward, gradients backward (and the forward-only pass's activations once more)
+    pp_bytes = m * (3 if accumulate else 2) * dt * b * (s_img + s_txt) * h if pp > 1 else 0.0
     n_max = max(params.per_gpu(tp) for params in stages)
     if dp == 1:
         dp_bytes = 0.0
@@ -276,10 +223,15 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
         dp_bytes = ring(dp) * n_max * (4 + dt)  # reduce-scatter fp32 grads, all-gather updated weights
     else:
         dp_bytes = 2 * ring(dp) * n_max * 4  # all-reduce fp32 grads
-    itc_comm = m * 2 * 2 * (g - 1) * b * config.out_dim * dt  # image + text features: all-gather, reduce-scatter
+    # image + text features: all-gather, reduce-scatter (fp32 in the accumulated loss); the same bytes whether the
+    # step gathers M micro-batches at once or one at a time
+    itc_comm = m * 2 * 2 * (g - 1) * b * config.out_dim * (4 if accumulate else dt)
     communication = dict(tp=tp_bytes, pp=pp_bytes, dp=dp_bytes, itc=itc_comm)
 
-    flops = model_flops_per_sample(config) * (4 / 3 if recompute else 1.0) * training.global_batch_size
+    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1
+    units = 4 if recompute else 3
+    extra_forward = 1 / units if accumulate else 0.0
+    flops = model_flops_per_sample(config) * (units / 3) * (1 + extra_forward) * training.global_batch_size
     compute = flops / num_gpus / (hardware.peak_tflops * 1e12 * hardware.mfu) * (1 + (pp - 1) / m)
     time = dict(
         compute=compute,
@@ -290,7 +242,13 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     )
     time["step"] = sum(time.values())
     return Plan(tp, pp, dp, g, recompute, m, peak_stage, n_peak, memory, communication, time,
-                fits=memory["total"] <= hardware.gpu_memory_gb * GB, _global_batch=training.global_batch_size)
+                fits=memory["total"] <= hardware.gpu_memory_gb * GB, contrastive_batch=g * loss_rows,
+                extra_forward=extra_forward, _global_batch=training.global_batch_size)
+
+
+def _batch_bytes(config: M2Config) -> float:
+    """One training sample on the device: uint8 image, int64 token ids, bool padding mask."""
+    return config.num_channels * config.image_size**2 + 9 * config.max_text_length
 
 
 def candidate_layouts(config: M2Config, num_gpus: int, gpus_per_node: int) -> list[tuple[int, int, int]]:
@@ -344,7 +302,7 @@ def plan_all(config: M2Config, num_gpus: int, training: Training = Training(), h
 
 def format_table(plans: Iterable[Plan]) -> str:
     header = ("  TP  PP    DP     g rec  params/GPU | GiB/GPU: params grads optim  activ   itc  total | "
-              "GiB/step: TP    PP     DP    ITC | s/step: compute  comm   step  samples/s")
+              "GiB/step: TP    PP     DP    ITC | s/step: compute  comm   step  samples/s | ITC batch  +fwd")
     rows = [header, "-" * len(header)]
     for p in plans:
         mem, com, t = p.memory, p.communication, p.time
@@ -356,6 +314,7 @@ def format_table(plans: Iterable[Plan]) -> str:
             f"{mem['activations'] / GB:7.1f}{mem['itc'] / GB:6.2f}{mem['total'] / GB:7.1f}"
             f"{'' if p.fits else '!'} |"
             f"     {com['tp'] / GB:7.1f}{com['pp'] / GB:7.2f}{com['dp'] / GB:7.1f}{com['itc'] / GB:7.3f} |"
-            f"         {t['compute']:6.2f}{comm_time:6.2f}{t['step']:7.2f}{p.samples_per_second:11.0f}"
+            f"         {t['compute']:6.2f}{comm_time:6.2f}{t['step']:7.2f}{p.samples_per_second:11.0f} |"
+            f"{p.contrastive_batch:10d}{100 * p.extra_forward:5.0f}%"
         )
     return "\n".join(rows)

@@ -300,7 +300,7 @@ def _meta_parameter_counts(presets):
 
 def test_preset_parameter_counts_match_official_shapes():
     from megatron_m2.config import PRESETS
-    from megatron_m2.models.param_count import (
+    from megatron_m2.arithmetic import (
         model_parameter_count, official_parameter_count, official_unused_parameter_count)
 
     counts = run_distributed(4, _meta_parameter_counts, PRESETS)[0]

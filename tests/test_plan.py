@@ -1,6 +1,7 @@
 """The memory/communication planner (megatron_m2/planner.py) and its CLI (tools/plan.py)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_m2 import planner
+from megatron_m2 import arithmetic, planner
 from megatron_m2.config import layers_per_stage, load_config, padded_vocab_size
 from megatron_m2.errors import ConfigError
 
@@ -49,7 +50,7 @@ def test_distributed_optimizer_shards_adam_state_over_dp():
 
 @pytest.mark.parametrize("name", ["tiny", "0.4b", "1b", "10b"])
 def test_stage_parameters_sum_to_the_models_count(name):
-    from megatron_m2.models.param_count import model_parameter_count
+    from megatron_m2.arithmetic import model_parameter_count
 
     config = load_config(name)
     units = config.num_layers + config.num_vl_layers
@@ -64,7 +65,7 @@ def test_embeddings_on_the_first_stage_vl_and_heads_on_the_last():
     config = load_config("10b")
     first, middle, _, last = planner.stage_parameters(config, 8, 4)
     h = config.hidden_size
-    layer = planner._layer_copy(config)
+    layer = arithmetic.layer_copy_parameters(config)
     assert middle.total == 2 * 6 * layer.total
     assert first.total - middle.total == padded_vocab_size(config.vocab_size, 8) * h + h * (
         config.text_position_table_size + config.vision_position_table_size + 3 * 16 * 16 + 2)
@@ -175,3 +176,31 @@ def test_predicted_activations_match_what_autograd_keeps(recompute):
     assert result.returncode == 0, result.stderr[-3000:]
     ratio = float(re.search(r"/ predicted activations = ([\d.]+)", result.stdout).group(1))
     assert 0.95 <= ratio <= 1.05, result.stdout
+
+
+def test_batch_accumulation_contrastive_batch_and_extra_forward():
+    config = load_config("1b")
+    on = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=4096,
+                                                                   recompute=False))
+    off = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=4096,
+                                                                    recompute=False, itc_batch_accumulation=False))
+    full = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=4096,
+                                                                     recompute=True))
+    single = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=64))
+    assert (on.contrastive_batch, off.contrastive_batch) == (2 * 4096 // 8, 2 * 8)  # g x global / DP vs g x micro
+    assert on.extra_forward == pytest.approx(1 / 3) and full.extra_forward == pytest.approx(1 / 4)
+    assert off.extra_forward == 0 and single.extra_forward == 0  # one micro-batch: no second pass
+    assert on.time["compute"] == pytest.approx(off.time["compute"] * 4 / 3)
+    # the loss over a rank's whole step: 64 x 8 rows against 2 x 64 x 8 columns, plus the cached embeddings/gradients
+    rows, d = 64 * 8, config.out_dim
+    assert planner.itc_bytes(config, 8, 2, 0, 64) == 4 * (2 * 2 * rows * d + 4 * rows * 2 * rows + 4 * rows * d)
+    assert on.communication["pp"] == pytest.approx(off.communication["pp"] * 3 / 2)  # the extra forward's sends
+
+
+def test_10b_example_dry_run_reports_the_global_contrastive_batch():
+    env = dict(os.environ, DATA_PATH="/nonexistent/{0..9}.tar", TOKENIZER_MODEL="/nonexistent.model",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", "examples/pretrain_m2_10b.sh", "--dry-run"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 512 micro-batches" in result.stdout

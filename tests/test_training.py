@@ -129,3 +129,21 @@ def test_checkpoint_loads_into_another_layout(demo_data, reference_run, tmp_path
     assert sorted(resumed) == list(range(5, ITERS + 1))
     for iteration, loss in resumed.items():
         assert loss == pytest.approx(reference_run[iteration], rel=1e-4, abs=1e-5), iteration
+
+
+def test_micro_batches_accumulate_into_one_contrastive_batch(demo_data, tmp_path):
+    # GBA-ITC, black-box: at DP 1 and the same seed, TP2 with 4 micro-batches of 4 trains on the same per-step losses
+    # as TP1 with one micro-batch of 16 (without accumulation the first would score 4-pair batches: loss ~ln 4)
+    runs = {}
+    for name, nproc, tp, micro in (("tp2_micro4", 2, 2, 4), ("tp1_micro16", 1, 1, 16)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        flags = _flags(demo_data, run_dir, tp, 1, "--train-iters", "4")
+        flags[flags.index("--micro-batch-size") + 1] = str(micro)
+        result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                       "-m", "megatron_m2.train", *flags])
+        assert "contrastive batch 16 pairs per ITC group" in result.stdout, result.stdout[-2000:]
+        runs[name] = _losses(run_dir)
+    assert sorted(runs["tp2_micro4"]) == [1, 2, 3, 4]
+    for iteration, loss in runs["tp1_micro16"].items():
+        assert runs["tp2_micro4"][iteration] == pytest.approx(loss, rel=1e-5, abs=1e-6), iteration

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec", choices=["te", "local"], default=tr.spec,
                    help="te: TransformerEngine with flash attention (GPU); local: megatron's unfused attention")
     g.add_argument("--itc-chunk-size", type=int, default=0, help="the loss's column chunk (0 = whole logits)")
+    g.add_argument("--itc-batch-accumulation", action=argparse.BooleanOptionalAction,
+                   default=tr.itc_batch_accumulation,
+                   help="GBA-ITC: one contrastive loss over all micro-batches of a step (the ITC batch column); "
+                   "costs one extra forward (the +fwd column) when a step has several micro-batches")
     g = p.add_argument_group("layouts to show")
     g.add_argument("--tensor-model-parallel-size", type=int, default=0, help="only this TP (0 = all)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=0, help="only this PP (0 = all)")
@@ -202,7 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     args.nvlink_gbps, args.internode_gbps, args.reserved_gb)
         training = planner.Training(args.micro_batch_size, args.global_batch_size, args.bf16,
                                     args.use_distributed_optimizer, {"auto": None, "full": True, "none": False}[
-                                        args.recompute], args.spec, args.itc_chunk_size)
+                                        args.recompute], args.spec, args.itc_chunk_size,
+                                    args.itc_batch_accumulation)
         if args.measure:
             return _report_measurement(args, config, training)
         plans, skipped = planner.plan_all(config, args.num_gpus, training, hardware, args.itc_group_size,

@@ -10,8 +10,9 @@ def dry_run(args: argparse.Namespace) -> None:
     layout = args.layout
     training = Training(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
                         bf16=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
-                        recompute="full" if args.recompute_activations else None,
-                        spec="local" if args.spec == "local" else "te", itc_chunk_size=args.itc_chunk_size)
+                        recompute=args.recompute_activations,
+                        spec="local" if args.spec == "local" else "te", itc_chunk_size=args.itc_chunk_size,
+                        itc_batch_accumulation=args.itc_batch_accumulation)
     plan = plan_layout(args.model_config, layout.world_size, layout.tensor_model_parallel_size,
                        layout.pipeline_model_parallel_size, layout.itc_group_size, training,
                        Hardware(gpu_memory_gb=args.gpu_memory_gb))
@@ -19,4 +20,9 @@ def dry_run(args: argparse.Namespace) -> None:
           f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} "
           f"ITC group {layout.itc_group_size}")
     print(format_table([plan]))
+    how = (f"batch accumulation over {plan.num_microbatches} micro-batches, one extra forward "
+           f"(+{100 * plan.extra_forward:.0f}% compute)" if plan.extra_forward else
+           "one loss per micro-batch (--no-itc-batch-accumulation)" if plan.num_microbatches > 1
+           else "one micro-batch per step")
+    print(f"contrastive batch: {plan.contrastive_batch} pairs per ITC group ({how})")
     print("fits" if plan.fits else f"does NOT fit in {args.gpu_memory_gb} GB per GPU")

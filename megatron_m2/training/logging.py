@@ -21,22 +21,6 @@ def print_rank_0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def model_flops_per_sample(config: M2Config) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) of one image-text pair, matmuls only.
-
-    Per layer and token: 2 x (4h^2 + 2hf) for the projections and 4 s h for attention scores and context.
-    Backbone: image tokens go through the vision copy, text tokens through the text copy; the VL layers see both.
-    """
-    h, f = config.hidden_size, config.ffn_hidden_size
-    s_img, s_txt = config.vision_seq_length, config.max_text_length
-
-    def layer(tokens: int) -> float:
-        return tokens * (2 * (4 * h * h + 2 * h * f) + 4 * tokens * h)
-
-    forward = (config.num_layers + config.num_vl_layers) * (layer(s_img) + layer(s_txt))
-    forward += 2 * config.num_patches * config.num_channels * config.patch_size**2 * h  # patch embedding
-    return 3.0 * forward
-
 
 class MetricsLogger:
     """One line per --log-interval with iteration, samples, loss, lr, grad norm, logit scale and throughput."""

@@ -1,0 +1,125 @@
+"""The model's arithmetic from its shapes alone (no torch): parameter counts and training FLOPs.
+
+One owner for these formulas: the planner, the trainer's TFLOP/s, the GPU check and the tests all read them here.
+Parameter counts follow the official release's key names and shapes (DESIGN.md section 1). The official state dict
+holds, besides what our model uses, the B (text) copies of the VL layers and of the VL final LayerNorm (backbone_vl
+runs with only its A weights), and a second pair of heads on the backbone output (itc_*_proj + logit_scale). Our model
+holds only what it uses, and pads the token embedding to a multiple of 128 x TP rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_m2.config import M2Config, layers_per_stage, padded_vocab_size, validate_parallel_shapes
+
+
+@dataclass(frozen=True)
+class StageParameters:
+    """Parameters of one pipeline stage: `sharded` ones are split over TP ranks, `replicated` ones are not."""
+
+    sharded: int
+    replicated: int
+
+    def per_gpu(self, tensor_model_parallel_size: int) -> int:
+        return self.sharded // tensor_model_parallel_size + self.replicated
+
+    @property
+    def total(self) -> int:
+        return self.sharded + self.replicated
+
+
+def layer_copy_parameters(config: M2Config) -> StageParameters:
+    """One multiway copy of one layer (official names: q/k/v/out_proj, inner_attn_ln, self_attn_layer_norm, fc1,
+    ffn_layernorm, fc2, final_layer_norm). Column-parallel qkv/fc1 (weights and biases) and row-parallel out/fc2 weights
+    are split over TP, and so are the Sub-LNs, which normalise the TP-split attention context and FFN activation
+    (models/sub_ln.py); the pre-LNs and the row-parallel biases are replicated."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    sharded = (3 * h * h + 3 * h) + h * h + 2 * h + (h * f + f) + 2 * f + f * h
+    replicated = 2 * h + 2 * h + h + h  # self_attn_layer_norm, final_layer_norm, out_proj bias, fc2 bias
+    return StageParameters(sharded, replicated)
+
+
+def _embeddings(config: M2Config, tensor_model_parallel_size: int) -> StageParameters:
+    """First stage: vocab-parallel token embedding (padded vocab); positions, patch conv and CLS replicated."""
+    h, p = config.hidden_size, config.patch_size
+    vocab = padded_vocab_size(config.vocab_size, tensor_model_parallel_size)
+    replicated = (config.text_position_table_size * h + config.vision_position_table_size * h
+                  + config.num_channels * p * p * h + h + h)
+    return StageParameters(vocab * h, replicated)
+
+
+def _last_stage_extras(config: M2Config) -> StageParameters:
+    """Last stage: the two towers' final LNs, the VL layers (one shared copy each), the VL final LN, heads, scale."""
+    h = config.hidden_size
+    layer = layer_copy_parameters(config)
+    num_heads = 4 if config.backbone_heads else 2
+    replicated = (2 * 2 * h + config.num_vl_layers * layer.replicated + 2 * h
+                  + num_heads * h * config.out_dim + num_heads // 2)
+    return StageParameters(config.num_vl_layers * layer.sharded, replicated)
+
+
+def stage_parameters(config: M2Config, tensor_model_parallel_size: int = 1,
+                     pipeline_model_parallel_size: int = 1) -> list[StageParameters]:
+    """Parameters of every pipeline stage (whole stage, all TP ranks together); sums to the model's count."""
+    validate_parallel_shapes(config, tensor_model_parallel_size, pipeline_model_parallel_size)
+    layer = layer_copy_parameters(config)
+    stages = []
+    for stage, num_layers in enumerate(layers_per_stage(config, pipeline_model_parallel_size)):
+        sharded, replicated = 2 * num_layers * layer.sharded, 2 * num_layers * layer.replicated
+        parts = []
+        if stage == 0:
+            parts.append(_embeddings(config, tensor_model_parallel_size))
+        if stage == pipeline_model_parallel_size - 1:
+            parts.append(_last_stage_extras(config))
+        stages.append(StageParameters(sharded + sum(p.sharded for p in parts),
+                                      replicated + sum(p.replicated for p in parts)))
+    return stages
+
+
+def official_parameter_count(config: M2Config) -> int:
+    """All tensors of an official checkpoint that belong to the model (not the training-only extras).
+
+    backbone.text_embed, backbone.vision_embed.{proj,cls_token}, encoder.embed_positions.{A,B}, backbone layers
+    (A + B), encoder.layer_norm.{A,B}, backbone_vl layers (A + B), backbone_vl.layer_norm.{A,B}, the four
+    itc_*_proj heads (bias-free), logit_scale and logit_vl_scale.
+    """
+    h, p = config.hidden_size, config.patch_size
+    embeddings = (config.vocab_size * h
+                  + h * config.num_channels * p * p + h + h  # conv proj weight + bias, cls_token
+                  + config.vision_position_table_size * h + config.text_position_table_size * h)
+    backbone = 2 * config.num_layers * layer_copy_parameters(config).total + 2 * 2 * h
+    vl = 2 * config.num_vl_layers * layer_copy_parameters(config).total + 2 * 2 * h
+    heads = 4 * h * config.out_dim + 2
+    return embeddings + backbone + vl + heads
+
+
+def official_unused_parameter_count(config: M2Config) -> int:
+    """Official tensors our model does not hold: VL B copies, and the backbone heads unless backbone_heads is on."""
+    h = config.hidden_size
+    unused = config.num_vl_layers * layer_copy_parameters(config).total + 2 * h
+    if not config.backbone_heads:
+        unused += 2 * h * config.out_dim + 1
+    return unused
+
+
+def model_parameter_count(config: M2Config, tensor_model_parallel_size: int = 1) -> int:
+    """Parameters of our full model (all TP ranks / PP stages together), vocab padding included."""
+    padding = padded_vocab_size(config.vocab_size, tensor_model_parallel_size) - config.vocab_size
+    return official_parameter_count(config) - official_unused_parameter_count(config) + padding * config.hidden_size
+
+
+def model_flops_per_sample(config: M2Config) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of one image-text pair, matmuls only.
+
+    Per layer and token: 2 x (4h^2 + 2hf) for the projections and 4 s h for attention scores and context.
+    Backbone: image tokens go through the vision copy, text tokens through the text copy; the VL layers see both.
+    """
+    h, f = config.hidden_size, config.ffn_hidden_size
+    s_img, s_txt = config.vision_seq_length, config.max_text_length
+
+    def layer(tokens: int) -> float:
+        return tokens * (2 * (4 * h * h + 2 * h * f) + 4 * tokens * h)
+
+    forward = (config.num_layers + config.num_vl_layers) * (layer(s_img) + layer(s_txt))
+    forward += 2 * config.num_patches * config.num_channels * config.patch_size**2 * h  # patch embedding
+    return 3.0 * forward
