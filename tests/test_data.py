@@ -11,7 +11,7 @@ from PIL import Image
 
 from megatron_m2.data.loader import ImageTextBatches
 from megatron_m2.data.shards import ShardStream, expand_braces, resolve_shards
-from megatron_m2.data.transforms import eval_transform, random_resized_crop_box, train_transform
+from megatron_m2.data.transforms import eval_transform, normalize, random_resized_crop_box, to_tensor, train_transform
 from megatron_m2.errors import ConfigError
 
 
@@ -59,6 +59,24 @@ def test_expand_braces():
     assert expand_braces("d/s-{000..002}.tar") == ["d/s-000.tar", "d/s-001.tar", "d/s-002.tar"]
     assert expand_braces("{a,b}-{8..10}") == ["a-8", "a-9", "a-10", "b-8", "b-9", "b-10"]
     assert expand_braces("plain.tar") == ["plain.tar"]
+    # What the hand-written expansion got wrong: steps, letter ranges, nested braces, zero padding across widths.
+    assert expand_braces("s-{0..10..5}.tar") == ["s-0.tar", "s-5.tar", "s-10.tar"]
+    assert expand_braces("s-{000..010..4}") == ["s-000", "s-004", "s-008"]
+    assert expand_braces("{a..d}") == ["a", "b", "c", "d"]
+    assert expand_braces("{zh,en/{x,y}}.tar") == ["zh.tar", "en/x.tar", "en/y.tar"]
+    assert expand_braces("{08..11}") == ["08", "09", "10", "11"]
+    assert expand_braces("{3..1}") == ["3", "2", "1"]
+    with pytest.raises(ConfigError, match="--data-path .*unbalanced braces"):
+        expand_braces("s-{000..002.tar")
+
+
+def test_resolve_shards_braces_then_globs_and_directories(tmp_path):
+    zh, en = make_dataset(tmp_path / "zh", 2, 1), make_dataset(tmp_path / "en", 2, 1)
+    assert resolve_shards(str(tmp_path / "{zh,en}")) == zh + en  # braces expand into directories
+    assert resolve_shards(str(tmp_path / "{en,zh}" / "*-0000[1].tar")) == [en[1], zh[1]]
+    assert resolve_shards(str(tmp_path / "zh" / "shard-{00000..00001..1}.tar")) == zh
+    with pytest.raises(ConfigError, match=r"--data-path .*1 of 2 shards are missing"):
+        resolve_shards(str(tmp_path / "{zh,fr}"))
 
 
 def test_resolve_shards_dir_brace_glob_and_errors(tmp_path):
@@ -113,9 +131,11 @@ def test_corrupt_image_and_truncated_shard_are_skipped_and_counted(tmp_path, tok
                                shuffle_window=1)
     batch = next(batches)
     assert batch["images"].shape == (3, 3, 8, 8)
-    assert batches.stats["corrupt_image"] == 1 and batches.stats["samples"] == 3
+    name = batches.names[0]
+    assert batches.stats[f"data/{name}/skipped/corrupt_image"] == 1 and batches.stats[f"data/{name}/samples"] == 3
     next(batches)  # reads the truncated shard and wraps into the next epoch
-    assert batches.stats["corrupt_shard"] >= 1
+    assert batches.stats[f"data/{name}/skipped/corrupt_shard"] >= 1
+    assert batches.stats["data/skipped"] == batches.stats[f"data/{name}/skipped"] >= 2
 
 
 def test_an_epoch_without_usable_samples_is_an_error(tmp_path):
@@ -215,7 +235,7 @@ def test_eval_transform_resizes_shorter_side_and_center_crops():
     for x0, color in ((0, (255, 0, 0)), (16, (0, 255, 0)), (32, (0, 0, 255))):
         image.paste(color, (x0, 0, x0 + 16, 16))
     out = eval_transform(8)(image)
-    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
+    assert out.shape == (3, 8, 8) and out.dtype == torch.float32  # evaluation batches stay float
     assert torch.allclose(out[:, 2:6, 2:6], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1), atol=1e-5)
     # square=True (the official release's inference transform) keeps all three bands, squashed.
     squashed = eval_transform(9, square=True)(image)
@@ -230,10 +250,27 @@ def test_eval_transform_resizes_shorter_side_and_center_crops():
 def test_transforms_convert_any_mode_to_normalised_rgb(mode, color):
     image = Image.new(mode, (20, 14), color)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)[0, 0] / 255
-    for transform in (eval_transform(8), train_transform(8, 0)):
+    # The train transform gives uint8 (normalised on the device), the eval transform float.
+    for transform, post in ((eval_transform(8), lambda x: x), (train_transform(8, 0), normalize)):
         out = transform(image)
         assert out.shape == (3, 8, 8)
-        assert torch.allclose(out[:, 4, 4], torch.from_numpy((rgb - 0.5) / 0.5), atol=1e-5)
+        assert torch.allclose(post(out)[:, 4, 4], torch.from_numpy((rgb - 0.5) / 0.5), atol=1e-5)
+
+
+def test_train_transform_is_uint8_and_normalize_matches_the_float_path():
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    out = train_transform(16)(image, rng=np.random.default_rng(3))
+    assert out.dtype == torch.uint8 and out.shape == (3, 16, 16) and out.is_contiguous()
+    # The same crop through the float path: normalize(uint8) is bit-identical to the old normalised tensor.
+    left, top, w, h = random_resized_crop_box(40, 30, np.random.default_rng(3))
+    crop = image.resize((16, 16), Image.BICUBIC, box=(left, top, left + w, top + h))
+    flip = np.random.default_rng(3)
+    random_resized_crop_box(40, 30, flip)
+    if flip.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    assert torch.equal(normalize(out), to_tensor(crop))
+    assert torch.equal(normalize(out[None].expand(2, -1, -1, -1)), to_tensor(crop)[None].expand(2, -1, -1, -1))
 
 
 def test_random_resized_crop_box_scale_and_ratio():
@@ -249,7 +286,7 @@ def test_train_transform_flips_and_is_deterministic_given_rng():
     image.paste((255, 255, 255), (16, 0, 32, 32))  # left black, right white
     transform = train_transform(16)
     lefts = [transform(image, rng=np.random.default_rng(i))[0, 8, 0].item() for i in range(40)]
-    assert {-1.0, 1.0} <= set(lefts)  # both orientations occur
+    assert {0, 255} <= set(lefts)  # both orientations occur
     a = transform(image, rng=np.random.default_rng(7))
     assert torch.equal(a, transform(image, rng=np.random.default_rng(7)))
     assert torch.equal(train_transform(16, 3)(image), train_transform(16, 3)(image))
@@ -261,7 +298,7 @@ def test_no_hflip_keeps_the_orientation_and_the_same_crops():
     flipping, keeping = train_transform(16), train_transform(16, hflip=False)
     outputs = [(flipping(image, rng=np.random.default_rng(i)), keeping(image, rng=np.random.default_rng(i)))
                for i in range(40)]
-    assert all(kept[0, 8, 0].item() == -1.0 for _, kept in outputs)
+    assert all(kept[0, 8, 0].item() == 0 for _, kept in outputs)
     # The flip is still drawn, so both transforms crop alike: equal up to the mirror.
     assert all(torch.equal(kept, flipped) or torch.equal(kept.flip(-1), flipped) for flipped, kept in outputs)
     assert any(not torch.equal(kept, flipped) for flipped, kept in outputs)
@@ -358,24 +395,58 @@ def test_make_shards_from_jsonl_keeps_lang_and_reports_bad_lines(tmp_path, capsy
         ("红色", "zh", "png"), ("red", None, "png")]
 
 
-# -- in a real process layout ---------------------------------------------------------------------------------
+# -- in a real process layout: one decode per model replica -------------------------------------------------
 
-def _replica_batches(shard_dir: str, tokenizer_path: str) -> dict:
+def _replica_batches(shard_dir: str, tokenizer_path: str, tp: int, pp: int, num_batches: int = 3,
+                     corrupt_dir: str = "") -> dict:
+    """On every rank: build this rank's training data at TP x PP, count its decodes, take a few micro-batches."""
     from megatron.core import parallel_state
 
     from megatron_m2 import parallel
     from megatron_m2.config import load_config
-    from megatron_m2.data import build_train_data, load_tokenizer
+    from megatron_m2.data import build_replica_train_data, load_tokenizer, loader
 
-    parallel.initialize_model_parallel(2, 1)
+    parallel.initialize_model_parallel(tp, pp)
     config = load_config("tiny")
-    data = build_train_data(shard_dir, load_tokenizer(tokenizer_path, config.max_text_length), config, 2,
-                            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-                            seed=11)
-    batches = [next(data) for _ in range(3)]
-    return {"dp_rank": parallel_state.get_data_parallel_rank(),
-            "images": torch.cat([b["images"] for b in batches]),
-            "text_ids": torch.cat([b["text_ids"] for b in batches])}
+    decodes, built = [0], [0]
+    real_decode, real_init = loader.decode_image, loader.ImageTextBatches.__init__
+
+    def counting_decode(data):
+        decodes[0] += 1
+        return real_decode(data)
+
+    def counting_init(self, *args, **kwargs):
+        built[0] += 1
+        real_init(self, *args, **kwargs)
+
+    loader.decode_image, loader.ImageTextBatches.__init__ = counting_decode, counting_init
+    try:
+        tokenizer = load_tokenizer(tokenizer_path, config.max_text_length)
+        data = build_replica_train_data(shard_dir, tokenizer, config, 2, seed=11)
+        batches = [next(data) for _ in range(num_batches)]
+        result = {"rank": torch.distributed.get_rank(), "dp_rank": parallel_state.get_data_parallel_rank(),
+                  "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                  "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+                  "decodes": decodes[0], "built": built[0], "reader": data.is_reader,
+                  "image_devices": {b["images"].device.type for b in batches},
+                  "image_shapes": {tuple(b["images"].shape) for b in batches},
+                  "text_ids": torch.cat([b["text_ids"] for b in batches]),
+                  "text_padding_mask": torch.cat([b["text_padding_mask"] for b in batches]),
+                  "stats_keys": sorted(data.stats), "state": data.state_dict()}
+        if data.is_reader or batches[0]["images"].device.type != "meta":
+            result["images"] = torch.cat([b["images"] for b in batches])
+        data.load_state_dict(result["state"])  # harmless on every rank
+        if corrupt_dir:  # the reader fails: its peers must raise too, not wait in the broadcast
+            bad = build_replica_train_data(corrupt_dir, tokenizer, config, 2, seed=11)
+            try:
+                next(bad)
+                result["error"] = None
+            except Exception as exc:  # noqa: BLE001 - reported back, so the pool stays up
+                result["error"] = f"{type(exc).__name__}: {exc}"
+        data.close()
+        return result
+    finally:
+        loader.decode_image, loader.ImageTextBatches.__init__ = real_decode, real_init
 
 
 @pytest.mark.slow  # starts the shared 4-process pool if no other test has (about 30 s on 2 busy cores)
@@ -383,12 +454,46 @@ def test_tp_peers_read_identical_batches_and_dp_ranks_disjoint_ones(tmp_path, to
     from megatron_m2.testing import run_distributed
 
     make_dataset(tmp_path / "shards", 4, 3)  # 12 samples; DP=2 reads 6 each
-    results = run_distributed(4, _replica_batches, str(tmp_path / "shards"), tokenizer.model_path)
+    results = run_distributed(4, _replica_batches, str(tmp_path / "shards"), tokenizer.model_path, 2, 1)
     by_dp = {}
     for result in results:
         by_dp.setdefault(result["dp_rank"], []).append(result)
     assert sorted(by_dp) == [0, 1] and all(len(peers) == 2 for peers in by_dp.values())
     for first, second in by_dp.values():
         assert torch.equal(first["images"], second["images"]) and torch.equal(first["text_ids"], second["text_ids"])
+        # one decode per replica: TP rank 0 reads, its peer receives
+        assert (first["tp_rank"], first["decodes"], first["built"]) == (0, 6, 1)
+        assert (second["tp_rank"], second["decodes"], second["built"]) == (1, 0, 0)
     captions = [{tuple(row.tolist()) for row in by_dp[r][0]["text_ids"]} for r in (0, 1)]
     assert len(captions[0]) == len(captions[1]) == 6 and not captions[0] & captions[1]
+
+
+@pytest.mark.slow
+def test_one_decode_per_replica_at_tp2_pp2(tmp_path, tokenizer):
+    from megatron_m2.testing import run_distributed
+
+    make_dataset(tmp_path / "shards", 2, 5)
+    (tmp_path / "bad").mkdir()
+    bad = write_shard(tmp_path / "bad" / "a.tar", [(f"k{i}", {"jpg": b"garbage", "txt": b"x"}) for i in range(3)])
+    results = run_distributed(4, _replica_batches, str(tmp_path / "shards"), tokenizer.model_path, 2, 2,
+                              corrupt_dir=str(bad.parent))
+    by_coords = {(r["pp_rank"], r["tp_rank"]): r for r in results}
+    assert sorted(by_coords) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    reader = by_coords[(0, 0)]
+    # Only the reader decodes (3 micro-batches of 2) and only it builds a shard reader.
+    assert [(by_coords[c]["decodes"], by_coords[c]["built"], by_coords[c]["reader"]) for c in sorted(by_coords)] == [
+        (6, 1, True), (0, 0, False), (0, 0, False), (0, 0, False)]
+    # Its TP peer on the first stage gets the same pixels; stage 2 gets the same text and meta images of the shape.
+    assert torch.equal(by_coords[(0, 1)]["images"], reader["images"]) and reader["images"].dtype == torch.uint8
+    for c, r in by_coords.items():
+        assert torch.equal(r["text_ids"], reader["text_ids"]), c
+        assert torch.equal(r["text_padding_mask"], reader["text_padding_mask"]), c
+        assert r["image_shapes"] == {(2, 3, 32, 32)}, c  # the tiny preset's image size
+        assert r["image_devices"] == ({"meta"} if c[0] == 1 else {"cpu"}), c
+        assert r["stats_keys"] == reader["stats_keys"]  # the same keys everywhere, for reduce_stats
+    assert "sources" in reader["state"] and by_coords[(1, 1)]["state"] == {"reader": False}
+    # A failing reader raises its own error; its three peers raise instead of hanging in the broadcast.
+    assert reader["error"].startswith("ConfigError: --data-path: data-parallel rank 0 decoded no image")
+    for c in [(0, 1), (1, 0), (1, 1)]:
+        assert by_coords[c]["error"].startswith("RuntimeError: rank ") and "data-reading rank 0" in \
+            by_coords[c]["error"], by_coords[c]["error"]

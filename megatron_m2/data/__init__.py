@@ -1,8 +1,34 @@
-"""The data path: GLM-compatible tokenizer, image transforms, webdataset tar shards and training batches."""
-from megatron_m2.data.loader import ImageTextBatches, build_train_data
+"""The data path: GLM-compatible tokenizer, image transforms, webdataset tar shards and training batches.
+
+The trainer's interface:
+
+- `parse_data_path(values) -> [(weight, [shard paths])]`: `--data-path` as paths (one source) or alternating
+  `weight path` pairs (`0.7 zh-shards/ 0.3 en-shards/`, weights normalised); ConfigError names the flag.
+- `build_train_data(shards_or_blend, tokenizer, config, micro_batch_size, dp_rank, dp_size, seed, num_workers=0,
+  prefetch_factor=2, hflip=True) -> ImageTextBatches`: one DP rank's endless iterator; `shards_or_blend` is a shard
+  spec (str or list of paths/patterns) or the [(weight, shards)] of parse_data_path. `next()` returns
+  dict(images uint8 [b,3,H,W] (pinned when CUDA is available), text_ids int64 [b,L], text_padding_mask bool [b,L]);
+  images are normalised on the device with `normalize(images)`. `num_workers` processes decode, augment and
+  tokenise (None: `default_num_workers()`), `prefetch_factor` micro-batches each ahead; batches are identical for
+  any worker count. `state_dict()` is the position after the last batch returned (not prefetched),
+  `load_state_dict(state)` resumes at exactly the next batch; `stats` is a flat dict of per-source counts
+  (`data/<source>/samples`, `data/<source>/skipped`, `data/<source>/skipped/<reason>`, `data/samples`,
+  `data/skipped`); `close()` (or `with`) stops the workers.
+- `build_replica_train_data(shards_or_blend, tokenizer, config, micro_batch_size, seed, num_workers=0,
+  prefetch_factor=2, hflip=True) -> ReplicaBatches`: the same interface in megatron-core's layout, one decode per
+  model replica (data/broadcast.py): TP rank 0 of the first stage reads and broadcasts; later stages get
+  `images` on the meta device. Collective: every rank of a replica calls next() equally often. `batch_to_device`
+  moves a batch (leaving meta tensors); `reduce_stats(stats)` sums the stats over the DP group (collective).
+- `DECODE_SAMPLES_PER_CORE_S`: measured decode + augment + tokenise rate of one core (benchmarks/data_loader.py).
+"""
+from megatron_m2.data.blend import parse_data_path
+from megatron_m2.data.broadcast import ReplicaBatches, batch_to_device, build_replica_train_data, reduce_stats
+from megatron_m2.data.loader import DECODE_SAMPLES_PER_CORE_S, ImageTextBatches, build_train_data, default_num_workers
 from megatron_m2.data.shards import ShardStream, resolve_shards
 from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, load_tokenizer
-from megatron_m2.data.transforms import eval_transform, train_transform
+from megatron_m2.data.transforms import eval_transform, normalize, train_transform
 
-__all__ = ["GLMTokenizer", "ImageTextBatches", "ShardStream", "build_train_data", "check_vocab", "eval_transform",
-           "load_tokenizer", "resolve_shards", "train_transform"]
+__all__ = ["DECODE_SAMPLES_PER_CORE_S", "GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream",
+           "batch_to_device", "build_replica_train_data", "build_train_data", "check_vocab", "default_num_workers",
+           "eval_transform", "load_tokenizer", "normalize", "parse_data_path", "reduce_stats", "resolve_shards",
+           "train_transform"]

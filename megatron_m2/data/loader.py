@@ -1,24 +1,58 @@
-"""Training micro-batches from tar shards: decode, augment, tokenize, stack; single process, exactly resumable.
+"""Training micro-batches from tar shards: read in the training process, decode/augment/tokenise in worker
+processes, exactly resumable, identical batches for any number of workers.
 
-Every rank of a model replica (its TP and PP peers) builds the same iterator with the same DP rank, so they read
-identical batches without any communication. No DataLoader worker processes: the position of one in-process
-stream is the whole state, and augmentation is seeded per sample from (seed, epoch, shard, index); optional
-threads (num_workers) only decode and augment, so they change the speed, never the batches.
+How (torch's DataLoader with the stream as its "sampler"):
+- the main process reads the tar shards (`BlendedStream` over one `ShardStream` per source: cheap, sequential) and
+  cuts the raw samples into chunks of micro-batch size; the chunks are the DataLoader's "indices", so its worker
+  processes receive the encoded bytes, decode (Pillow), augment (seeded per sample from (seed, epoch, shard,
+  index)), tokenise and return uint8 tensors through shared memory; `prefetch_factor` chunks per worker are in
+  flight. The DataLoader keeps the order, pins memory (when CUDA is available), reports a dead worker as an error
+  (RuntimeError "DataLoader worker ... exited unexpectedly") and stops its workers with the iterator.
+- the main process assembles micro-batches from the chunks in stream order, dropping images that do not decode
+  (counted as corrupt_image). What a batch holds therefore depends only on the stream, never on the worker count.
+- the position: after every raw sample the reader keeps a snapshot of its source's position (a few ints); a sample
+  "commits" its snapshot when the batch it belongs to is returned. `state_dict()` is made of committed snapshots, so it
+  is the position after the last batch returned by `next()`, however far the workers have read ahead.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import io
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence, Union
+import logging
+import os
+import signal
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image
 
-from megatron_m2.data.shards import RawSample, ShardStream, resolve_shards
+from megatron_m2.data.blend import BlendedStream, ShardsOrBlend, normalize_sources, stat_keys
+from megatron_m2.data.shards import SKIP_REASONS
 from megatron_m2.data.tokenizer import GLMTokenizer
 from megatron_m2.data.transforms import to_rgb, train_transform
 from megatron_m2.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Decode + train augmentation (random resized crop to 224 px, flip) + tokenise of 500x375 JPEGs, samples per second
+# on one core of the 2-core development machine (Intel Xeon 2.8 GHz, Pillow): benchmarks/data_loader.py,
+# BENCHMARKS.md "Data loader". The planner divides a replica's samples per step by this to report CPU cores per GPU.
+DECODE_SAMPLES_PER_CORE_S = 270.0
+
+_MAX_WORKERS = 16
+_MAX_CORRUPT_WARNINGS = 20
+
+
+def default_num_workers(cpus: Optional[int] = None, local_world_size: Optional[int] = None) -> int:
+    """--num-workers when not given: the CPU cores per local rank, less one for the training process, at most 16."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(_MAX_WORKERS, cpus // max(1, local_world_size) - 1))
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -27,72 +61,257 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
-class ImageTextBatches:
-    """Iterator of dict(images [b,3,H,W] float32, text_ids [b,L] int64, text_padding_mask [b,L] bool)."""
+class _Decoder(torch.utils.data.Dataset):
+    """Runs in the workers: chunk of (image bytes, caption, rng key) -> the usable samples as tensors + an ok mask."""
 
-    def __init__(self, shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, transform: Callable,
-                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle_window: int = 512, num_workers: int = 0) -> None:
-        self.stream = ShardStream(resolve_shards(shards), dp_rank, dp_size, seed, shuffle_window)
+    def __init__(self, tokenizer: GLMTokenizer, transform: Callable) -> None:
         self.tokenizer, self.transform = tokenizer, transform
-        self.micro_batch_size, self.seed = micro_batch_size, seed
-        # Threads decode and augment the samples of a batch in parallel (Pillow and numpy release the GIL).
-        # The stream is still read in one thread and each sample's augmentation is seeded by its identity,
-        # so batches are identical for any num_workers.
-        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="m2-data") if num_workers > 0 else None
-        self._last_good_epoch = self.stream.epoch
 
-    @property
-    def stats(self) -> dict[str, int]:
-        """Usable samples ("samples") and skipped ones by reason, on this rank since the start of the run."""
-        return dict(self.stream.stats)
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-        self._last_good_epoch = self.stream.epoch
-
-    def _image(self, sample: RawSample) -> Optional[torch.Tensor]:
-        """The augmented image, or None if the file does not decode."""
+    def _image(self, data: bytes, key: list[int]) -> Optional[torch.Tensor]:
         try:
-            image = to_rgb(decode_image(sample.image))
+            image = to_rgb(decode_image(data))
         except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for bad files
             return None
         if getattr(self.transform, "takes_rng", False):
-            rng = np.random.default_rng([self.seed, sample.epoch, sample.shard, sample.index])
-            return self.transform(image, rng=rng)
+            return self.transform(image, rng=np.random.default_rng(key))
         return self.transform(image)
 
+    def __getitem__(self, chunk: list) -> dict:
+        images, captions, ok = [], [], []
+        for data, caption, key in chunk:
+            image = self._image(data, key)
+            ok.append(image is not None)
+            if image is not None:
+                images.append(image)
+                captions.append(caption)
+        out = {"ok": torch.tensor(ok, dtype=torch.bool)}
+        if images:
+            out["text_ids"], out["text_padding_mask"] = self.tokenizer(captions)
+            # One numpy copy (see transforms.to_tensor for why not torch.stack).
+            out["images"] = torch.from_numpy(np.stack([image.numpy() for image in images]))
+        return out
+
+
+def _identity(x):
+    return x
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """Worker init: on Linux the kernel kills the worker the moment the training process dies (even kill -9);
+    elsewhere torch's workers notice a dead parent within 5 s. (The signal follows the thread that started the
+    workers: the one calling next(), the training thread.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _Chunks:
+    """The DataLoader's sampler: yields chunks of raw samples read from the blend, in order, and remembers for
+    every raw sample (source, position snapshot after it, epoch, where) until the batch assembler consumes it."""
+
+    def __init__(self, loader: "ImageTextBatches") -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        loader, blend = self.loader, self.loader.blend
+        while True:
+            chunk, records = [], []
+            for _ in range(loader.micro_batch_size):
+                source, sample = next(blend)
+                stream = blend.streams[source]
+                chunk.append((sample.image, sample.caption, sample.rng_key(loader.seed)))
+                records.append((source, stream.position_dict(), sample.epoch,
+                                f"{stream.shards[sample.shard]}:{sample.key}"))
+            loader._records.append(records)
+            yield chunk
+
+
+class ImageTextBatches:
+    """Iterator of dict(images [b,3,H,W] (uint8 from the train transform), text_ids [b,L] int64,
+    text_padding_mask [b,L] bool); see the module docstring. Use `close()` or `with` to stop the workers."""
+
+    def __init__(self, shards: ShardsOrBlend, tokenizer: GLMTokenizer, transform: Callable,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle_window: int = 512, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
+                 pin_memory: Optional[bool] = None) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size {micro_batch_size} must be >= 1")
+        num_workers = default_num_workers() if num_workers is None else num_workers
+        if num_workers < 0:
+            raise ConfigError(f"--num-workers {num_workers}: must be >= 0")
+        if prefetch_factor < 1:
+            raise ConfigError(f"--prefetch-factor {prefetch_factor}: must be >= 1")
+        sources = normalize_sources(shards)
+        self.blend = BlendedStream(sources, dp_rank, dp_size, seed, shuffle_window)
+        self.names = self.blend.names
+        self.tokenizer, self.transform = tokenizer, transform
+        self.micro_batch_size, self.seed, self.dp_rank = micro_batch_size, seed, dp_rank
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._iter = None
+        self._samples = [0] * len(self.names)  # usable samples returned, per source
+        self._corrupt = [0] * len(self.names)  # images that did not decode, per source
+        self._commit_from_streams()
+
+    # -- position -------------------------------------------------------------------------------------------
+    def _commit_from_streams(self) -> None:
+        """The committed position := the streams' current one (at start and after a load), nothing in flight."""
+        self._positions = [stream.position_dict() for stream in self.blend.streams]
+        self._counts = list(self.blend.counts)  # raw samples consumed per source (the blend's choice state)
+        self._last_good_epoch = [p["epoch"] for p in self._positions]
+        self._records: collections.deque = collections.deque()  # per chunk in flight: its raw samples' records
+        self._chunks: collections.deque = collections.deque()  # [output, records, next raw sample] not yet used
+
+    def state_dict(self) -> dict:
+        """The position after the last batch returned by next() (not what the workers prefetched)."""
+        return {"sources": [
+            {"name": name, "weight": weight, "stream": {**position, **stream._layout()}, "consumed": consumed,
+             "samples": samples, "corrupt_image": corrupt}
+            for name, weight, stream, position, consumed, samples, corrupt in zip(
+                self.names, self.blend.weights, self.blend.streams, self._positions, self._counts, self._samples,
+                self._corrupt)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("sources")
+        if saved is None or [(s["name"], round(s["weight"], 9)) for s in saved] != [
+                (n, round(w, 9)) for n, w in zip(self.names, self.blend.weights)]:
+            got = [(s["name"], s["weight"]) for s in saved] if saved is not None else "a single-source position"
+            raise ConfigError(f"the data position in the checkpoint is for the sources {got}; this run's --data-path "
+                              f"gives {list(zip(self.names, self.blend.weights))}: resume with the same --data-path")
+        self._stop_workers()
+        self._set_position([s["stream"] for s in saved], [s["consumed"] for s in saved])
+        self._samples = [s["samples"] for s in saved]
+        self._corrupt = [s["corrupt_image"] for s in saved]
+
+    def _set_position(self, streams: list[dict], consumed: list[int]) -> None:
+        for stream, state in zip(self.blend.streams, streams):
+            stream.load_state_dict({**stream._layout(), **state})  # a saved layout is checked, a snapshot has none
+        self.blend.counts = list(consumed)
+        self._commit_from_streams()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Per source: usable samples returned and skipped ones (total and by reason), since the start of the run;
+        flat keys `data/<source>/samples`, `data/<source>/skipped`, `data/<source>/skipped/<reason>`, plus totals
+        `data/samples`, `data/skipped`. The same keys on every rank (see stat_keys)."""
+        out = dict.fromkeys(stat_keys(self.names, SKIP_REASONS), 0)
+        for name, position, samples, corrupt in zip(self.names, self._positions, self._samples, self._corrupt):
+            skips = {reason: position["stats"].get(reason, 0) for reason in SKIP_REASONS}
+            skips["corrupt_image"] += corrupt
+            out[f"data/{name}/samples"] = samples
+            out[f"data/{name}/skipped"] = sum(skips.values())
+            out.update({f"data/{name}/skipped/{reason}": count for reason, count in skips.items()})
+            out["data/samples"] += samples
+            out["data/skipped"] += sum(skips.values())
+        return out
+
+    # -- workers ---------------------------------------------------------------------------------------------
+    def _start(self):
+        loader = torch.utils.data.DataLoader(
+            _Decoder(self.tokenizer, self.transform), batch_size=None, sampler=_Chunks(self),
+            num_workers=self.num_workers, collate_fn=_identity, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if self.num_workers else None)
+        return iter(loader)
+
+    def _stop_workers(self) -> None:
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # joins the workers now rather than whenever the iterator is collected
+
+    def close(self) -> None:
+        """Stops the worker processes (also done at exit). A later next() starts new ones and goes on with exactly
+        the batch after the last one returned (what the workers had read ahead is read again)."""
+        running = self._iter is not None
+        self._stop_workers()
+        if running:
+            self._set_position(self._positions, self._counts)
+
+    def __enter__(self) -> "ImageTextBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._stop_workers()
+        except Exception:  # interpreter shutdown
+            pass
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in getattr(self._iter, "_workers", [])]
+
+    # -- batches ---------------------------------------------------------------------------------------------
     def __iter__(self) -> "ImageTextBatches":
         return self
 
+    def _next_chunk(self) -> None:
+        if self._iter is None:
+            self._iter = self._start()
+        out = next(self._iter)
+        self._chunks.append([out, self._records.popleft(), 0])
+
+    def _consume(self, record: tuple, usable: bool) -> None:
+        source, position, epoch, where = record
+        self._positions[source] = position
+        self._counts[source] += 1
+        if usable:
+            self._samples[source] += 1
+            self._last_good_epoch[source] = epoch
+            return
+        self._corrupt[source] += 1
+        if self._corrupt[source] <= _MAX_CORRUPT_WARNINGS:
+            logger.warning("skipped sample %s: corrupt_image%s", where,
+                           "" if self._corrupt[source] < _MAX_CORRUPT_WARNINGS else " (further ones are only counted)")
+        if epoch >= self._last_good_epoch[source] + 2:  # a whole epoch without one decodable image
+            raise ConfigError(f"--data-path: data-parallel rank {self.dp_rank} decoded no image of source "
+                              f"{self.names[source]!r} in a whole epoch; skipped: {self.stats}")
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        images, captions = [], []
-        while len(images) < self.micro_batch_size:
-            samples = [next(self.stream) for _ in range(self.micro_batch_size - len(images))]
-            decoded = self._pool.map(self._image, samples) if self._pool else map(self._image, samples)
-            for sample, image in zip(samples, decoded):
-                if image is None:
-                    self.stream.reject("corrupt_image", sample)
-                    if sample.epoch >= self._last_good_epoch + 2:  # a whole epoch without one decodable image
-                        raise ConfigError(f"--data-path: data-parallel rank {self.stream.dp_rank} decoded no "
-                                          f"image in a whole epoch; skipped: {self.stats}")
-                    continue
-                self._last_good_epoch = sample.epoch
-                images.append(image)
-                captions.append(sample.caption)
-                self.stream.stats["samples"] += 1
-        text_ids, text_padding_mask = self.tokenizer(captions)
-        # One numpy copy (see transforms.to_tensor for why not torch.stack).
-        images = torch.from_numpy(np.stack([image.numpy() for image in images]))
-        return dict(images=images, text_ids=text_ids, text_padding_mask=text_padding_mask)
+        pieces = []  # (chunk output, first row, end row) in order
+        taken = 0
+        while taken < self.micro_batch_size:
+            if not self._chunks:
+                self._next_chunk()
+            chunk = self._chunks[0]
+            out, records, j = chunk
+            ok = out["ok"].tolist()
+            row = sum(ok[:j])
+            first = row
+            while j < len(records) and taken < self.micro_batch_size:
+                self._consume(records[j], ok[j])
+                if ok[j]:
+                    row += 1
+                    taken += 1
+                j += 1
+            chunk[2] = j
+            if row > first:
+                pieces.append((out, first, row))
+            if j == len(records):
+                self._chunks.popleft()
+        if len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == len(pieces[0][0]["images"]):
+            out = pieces[0][0]  # the usual case: one whole chunk is the batch, already pinned, no copy
+            return {k: out[k] for k in ("images", "text_ids", "text_padding_mask")}
+        batch = {}
+        for k in ("images", "text_ids", "text_padding_mask"):
+            batch[k] = torch.cat([out[k][a:b] for out, a, b in pieces])
+            if self.pin_memory:
+                batch[k] = batch[k].pin_memory()
+        return batch
 
 
-def build_train_data(shards: Union[str, Sequence[str]], tokenizer: GLMTokenizer, config, micro_batch_size: int,
-                     dp_rank: int, dp_size: int, seed: int, num_workers: int = 0,
+def build_train_data(shards_or_blend: ShardsOrBlend, tokenizer: GLMTokenizer, config, micro_batch_size: int,
+                     dp_rank: int, dp_size: int, seed: int, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
                      hflip: bool = True) -> ImageTextBatches:
-    """The training iterator for a model config (its image_size), with the train augmentation."""
-    return ImageTextBatches(shards, tokenizer, train_transform(config.image_size, hflip=hflip), micro_batch_size,
-                            dp_rank, dp_size, seed, num_workers=num_workers)
+    """The training iterator for a model config (its image_size), with the train augmentation (uint8 images).
+    num_workers=None: default_num_workers()."""
+    return ImageTextBatches(shards_or_blend, tokenizer, train_transform(config.image_size, hflip=hflip),
+                            micro_batch_size, dp_rank, dp_size, seed, num_workers=num_workers,
+                            prefetch_factor=prefetch_factor)

@@ -22,12 +22,12 @@ import json
 import logging
 import os
 import posixpath
-import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
+import braceexpand
 import numpy as np
 
 from megatron_m2.errors import ConfigError
@@ -40,54 +40,50 @@ SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_utf8",
                 "corrupt_shard")
 _MAX_SKIP_WARNINGS = 20
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
 def expand_braces(pattern: str) -> list[str]:
-    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar; `{x,y}` lists too; several braces multiply."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        first, last = numeric.groups()
-        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
-        step = 1 if int(last) >= int(first) else -1
-        choices = [str(i).zfill(width) for i in range(int(first), int(last) + step, step)]
-    else:
-        choices = body.split(",")
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+    """Bash-style brace expansion (the braceexpand library, as webdataset uses): `a-{000..002}.tar` (zero-padded),
+    `{1..9..2}` (steps), `{a..e}` (letters), `{x,y}` lists, nested braces, several braces multiply; `\\{` escapes."""
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError:
+        raise ConfigError(f"--data-path {pattern!r}: unbalanced braces") from None
+
+
+def _resolve_one(entry: str, pattern: str) -> list[str]:
+    if os.path.isdir(entry):
+        found = sorted(glob.glob(os.path.join(entry, "*.tar")))
+        if not found:
+            raise ConfigError(f"--data-path {pattern!r}: the directory {entry!r} holds no *.tar shard")
+        return found
+    if glob.has_magic(entry):
+        found = sorted(glob.glob(entry))
+        if not found:
+            raise ConfigError(f"--data-path {pattern!r}: no shard matches {entry!r}")
+        return found
+    if os.path.isfile(entry):
+        return [entry]
+    raise ConfigError(f"--data-path {pattern!r}: no such file or directory")
 
 
 def resolve_shards(spec: Union[str, Sequence[str]]) -> list[str]:
-    """Files, directories (their *.tar) and brace/glob patterns -> the shard paths; ConfigError if any is missing."""
+    """Files, directories (their *.tar) and brace/glob patterns -> the shard paths; ConfigError if any is missing.
+
+    Braces expand first (`data/{zh,en}/shard-{00000..00099}.tar`), then each expansion is a directory, a glob or a
+    file."""
     entries = [spec] if isinstance(spec, str) else list(spec or [])
     if not entries:
         raise ConfigError("--data-path is empty: pass tar shards, a directory of them or a pattern "
                           "like data/shard-{00000..00009}.tar (tools/make_shards.py writes them)")
     paths: list[str] = []
     for entry in entries:
-        if os.path.isdir(entry):
-            found = sorted(glob.glob(os.path.join(entry, "*.tar")))
-            if not found:
-                raise ConfigError(f"--data-path {entry!r}: the directory holds no *.tar shard")
-        elif "{" in entry:
-            found = expand_braces(entry)
-            missing = [p for p in found if not os.path.isfile(p)]
+        expanded = expand_braces(entry) if "{" in entry else [entry]
+        if len(expanded) > 1:
+            missing = [p for p in expanded if not (os.path.exists(p) or glob.has_magic(p))]
             if missing:
-                raise ConfigError(f"--data-path {entry!r}: {len(missing)} of {len(found)} shards are missing, "
+                raise ConfigError(f"--data-path {entry!r}: {len(missing)} of {len(expanded)} shards are missing, "
                                   f"e.g. {missing[:3]}")
-        elif glob.has_magic(entry):
-            found = sorted(glob.glob(entry))
-            if not found:
-                raise ConfigError(f"--data-path {entry!r}: no shard matches the pattern")
-        elif os.path.isfile(entry):
-            found = [entry]
-        else:
-            raise ConfigError(f"--data-path {entry!r}: no such file or directory")
-        paths.extend(found)
+        for piece in expanded:
+            paths.extend(_resolve_one(piece, entry))
     return list(dict.fromkeys(paths))  # order kept, duplicates dropped
 
 
@@ -104,6 +100,11 @@ class RawSample:
     epoch: int
     shard: int
     index: int
+    source: int = 0  # which source of a blended --data-path
+
+    def rng_key(self, seed: int) -> list[int]:
+        """The augmentation seed: (seed, epoch, shard, index), plus the source in a blend (source 0 keeps the old key)."""
+        return [seed, self.epoch, self.shard, self.index] + ([self.source] if self.source else [])
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -187,7 +188,7 @@ class ShardStream:
     """One DP rank's endless, resumable stream of usable `RawSample`s (see the module docstring)."""
 
     def __init__(self, shards: Sequence[str], dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle_window: int = 512) -> None:
+                 shuffle_window: int = 512, source: int = 0) -> None:
         if not shards:
             raise ConfigError("--data-path resolved to no shard")
         if not 0 <= dp_rank < dp_size:
@@ -195,6 +196,8 @@ class ShardStream:
         self.shards = list(shards)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle_window = max(1, shuffle_window)
+        # The sources of a blend draw different shard orders and windows (source 0: the keys of a single source).
+        self.source, self._salt = source, [source] if source else []
         self.stats: Counter = Counter()
         self._plan_cache: tuple = (None, None)
         # Position: samples of the current shard consumed (offset) and of the epoch (position), usable or not.
@@ -203,15 +206,20 @@ class ShardStream:
 
     # -- position -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        return {**self.position_dict(), **self._layout()}
+
+    def _layout(self) -> dict:
+        return {"num_shards": len(self.shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
+                "shuffle_window": self.shuffle_window, "source": self.source}
+
+    def position_dict(self) -> dict:
+        """The cheap part of `state_dict` that changes per sample (the loader snapshots it after every sample)."""
         return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "position": self.position,
-                "usable_in_epoch": self.usable_in_epoch, "stats": dict(self.stats),
-                "num_shards": len(self.shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "seed": self.seed, "shuffle_window": self.shuffle_window}
+                "usable_in_epoch": self.usable_in_epoch, "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        layout = {k: state[k] for k in ("num_shards", "dp_rank", "dp_size", "seed", "shuffle_window")}
-        if layout != {"num_shards": len(self.shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                      "seed": self.seed, "shuffle_window": self.shuffle_window}:
+        layout = {k: state.get(k, 0) for k in self._layout()}
+        if layout != self._layout():
             raise ConfigError(f"the data position in the checkpoint was saved for {layout}; this run has "
                               f"{len(self.shards)} shards, DP rank {self.dp_rank} of {self.dp_size}, --seed "
                               f"{self.seed}: resume with the same --data-path, --seed and data-parallel size")
@@ -224,7 +232,7 @@ class ShardStream:
     def plan(self, epoch: int) -> tuple[list[int], int, int]:
         """(shard ids this rank reads in order, stride, phase): it keeps epoch positions p with p % stride == phase."""
         if self._plan_cache[0] != epoch:  # asked for every sample: a permutation of 100k shards is not free
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+            order = np.random.default_rng([self.seed, epoch, *self._salt]).permutation(len(self.shards)).tolist()
             plan = (order[self.dp_rank::self.dp_size], 1, 0) if len(self.shards) >= self.dp_size else \
                 (order, self.dp_size, self.dp_rank)
             self._plan_cache = (epoch, plan)
@@ -243,14 +251,8 @@ class ShardStream:
             for _ in itertools.islice(self._groups, window_id * self.shuffle_window):
                 pass
         window = list(itertools.islice(self._groups, self.shuffle_window))
-        perm = np.random.default_rng([self.seed, self.epoch, shard_id, window_id]).permutation(len(window))
+        perm = np.random.default_rng([self.seed, self.epoch, shard_id, window_id, *self._salt]).permutation(len(window))
         return [(window_id * self.shuffle_window + int(i), window[i]) for i in perm]
-
-    def reject(self, reason: str, sample: RawSample) -> None:
-        """The consumer found the last sample unusable (e.g. an image that does not decode): count it as skipped."""
-        count_skip(self.stats, reason, f"{self.shards[sample.shard]}:{sample.key}")
-        if sample.epoch == self.epoch:  # the stream may already be in the next epoch (a batch read ahead)
-            self.usable_in_epoch -= 1
 
     # -- iteration ------------------------------------------------------------------------------------------
     def __iter__(self) -> "ShardStream":
@@ -287,7 +289,7 @@ class ShardStream:
                 count_skip(self.stats, skip.reason, f"{self.shards[shard_id]}:{key}")
                 continue
             self.usable_in_epoch += 1
-            return RawSample(key, image, ext, caption, lang, self.epoch, shard_id, index)
+            return RawSample(key, image, ext, caption, lang, self.epoch, shard_id, index, self.source)
 
 
 class ShardWriter:
