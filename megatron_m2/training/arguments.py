@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
-                   help="webdataset tar shards: files, directories or brace patterns (shard-{00000..00099}.tar)")
+                   help="webdataset tar shards: files, directories or brace patterns (shard-{00000..00099}.tar); "
+                   "or a weighted blend of sources as alternating weight path pairs, Megatron-style: "
+                   "0.7 zh-shards/ 0.3 en-shards/ (weights normalised)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data worker processes per reading rank (decode, augment, tokenise); 0 = in the training "
+                   "process; default: CPU cores per local rank - 1, at most 16. Batches are the same for any value")
+    g.add_argument("--prefetch-factor", type=int, default=2,
+                   help="micro-batches each data worker prepares ahead")
     g.add_argument("--no-hflip", dest="hflip", action="store_false",
                    help="no random horizontal flip in the train augmentation (for images where a mirror changes the "
                    "meaning: digits, text)")
