@@ -2,7 +2,7 @@
 #   docker build -t megatron-m2:latest .
 #   enroot import -o megatron-m2.sqsh dockerd://megatron-m2:latest     # for Slurm + pyxis (examples/slurm/)
 # Bump the base with --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3; NGC images >= 25.01 ship
-# Python 3.12, so pip resolves the newest megatron-core the pinned torch allows (>= 0.16.1, see setup.py).
+# Python 3.12; pip takes the newest megatron-core in the range setup.py pins (0.16.x; see there why).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3
 FROM ${BASE_IMAGE}
 

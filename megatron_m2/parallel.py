@@ -178,17 +178,24 @@ _CPU_PATCHED = False
 def _make_megatron_cpu_safe() -> None:
     """Let megatron-core's CUDA-only code paths run on CPU with gloo; a no-op where CUDA exists.
 
-    Why each patch: p2p communication, DDP buffers and GlobalMemoryBuffer allocate on `torch.cuda.current_device()`
-    and call `torch.cuda.synchronize()`; the pipeline schedules, the optimizer and grad clipping allocate
-    `device="cuda"` scalars; the RNG tracker (used by DotProductAttention and model_parallel_cuda_manual_seed) reads
-    and writes CUDA generator states; grad clipping asserts grads are `torch.cuda.FloatTensor`; the local
-    multi-tensor l2 norm returns a CUDA tensor. We map the device
-    to CPU and the tracked generator to the CPU one, in those modules only, and change no layer.
+    Why each patch: p2p communication, DDP buffers (param_and_grad_buffer), GlobalMemoryBuffer (megatron `utils`)
+    and the dist-checkpoint savers (state_dict_saver's failure check, filesystem_async's preload, the fully parallel
+    wrapper, the async caller's all-reduce) allocate on `torch.cuda.current_device()` or call
+    `torch.cuda.synchronize()`; the pipeline schedules, the optimizer and grad clipping allocate `device="cuda"`
+    scalars; the RNG tracker (used by DotProductAttention and model_parallel_cuda_manual_seed) reads and writes CUDA
+    generator states; grad clipping asserts grads are `torch.cuda.FloatTensor`; the local multi-tensor l2 norm
+    returns a CUDA tensor. We map the device to CPU and the tracked generator to the CPU one by replacing the `torch`
+    name of those modules only (so `torch.cuda` of the process stays untouched), and change no layer.
+    Found by tracing every torch.cuda.current_device/synchronize call from a megatron module during
+    tests/test_parallel.py and TP/PP/DP training, save and resume on CPU (megatron-core 0.16.1).
     """
     global _CPU_PATCHED
     if _CPU_PATCHED or torch.cuda.is_available():
         return
     from megatron.core import utils as megatron_utils
+    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, fully_parallel
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+    from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.pipeline_parallel import p2p_communication, schedules
@@ -196,11 +203,10 @@ def _make_megatron_cpu_safe() -> None:
 
     # a CUDA tuning hint that megatron's layers print on every rank; it has no meaning on CPU
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     cpu_torch = _TorchWithCudaOnCpu()
-    for module in (schedules, p2p_communication, megatron_random, megatron_optimizer, clip_grads, megatron_utils):
+    for module in (schedules, p2p_communication, megatron_random, megatron_optimizer, clip_grads, megatron_utils,
+                   param_and_grad_buffer, state_dict_saver, filesystem_async, fully_parallel, async_utils):
         module.torch = cpu_torch
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

@@ -177,3 +177,24 @@ def test_two_stage_pipeline_matches_one_stage():
     assert sorted(grads) == [0, 1, 2, 3]
     for index, grad in one[1].items():
         torch.testing.assert_close(grads[index], grad, rtol=1e-5, atol=1e-6)
+
+
+def _cuda_names_after_init():
+    import importlib
+
+    parallel.initialize_model_parallel(1, 1)
+    patched = {}
+    for name in ("distributed.param_and_grad_buffer", "pipeline_parallel.p2p_communication", "utils",
+                 "dist_checkpointing.strategies.state_dict_saver", "dist_checkpointing.strategies.async_utils"):
+        module = importlib.import_module(f"megatron.core.{name}")
+        patched[name] = (str(module.torch.cuda.current_device()), module.torch.cuda.synchronize())
+    return torch.cuda.current_device.__module__, torch.cuda.synchronize.__module__, patched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patches are a no-op where CUDA exists")
+def test_cpu_patches_stay_inside_megatron_modules():
+    # The process's torch.cuda is torch's own (other code must still see that CUDA is absent); only the megatron
+    # modules that allocate on / synchronise the current CUDA device see a CPU stand-in.
+    for process_wide, patched in [(r[:2], r[2]) for r in run_distributed(2, _cuda_names_after_init)]:
+        assert process_wide == ("torch.cuda", "torch.cuda")
+        assert patched == {name: ("cpu", None) for name in patched}
