@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2.config import M2Config
+from megatron_m2.data.device import to_device
 from megatron_m2.models.m2_model import packed_sequence_length
 
 
@@ -35,8 +36,7 @@ def _encode(forward_step_func: Callable, model: torch.nn.Module, config: M2Confi
         )
     model.train(was_training)
     total = len(batches) * micro_batch_size
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    embeds = torch.empty(total, config.out_dim, device=device)
+    embeds = torch.empty(total, config.out_dim, device=next(model.parameters()).device)
     if parallel_state.is_pipeline_last_stage():
         embeds.copy_(torch.cat([image if with_images else text for image, text in outputs]).float())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -61,18 +61,19 @@ def make_encoders(forward_step_func: Callable, model: torch.nn.Module, tokenizer
 
     `forward_step_func(data_iterator, model)` is the trainer's step function (Megatron-LM's shape); its loss function
     must return the (image, text) embeddings when called with non_loss_data=True."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
 
     def encode_images(images: torch.Tensor) -> torch.Tensor:
         chunks, n = _split(images, micro_batch_size)
-        batches = [dict(images=c.to(device), text_ids=None, text_padding_mask=None) for c in chunks]
+        batches = [to_device(dict(images=c, text_ids=None, text_padding_mask=None), device, dtype) for c in chunks]
         return _encode(forward_step_func, model, config, batches, micro_batch_size, True, False)[:n]
 
     def encode_texts(texts: list[str]) -> torch.Tensor:
         ids, mask = tokenizer(list(texts))
         id_chunks, n = _split(ids, micro_batch_size)
         mask_chunks, _ = _split(mask, micro_batch_size)
-        batches = [dict(images=None, text_ids=i.to(device), text_padding_mask=m.to(device))
+        batches = [to_device(dict(images=None, text_ids=i, text_padding_mask=m), device, dtype)
                    for i, m in zip(id_chunks, mask_chunks)]
         return _encode(forward_step_func, model, config, batches, micro_batch_size, False, True)[:n]
 
@@ -85,13 +86,12 @@ def parse_classnames(items: list[str]) -> dict[str, str]:
 
 def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Module, object], dict[str, float]]:
     """The evaluation the flags ask for (zero-shot and/or retrieval): evaluate(forward_step_func, model, tokenizer)."""
-    from megatron_m2.data.transforms import eval_transform
-    from megatron_m2.eval.datasets import ImageFolderWithClassNames
+    from megatron_m2.eval.datasets import ImageFolderWithClassNames, model_eval_transform
     from megatron_m2.eval.retrieval import evaluate_retrieval
     from megatron_m2.eval.zeroshot import evaluate_zero_shot
 
     config: M2Config = args.model_config
-    transform = eval_transform(config.image_size)
+    transform = model_eval_transform(config)  # the model's saved preprocessing (squash for the release's weights)
     zeroshot: Optional[ImageFolderWithClassNames] = None
     if args.zeroshot_data:
         zeroshot = ImageFolderWithClassNames(args.zeroshot_data, parse_classnames(args.zeroshot_classnames),

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2 import parallel
-from megatron_m2.data.transforms import normalize
+from megatron_m2.data.device import to_device
 from megatron_m2.loss import itc_loss
 from megatron_m2.models.m2_model import packed_sequence_length
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
@@ -41,18 +41,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(unwrap(model).parameters()).device
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """The batch on the model's device: non-blocking copies (from pinned memory when the loader pinned it), uint8
-    images normalised there (4x fewer bytes over PCIe than float32). Tensors on the 'meta' device (the image shape that
-    later pipeline stages get instead of pixels) and None stay as they are."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            value = value.to(device, non_blocking=True)
-            if key == "images":
-                value = normalize(value).to(dtype) if value.dtype == torch.uint8 else value.to(dtype)
-        moved[key] = value
-    return moved
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(unwrap(model).parameters()).dtype
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
@@ -83,7 +73,6 @@ class StepConfig:
     seq_length: int
     itc_batch_accumulation: bool = True
     itc_chunk_size: Optional[int] = None
-    dtype: torch.dtype = torch.float32
 
     @property
     def accumulates(self) -> bool:
@@ -99,7 +88,6 @@ def step_config_from_args(args: argparse.Namespace) -> StepConfig:
         seq_length=packed_sequence_length(args.model_config),
         itc_batch_accumulation=args.itc_batch_accumulation,
         itc_chunk_size=args.itc_chunk_size or None,
-        dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
 
 
@@ -128,8 +116,8 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
                      config: StepConfig) -> list[dict]:
     """Gradients of the step's loss in the model's grad buffers (DP-reduced by the schedule's finalize); returns the
     last stage's per-micro-batch metrics (one entry for the whole step with batch accumulation)."""
-    device = model_device(model)
-    batches = [to_device(next(data_iterator), device, config.dtype) for _ in range(config.num_microbatches)]
+    device, dtype = model_device(model), model_dtype(model)
+    batches = [to_device(next(data_iterator), device, dtype) for _ in range(config.num_microbatches)]
     itc_group = parallel.get_itc_group()
     step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
     schedule = partial(get_forward_backward_func(), model=model, num_microbatches=config.num_microbatches,
