@@ -12,6 +12,7 @@ from typing import Any, Optional
 from megatron_m2.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+IMAGE_RESIZE_MODES = ("crop", "squash")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,19 @@ class M2Config:
     init_method_std: float = 0.02
     # The release also projects the backbone output (before the VL layers); optional second pair of heads.
     backbone_heads: bool = False
+    # Evaluation/inference preprocessing, saved with the model so the evaluator and exported HF folders see images as
+    # the model expects them. "crop": shorter side to image_size + center crop (what checkpoints without these fields
+    # were evaluated with); "squash": the whole image resized to image_size x image_size, no crop (M2-Encoder's
+    # release, vlmo/transforms/square_transform.py; the importer sets it).
+    image_resize_mode: str = "crop"
+    image_interpolation: str = "bicubic"
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        # JSON (presets, HF config.json) gives lists: keep the frozen config hashable and equal to the saved one
+        for name in ("image_mean", "image_std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     @property
     def num_patches(self) -> int:
@@ -63,6 +77,15 @@ class M2Config:
                               f"{self.num_attention_heads}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"--image-size {self.image_size} not divisible by the patch size {self.patch_size}")
+        if self.image_resize_mode not in IMAGE_RESIZE_MODES:
+            raise ConfigError(f"image_resize_mode {self.image_resize_mode!r}: use one of {IMAGE_RESIZE_MODES}")
+        # the trainer's and the evaluator's transforms (data/transforms.py) resize bicubic and normalise with 0.5
+        if self.image_interpolation != "bicubic":
+            raise ConfigError(f"image_interpolation {self.image_interpolation!r}: only 'bicubic' is implemented")
+        for name in ("image_mean", "image_std"):
+            if getattr(self, name) != (0.5,) * self.num_channels:
+                raise ConfigError(f"{name} {list(getattr(self, name))}: the data transforms normalise with 0.5 per "
+                                  f"channel; only [0.5] * {self.num_channels} is implemented")
         if self.max_text_length + self.position_offset > self.text_position_table_size:
             raise ConfigError(f"--max-text-length {self.max_text_length} needs a text position table of "
                               f"{self.max_text_length + self.position_offset} rows, the model has "

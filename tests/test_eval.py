@@ -272,6 +272,93 @@ def test_retrieval_jsonl_errors(tmp_path, row, match):
         read_retrieval_records(str(tmp_path / "absent.jsonl"))
 
 
+def test_retrieval_reads_the_release_files_as_shipped(tmp_path):
+    """f30k-cn_test.jsonl & co.: key "caption" (a list, or one string), paths relative to --retrieval-image-root;
+    lines naming the same image are one image (else its captions would count hits against a copy of itself)."""
+    root, _ = _make_folder(tmp_path)
+    jsonl = tmp_path / "release" / "f30k-cn_test.jsonl"
+    jsonl.parent.mkdir()
+    _write_jsonl(jsonl, [{"caption": ["a red square", "红色"], "image": "n00/img0.png"},
+                         {"caption": "green", "image": "n01/img0.png"},
+                         {"caption": ["蓝"], "image": "n02/img0.png"},
+                         {"caption": "blue again", "image": "n02/img0.png"}])
+    with pytest.raises(ConfigError, match="--retrieval-image-root"):  # relative to the JSONL's folder by default
+        read_retrieval_records(str(jsonl))
+    records = read_retrieval_records(str(jsonl), image_root=str(root))
+    assert [r.image for r in records] == [str(root / f"n0{i}" / "img0.png") for i in range(3)]
+    assert [r.captions for r in records] == [["a red square", "红色"], ["green"], ["蓝", "blue again"]]
+    scores = evaluate_retrieval(str(jsonl), _encode_images, _encode_texts, _to_tensor, image_root=str(root))
+    assert scores["MR"] == 100.0
+    for bad in ({"caption": [], "image": "n00/img0.png"}, {"caption": "x", "captions": ["y"], "image": "n00/img0.png"},
+                {"caption": ["ok", 3], "image": "n00/img0.png"}):
+        _write_jsonl(jsonl, [bad])
+        with pytest.raises(ConfigError, match=r"f30k-cn_test.jsonl:1: expected"):
+            read_retrieval_records(str(jsonl), image_root=str(root))
+
+
+def test_caption_normalization_official_is_the_releases_rule():
+    """eval_retrieval.py: text.lower().replace("“", '"').replace("”", '"'), nothing else."""
+    from megatron_m2.eval.datasets import normalize_caption
+
+    text = " A “Quoted” DOG’s ‘toy’ 「猫」 ÄÖ İ\t"
+    assert normalize_caption(text, "official") == ' a "quoted" dog’s ‘toy’ 「猫」 äö i̇\t'
+    assert normalize_caption(text, "official") == text.lower().replace("\u201c", '"').replace("\u201d", '"')
+    assert normalize_caption(text, "none") == text.strip()
+    with pytest.raises(ConfigError, match="--caption-normalization"):
+        normalize_caption(text, "lower")
+
+
+def test_retrieval_flags_reach_the_reader_through_the_path(tmp_path):
+    """--retrieval-image-root and --caption-normalization travel with args.retrieval_data, which the trainer's and
+    the standalone evaluator's evaluate functions hand to evaluate_retrieval as it is."""
+    import argparse
+
+    from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
+
+    root, _ = _make_folder(tmp_path)
+    jsonl = tmp_path / "test.jsonl"
+    _write_jsonl(jsonl, [{"caption": ["A “RED” one"], "image": "n00/img0.png"}])
+    parser = argparse.ArgumentParser()
+    add_eval_data_arguments(parser)
+    args = parser.parse_args(["--retrieval-data", str(jsonl), "--retrieval-image-root", str(root),
+                              "--caption-normalization", "official"])
+    check_eval_data_arguments(args)
+    assert args.retrieval_data == str(jsonl)  # still the path for everything else
+    [record] = read_retrieval_records(args.retrieval_data)
+    assert record.image == str(root / "n00" / "img0.png") and record.captions == ['a "red" one']
+    default = parser.parse_args(["--retrieval-data", str(jsonl), "--retrieval-image-root", str(root)])
+    check_eval_data_arguments(default)
+    assert read_retrieval_records(default.retrieval_data)[0].captions == ["A “RED” one"]
+    for flags, match in ((["--retrieval-image-root", str(root)], "--retrieval-image-root applies to"),
+                         (["--caption-normalization", "official"], "--caption-normalization applies to"),
+                         (["--retrieval-data", str(jsonl), "--retrieval-image-root", str(tmp_path / "no")],
+                          "--retrieval-image-root .*no such directory")):
+        with pytest.raises(ConfigError, match=match):
+            check_eval_data_arguments(parser.parse_args(flags))
+
+
+def test_evaluator_transform_follows_the_model_config():
+    """Old checkpoints (no preprocessing fields) keep shorter-side + crop; the release's weights squash."""
+    from megatron_m2.config import M2Config, load_config
+    from megatron_m2.eval.datasets import model_eval_transform
+
+    old = {k: v for k, v in load_config("tiny").to_dict().items() if not k.startswith("image_")
+           or k == "image_size"}
+    config = M2Config(**old)
+    assert config.image_resize_mode == "crop" and model_eval_transform(config).square is False
+    squash = M2Config(**{**old, "image_resize_mode": "squash", "image_mean": [0.5] * 3})
+    assert model_eval_transform(squash).square is True
+    assert squash.image_mean == (0.5, 0.5, 0.5) and M2Config(**squash.to_dict()) == squash
+    for field, value, match in (("image_resize_mode", "pad", "image_resize_mode 'pad'"),
+                                ("image_interpolation", "bilinear", "image_interpolation"),
+                                ("image_mean", [0.48, 0.46, 0.41], "image_mean")):
+        bad = M2Config(**{**old, field: value})
+        with pytest.raises(ConfigError, match=match):
+            bad.validate()
+        with pytest.raises(ConfigError, match=match):
+            model_eval_transform(bad)
+
+
 def test_retrieval_with_negative_similarities():
     # Image 0's only caption scores -0.5 against it, image 1's caption -0.2: a miss, whatever the sign.
     texts = torch.tensor([[-0.5, 0.0], [-0.2, 1.0]])

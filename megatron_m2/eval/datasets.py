@@ -2,8 +2,11 @@
 
 Zero-shot: the ImageNet layout, root/<class_dir>/*.jpg|png, class directories sorted by name = label order, plus one
 class-name file per language (one name a line, in label order: classnames_en.txt, classnames_zh.txt).
-Retrieval: JSONL, one {"image": path, "captions": [...]} a line (the Flickr30K-CN / COCO-CN test-file layout of
-M2-Encoder's release); relative image paths are relative to the JSONL's folder.
+Retrieval: JSONL, one {"image": path, "captions": [...]} a line, or the release's files as shipped
+(f30k-cn_test.jsonl, coco-cn_test.jsonl, f30k_caption_karpathy_test.jsonl, ...: key "caption"); either key may hold
+one string or a list. Lines naming the same image are one image with all their captions. Relative image paths are
+relative to --retrieval-image-root, else to the JSONL's folder. --caption-normalization official applies the
+release's evaluation text rule (eval_retrieval.py `_preprocess_text`: lower-case, “ and ” to ", nothing else).
 Problems are ConfigErrors raised when the data set is opened, naming the flag, so a bad path fails at startup and
 not after hours of training at the first --eval-interval.
 """
@@ -20,6 +23,51 @@ from PIL import Image
 from megatron_m2.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_NORMALIZATIONS = ("none", "official")
+
+
+def model_eval_transform(config) -> Callable:
+    """The evaluation transform of a model config's saved preprocessing (M2Config or M2EncoderConfig): squash for
+    the release's weights, shorter side + center crop for configs that predate the fields."""
+    from megatron_m2.config import IMAGE_RESIZE_MODES
+    from megatron_m2.data.transforms import eval_transform
+
+    mode = getattr(config, "image_resize_mode", "crop")
+    if mode not in IMAGE_RESIZE_MODES:
+        raise ConfigError(f"model config: image_resize_mode {mode!r} is not one of {IMAGE_RESIZE_MODES}")
+    # the transforms resize bicubic and normalise with 0.5 (data/transforms.py): refuse a config that asks otherwise
+    channels = getattr(config, "num_channels", 3)
+    for name, expected in (("image_interpolation", "bicubic"), ("image_mean", (0.5,) * channels),
+                           ("image_std", (0.5,) * channels)):
+        value = getattr(config, name, expected)
+        if (tuple(value) if isinstance(value, (list, tuple)) else value) != expected:
+            raise ConfigError(f"model config: {name} {value!r} is not implemented by the evaluator (only {expected})")
+    return eval_transform(config.image_size, square=mode == "squash")
+
+
+def normalize_caption(text: str, mode: str = "none") -> str:
+    """none: the caption stripped of surrounding whitespace. official: exactly the release's evaluation rule
+    (lower-case, curly double quotes to straight ones; no stripping), so ids equal the release's."""
+    if mode == "official":
+        return text.lower().replace("\u201c", '"').replace("\u201d", '"')
+    if mode == "none":
+        return text.strip()
+    raise ConfigError(f"--caption-normalization {mode!r}: use one of {CAPTION_NORMALIZATIONS}")
+
+
+class RetrievalData(str):
+    """The --retrieval-data path carrying how to read it (--retrieval-image-root, --caption-normalization), so the
+    evaluation reads the file as the flags say wherever it is handed the path (the trainer's and the standalone
+    evaluator's evaluate functions pass args.retrieval_data on as it is)."""
+
+    image_root: Optional[str]
+    caption_normalization: str
+
+    def __new__(cls, path: str, image_root: Optional[str] = None,
+                caption_normalization: str = "none") -> "RetrievalData":
+        out = super().__new__(cls, os.fspath(path))
+        out.image_root, out.caption_normalization = image_root, caption_normalization
+        return out
 
 
 def load_image(path: str) -> Image.Image:
@@ -97,14 +145,35 @@ class RetrievalRecord:
     captions: list[str]
 
 
-def read_retrieval_records(source: Union[str, Sequence[dict]], image_root: Optional[str] = None
-                           ) -> list[RetrievalRecord]:
-    """Records of a retrieval JSONL path (or of already-parsed dicts), image paths resolved and checked."""
+def _row_captions(row: object) -> Optional[list]:
+    """The captions of a row: key "captions" (ours) or "caption" (the release's), a string or a list."""
+    if not isinstance(row, dict) or ("caption" in row) == ("captions" in row):
+        return None  # neither key, both keys, or not an object: reported by the caller
+    captions = row["captions"] if "captions" in row else row["caption"]
+    return [captions] if isinstance(captions, str) else captions
+
+
+def read_retrieval_records(source: Union[str, Sequence[dict]], image_root: Optional[str] = None,
+                           caption_normalization: Optional[str] = None) -> list[RetrievalRecord]:
+    """Records of a retrieval JSONL path (or of already-parsed dicts), image paths resolved and checked.
+
+    image_root: where relative image paths start (default: the JSONL's folder; for dicts the cwd).
+    caption_normalization: "none" (strip) or "official" (the release's rule, see normalize_caption).
+    A RetrievalData path brings both along; explicit arguments win.
+    """
+    image_root = image_root if image_root is not None else getattr(source, "image_root", None)
+    mode = caption_normalization or getattr(source, "caption_normalization", None) or "none"
+    if mode not in CAPTION_NORMALIZATIONS:
+        raise ConfigError(f"--caption-normalization {mode!r}: use one of {CAPTION_NORMALIZATIONS}")
+    root_flag = "--retrieval-image-root" if image_root is not None else None
+    if image_root is not None and not os.path.isdir(image_root):
+        raise ConfigError(f"--retrieval-image-root {image_root!r}: no such directory")
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise ConfigError(f"--retrieval-data {path!r}: no such file")
-        image_root = os.path.dirname(os.path.abspath(path))
+        if image_root is None:
+            image_root = os.path.dirname(os.path.abspath(path))
         rows = []
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -116,21 +185,22 @@ def read_retrieval_records(source: Union[str, Sequence[dict]], image_root: Optio
                     raise ConfigError(f"--retrieval-data {path}:{number}: not valid JSON ({exc})") from exc
     else:
         rows = [(f"record {i}", row) for i, row in enumerate(source)]
-    records = []
+    by_image: dict[str, tuple[str, list[str]]] = {}  # normalised path -> (path, captions), in the file's order
     for where, row in rows:
         image = row.get("image") if isinstance(row, dict) else None
-        captions = row.get("captions") if isinstance(row, dict) else None
-        if isinstance(captions, str):
-            captions = [captions]
+        captions = _row_captions(row)
         if not isinstance(image, str) or not isinstance(captions, list) or not captions \
                 or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise ConfigError(f"--retrieval-data {where}: expected {{\"image\": path, \"captions\": [non-empty "
-                              f"strings]}}, got {str(row)[:200]}")
+            raise ConfigError(f"--retrieval-data {where}: expected {{\"image\": path, \"captions\" (or the "
+                              f"release's \"caption\"): a non-empty string or list of them}}, got {str(row)[:200]}")
         resolved = image if os.path.isabs(image) else os.path.join(image_root or os.getcwd(), image)
         if not os.path.isfile(resolved):
+            relative_to = root_flag or "the JSONL's folder; set --retrieval-image-root for another root"
             raise ConfigError(f"--retrieval-data {where}: image {resolved!r} not found (relative paths are "
-                              "relative to the JSONL's folder)")
-        records.append(RetrievalRecord(resolved, [c.strip() for c in captions]))
-    if not records:
+                              f"relative to {relative_to})")
+        # one image named on several lines is one retrieval target, with all its captions
+        by_image.setdefault(os.path.normpath(resolved), (resolved, []))[1].extend(
+            normalize_caption(c, mode) for c in captions)
+    if not by_image:
         raise ConfigError(f"--retrieval-data {source!r}: no record")
-    return records
+    return [RetrievalRecord(image, captions) for image, captions in by_image.values()]

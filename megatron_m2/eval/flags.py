@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from megatron_m2.errors import ConfigError
+from megatron_m2.eval.datasets import CAPTION_NORMALIZATIONS, RetrievalData
 
 
 def add_eval_data_arguments(group: argparse._ActionsContainer) -> None:
@@ -13,7 +15,14 @@ def add_eval_data_arguments(group: argparse._ActionsContainer) -> None:
                        help="class-name files, one name per line in class-folder order, e.g. en=names_en.txt "
                             "zh=names_zh.txt")
     group.add_argument("--retrieval-data", default=None,
-                       help='retrieval JSONL: one {"image": path, "captions": [...]} per line')
+                       help='retrieval JSONL: one {"image": path, "captions": [...]} per line, or the release\'s '
+                            'files as shipped ("caption": a string or a list)')
+    group.add_argument("--retrieval-image-root", default=None, metavar="DIR",
+                       help="relative image paths of --retrieval-data start here (default: the JSONL's folder); "
+                            "e.g. the folder holding flickr30k_images/ for the release's f30k-cn_test.jsonl")
+    group.add_argument("--caption-normalization", default="none", choices=CAPTION_NORMALIZATIONS,
+                       help="retrieval captions before tokenising: none (strip whitespace) or official (the "
+                            "release's evaluation: lower-case, curly double quotes to straight)")
     group.add_argument("--eval-batch-size", type=int, default=64, help="images or texts per evaluation forward")
 
 
@@ -26,3 +35,15 @@ def check_eval_data_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"--zeroshot-classnames expects LANG=FILE, got {item!r}")
     if args.eval_batch_size < 1:
         raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    image_root = getattr(args, "retrieval_image_root", None)
+    normalization = getattr(args, "caption_normalization", "none")
+    if not args.retrieval_data:
+        for flag, value, default in (("--retrieval-image-root", image_root, None),
+                                     ("--caption-normalization", normalization, "none")):
+            if value != default:
+                raise ConfigError(f"{flag} applies to --retrieval-data, which is not given: pass it or drop {flag}")
+        return
+    if image_root is not None and not os.path.isdir(image_root):
+        raise ConfigError(f"--retrieval-image-root {image_root!r}: no such directory")
+    # the evaluation functions hand args.retrieval_data to the reader as it is: let the path carry the two flags
+    args.retrieval_data = RetrievalData(args.retrieval_data, image_root, normalization)

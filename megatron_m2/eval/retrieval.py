@@ -53,14 +53,17 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
 
 def evaluate_retrieval(jsonl_path_or_records: Union[str, Sequence[dict]], encode_images: EncodeImages,
                        encode_texts: EncodeTexts, transform: Callable, batch_size: int = 64,
-                       image_root: Optional[str] = None) -> dict[str, float]:
-    """Retrieval metrics on a JSONL file of {"image": path, "captions": [...]} (or those records as dicts).
+                       image_root: Optional[str] = None,
+                       caption_normalization: Optional[str] = None) -> dict[str, float]:
+    """Retrieval metrics on a JSONL file of {"image": path, "captions" or "caption": [...]} (or those records).
 
-    Relative image paths are resolved against the JSONL's folder (records: `image_root`, default the cwd).
+    Relative image paths are resolved against `image_root`, else the JSONL's folder (records: the cwd);
+    caption_normalization "official" applies the release's text rule (see datasets.read_retrieval_records; a
+    datasets.RetrievalData path carries both settings from the flags).
     """
     from megatron_m2.eval.datasets import load_image, read_retrieval_records
 
-    records = read_retrieval_records(jsonl_path_or_records, image_root)
+    records = read_retrieval_records(jsonl_path_or_records, image_root, caption_normalization)
     image_embeds = []
     for start in range(0, len(records), batch_size):
         batch = torch.stack([transform(load_image(r.image)) for r in records[start:start + batch_size]])
