@@ -154,6 +154,16 @@ def destroy_model_parallel() -> None:
             dist.destroy_process_group(group)
 
 
+def is_logging_rank() -> bool:
+    """The rank that logs training metrics: the last one, which is on the last pipeline stage and holds the loss."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
 def get_layout() -> Layout:
     if _LAYOUT is None:
         raise RuntimeError("call megatron_m2.parallel.initialize_model_parallel() first")

@@ -41,20 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace, world_size: int):
     """Every check that needs no model: returns (model config, layout, checkpoint iteration)."""
     from megatron_m2.config import M2Config, validate_parallel_shapes
+    from megatron_m2 import checkpoint_layout
     from megatron_m2.parallel import validate_layout
-    from megatron_m2.training import checkpointing
 
     if not (args.zeroshot_data or args.retrieval_data):
         raise ConfigError("nothing to evaluate: pass --zeroshot-data (with --zeroshot-classnames) and/or "
                           "--retrieval-data")
     check_eval_data_arguments(args)
-    iteration = args.iteration if args.iteration is not None else checkpointing.latest_iteration(args.load)
-    if iteration is None or not (checkpointing.checkpoint_dir(args.load, iteration) / checkpointing.DONE).exists():
+    iteration = args.iteration if args.iteration is not None else checkpoint_layout.latest_iteration(args.load)
+    if iteration is None or not checkpoint_layout.is_complete(checkpoint_layout.checkpoint_dir(args.load, iteration)):
         raise ConfigError(f"--load {args.load}: no complete checkpoint"
                           + (f" for --iteration {args.iteration}" if args.iteration is not None else ""))
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(checkpointing.checkpoint_dir(args.load, iteration)))
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_layout.checkpoint_dir(args.load, iteration)))
     if "model_config" not in common:
         raise ConfigError(f"--load {args.load}: the checkpoint does not record its model config")
     config = M2Config(**common["model_config"])
@@ -71,7 +71,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     from megatron_m2.eval.runner import make_eval_fn
     from megatron_m2.models import build_model
     from megatron_m2.training import checkpointing
-    from megatron_m2.training.logging import print_rank_0
+    from megatron_m2.parallel import print_rank_0
     from megatron_m2.training.step import forward_step
 
     config, layout, iteration = _check(args, int(os.environ.get("WORLD_SIZE", "1")))

@@ -1,0 +1,113 @@
+"""Progress lines, TensorBoard scalars and the JSONL metrics file, in Megatron-LM's names, written by one rank (the
+last one, which holds the loss).
+
+TensorBoard tags follow megatron/training/training.py's training_log, so Megatron users' dashboards work:
+`learning-rate`, `batch-size`, `<loss name>` (here `itc-loss`), `grad-norm`, `logit-scale`, each also as
+`<tag> vs samples` (x axis = consumed samples), `iteration-time`, `throughput` (TFLOP/s per GPU, on GPU), plus
+`samples-per-second`, `skipped-iterations` and `nan-iterations`. The log line reads like Megatron-LM's.
+The metrics file keeps one JSON object per step with the raw metric names (itc_loss, lr, ...) and consumed samples.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_m2.parallel import is_logging_rank
+
+# raw metric name -> Megatron-LM style tag
+TAGS = {"lr": "learning-rate", "itc_loss": "itc-loss", "grad_norm": "grad-norm", "logit_scale": "logit-scale",
+        "i2t_acc": "i2t-accuracy", "t2i_acc": "t2i-accuracy"}
+# the log line's label for each raw metric, in the order Megatron-LM prints them
+LABELS = {"lr": "learning rate", "itc_loss": "itc loss", "logit_scale": "logit scale", "i2t_acc": "i2t acc",
+          "t2i_acc": "t2i acc", "grad_norm": "grad norm"}
+
+
+class MetricsLogger:
+    """One line per --log-interval; TensorBoard scalars and the metrics file every step."""
+
+    def __init__(self, tensorboard_dir: Optional[str], train_iters: int, flops_per_sample: float,
+                 world_size: int, on_gpu: bool, metrics_file: Optional[str] = None):
+        self.enabled = is_logging_rank()
+        self.metrics_file = None
+        if self.enabled and metrics_file:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = open(metrics_file, "a", encoding="utf-8")
+        self.train_iters, self.flops_per_sample = train_iters, flops_per_sample
+        self.world_size, self.on_gpu = world_size, on_gpu
+        self.writer = None
+        if self.enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        self.skipped_iterations = self.nan_iterations = 0
+        self._window_start, self._window_samples, self._window_iterations = time.perf_counter(), 0, 0
+
+    def step(self, iteration: int, consumed_samples: int, batch_samples: int, scalars: dict[str, float],
+             print_line: bool) -> None:
+        self._window_samples += batch_samples
+        self._window_iterations += 1
+        self.skipped_iterations += int(scalars.get("skipped", 0))
+        loss = scalars.get("itc_loss")
+        self.nan_iterations += int(loss is not None and not math.isfinite(loss))
+        if not self.enabled:
+            return
+        self._record("train", iteration, {"consumed_samples": consumed_samples, **scalars})
+        if self.writer is not None:
+            self.writer.add_scalar("batch-size", batch_samples, iteration)
+            self.writer.add_scalar("batch-size vs samples", batch_samples, consumed_samples)
+            for name, value in scalars.items():
+                if name == "skipped":
+                    continue
+                tag = TAGS.get(name, name)
+                self.writer.add_scalar(tag, value, iteration)
+                self.writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+            self.writer.add_scalar("skipped-iterations", self.skipped_iterations, iteration)
+            self.writer.add_scalar("nan-iterations", self.nan_iterations, iteration)
+        if not print_line:
+            return
+        elapsed = time.perf_counter() - self._window_start
+        iteration_time = elapsed / max(self._window_iterations, 1)
+        samples_per_s = self._window_samples / max(elapsed, 1e-9)
+        parts = [f" iteration {iteration:8d}/{self.train_iters:8d}", f"consumed samples: {consumed_samples:12d}",
+                 f"elapsed time per iteration (ms): {1000 * iteration_time:.1f}"]
+        if self.on_gpu:
+            tflops = samples_per_s * self.flops_per_sample / self.world_size / 1e12
+            parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+            if self.writer is not None:
+                self.writer.add_scalar("throughput", tflops, iteration)
+        if "lr" in scalars:
+            parts.append(f"learning rate: {scalars['lr']:.6E}")
+        parts.append(f"global batch size: {batch_samples:5d}")
+        for name, label in LABELS.items():
+            if name in scalars and name != "lr":
+                parts.append(f"{label}: {scalars[name]:.6E}" if name == "itc_loss" else f"{label}: {scalars[name]:.4g}")
+        parts += [f"{name}: {value:.6g}" for name, value in scalars.items() if name not in LABELS and name != "skipped"]
+        parts += [f"number of skipped iterations: {self.skipped_iterations:3d}",
+                  f"number of nan iterations: {self.nan_iterations:3d}", f"samples/s: {samples_per_s:.2f}"]
+        if self.writer is not None:
+            self.writer.add_scalar("iteration-time", iteration_time, iteration)
+            self.writer.add_scalar("samples-per-second", samples_per_s, iteration)
+        print(" | ".join(parts) + " |", flush=True)
+        self._window_start, self._window_samples, self._window_iterations = time.perf_counter(), 0, 0
+
+    def _record(self, kind: str, iteration: int, values: dict[str, float]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+            self.metrics_file.flush()
+
+    def scalars(self, prefix: str, values: dict[str, float], iteration: int) -> None:
+        """Evaluation results (and other non-step series) under `prefix/`, e.g. eval/en/top1."""
+        if self.enabled:
+            self._record(prefix, iteration, values)
+        if self.enabled and self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
