@@ -86,14 +86,6 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--tensor-model-parallel-size must be one of {planner.TENSOR_PARALLEL_SIZES}")
 
 
-def _rss_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(args: argparse.Namespace, config, training: "planner.Training") -> dict[str, float]:
     """Peak memory of two real training steps (the trainer's own model, DDP, optimizer and train_step).
 
@@ -108,45 +100,27 @@ def measure(args: argparse.Namespace, config, training: "planner.Training") -> d
     import torch
 
     from megatron_m2 import parallel
-    from megatron_m2.training.arguments import build_parser as trainer_parser, validate_args
+    from megatron_m2.training.bench import build_training, rss_bytes, synthetic_batches, trainer_args
 
-    flags = ["--model", args.model, "--micro-batch-size", str(training.micro_batch_size), "--global-batch-size",
-             str(training.micro_batch_size), "--spec", training.spec, "--dry-run", "--clip-grad", "1.0"]
-    flags += ["--bf16"] * training.bf16 + ["--recompute-activations"] * bool(training.recompute)
-    flags += ["--use-distributed-optimizer"] * training.use_distributed_optimizer
-    trainer_args = trainer_parser().parse_args(flags)
-    trainer_args.model_config = config
-    trainer_args.layout = validate_args(trainer_args, world_size=1)
-    trainer_args.dry_run = False
-
+    pieces_args = trainer_args(args.model, training.micro_batch_size, bf16=training.bf16,
+                               recompute=bool(training.recompute), spec=training.spec,
+                               use_distributed_optimizer=training.use_distributed_optimizer, config=config,
+                               extra=["--clip-grad", "1.0"])
     parallel.initialize_model_parallel(1, 1)
-    from megatron_m2.models import build_model
-    from megatron_m2.config import transformer_overrides
-    from megatron_m2.training.step import forward_step, step_config_from_args, train_step
-    from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
-
     on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
-    b = training.micro_batch_size
-    batch = dict(images=torch.randn(b, config.num_channels, config.image_size, config.image_size, device=device),
-                 text_ids=torch.randint(0, config.vocab_size, (b, config.max_text_length), device=device),
-                 text_padding_mask=torch.zeros(b, config.max_text_length, dtype=torch.bool, device=device))
-    if training.bf16:
-        batch["images"] = batch["images"].bfloat16()
+    batch = synthetic_batches(config, training.micro_batch_size, device="cuda" if on_gpu else "cpu",
+                              image_dtype=torch.bfloat16 if training.bf16 else torch.float32)[0]
 
     def batches():
         while True:
             yield batch
 
     torch.manual_seed(0)
-    baseline = torch.cuda.memory_allocated() if on_gpu else _rss_bytes("VmRSS")
-    model = build_model(config, spec=training.spec, **transformer_overrides(bool(training.recompute), training.bf16))
-    ddp = wrap_ddp(model, trainer_args)
-    optimizer, scheduler = build_optimizer(ddp, trainer_args)
-    data = batches()
-    step_config = step_config_from_args(trainer_args)
+    baseline = torch.cuda.memory_allocated() if on_gpu else rss_bytes("VmRSS")
+    pieces = build_training(pieces_args)
+    model, data = pieces.model, batches()
     start = time.perf_counter()
-    metrics = [train_step(forward_step, data, ddp, optimizer, scheduler, step_config)]
+    metrics = [pieces.step(data)]
     # The peak of what autograd keeps alive for backward in the second step (unique storages, weights excluded):
     # the planner's "activations" term, measured without the allocator's noise. A storage counts from the first time
     # an op saves it until the last saved reference to it is freed.
@@ -171,9 +145,9 @@ def measure(args: argparse.Namespace, config, training: "planner.Training") -> d
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        metrics.append(train_step(forward_step, data, ddp, optimizer, scheduler, step_config))
+        metrics.append(pieces.step(data))
     seconds = (time.perf_counter() - start) / 2
-    peak = torch.cuda.max_memory_allocated() if on_gpu else _rss_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if on_gpu else rss_bytes("VmHWM")
     parallel.destroy_model_parallel()
     return dict(measured=float(peak - baseline), saved=float(saved["peak"]), seconds_per_step=seconds,
                 loss=metrics[-1].get("itc_loss", float("nan")),
