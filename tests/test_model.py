@@ -271,7 +271,7 @@ def test_build_model_rejects_impossible_layouts_before_allocating(monkeypatch, f
         raise AssertionError("allocated before validating the layout")
 
     monkeypatch.setattr(m2_model, "transformer_config", no_allocation)
-    monkeypatch.setattr(m2_model.M2EncoderModel, "__init__", no_allocation)
+    monkeypatch.setattr(m2_model.M2PipelineStage, "__init__", no_allocation)
     with pytest.raises(ConfigError, match=flag):
         m2_model.build_model(config, spec="local")
 

@@ -59,7 +59,7 @@ def _stage_block_config(tc: TransformerConfig, num_layers: int, stage_layers: li
     return dataclasses.replace(tc, **fields)
 
 
-class M2EncoderModel(MegatronModule):
+class M2PipelineStage(MegatronModule):
     """One pipeline stage of the two-tower M2-Encoder (see the module docstring).
 
     forward(images [b,3,H,W] | None, text_ids [b,L] | None, text_padding_mask [b,L] bool | None, True = padding):
@@ -132,7 +132,7 @@ class M2EncoderModel(MegatronModule):
     # -- megatron-core schedule interface ------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, None]) -> None:
         if isinstance(input_tensor, (list, tuple)):
-            assert len(input_tensor) == 1, "M2EncoderModel takes one packed input tensor"
+            assert len(input_tensor) == 1, "M2PipelineStage takes one packed input tensor"
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
@@ -161,7 +161,7 @@ class M2EncoderModel(MegatronModule):
     def forward(self, images: Optional[torch.Tensor], text_ids: Optional[torch.Tensor],
                 text_padding_mask: Optional[torch.Tensor] = None):
         if images is None and text_ids is None:
-            raise ValueError("M2EncoderModel.forward needs images, text_ids or both")
+            raise ValueError("M2PipelineStage.forward needs images, text_ids or both")
         s_img = self.m2_config.vision_seq_length if images is not None else 0
         if self.pre_process:
             image_h = self.vision_embed(images) if images is not None else None
@@ -202,7 +202,7 @@ class M2EncoderModel(MegatronModule):
         return F.normalize(head(hidden[0]), dim=-1)
 
 
-def build_model(config: M2Config, spec: str = "auto", **transformer_config_overrides) -> M2EncoderModel:
+def build_model(config: M2Config, spec: str = "auto", **transformer_config_overrides) -> M2PipelineStage:
     """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
 
     Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
@@ -216,7 +216,7 @@ def build_model(config: M2Config, spec: str = "auto", **transformer_config_overr
     overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
     overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", torch.float32))
     tc = transformer_config(config, tp, pp, **overrides)
-    model = M2EncoderModel(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
+    model = M2PipelineStage(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage(), spec=spec)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -1,4 +1,4 @@
-"""The full "canonical" state dict <-> the state dict of one TP rank / PP stage of M2EncoderModel.
+"""The full "canonical" state dict <-> the state dict of one TP rank / PP stage of M2PipelineStage.
 
 Canonical = the local-spec model at TP=1, PP=1: our module names, global layer indices, no `_extra_state`, the token
 embedding WITHOUT vocab padding (exactly config.vocab_size rows). The fused QKV follows megatron-core's layout: per
