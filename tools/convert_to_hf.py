@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Convert a megatron-core dist checkpoint (saved at ANY TP/PP) into a Hugging Face folder.
 
-The folder holds config.json (with auto_map), model.safetensors (sharded above --max-shard-size), the modeling code,
-preprocessor_config.json and, with --tokenizer-model, tokenizer.model; load it with
-AutoModel.from_pretrained(folder, trust_remote_code=True), no megatron needed.
+The folder holds config.json (with auto_map), model.safetensors (sharded above --max-shard-size), the remote code,
+preprocessor_config.json (the model's saved preprocessing) and, with --tokenizer-model, tokenizer.model,
+tokenizer_config.json and processor_config.json; AutoModel, AutoProcessor, AutoTokenizer and AutoImageProcessor
+(trust_remote_code=True) load it with transformers, torch, sentencepiece and Pillow only, no megatron needed.
 
 Memory: the checkpoint's global tensors are read one at a time (the stacked per-layer block tensors one layer at a
 time) and written into safetensors shards flushed at --max-shard-size. Peak memory is about --max-shard-size plus

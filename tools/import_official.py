@@ -2,8 +2,11 @@
 """Import a released M2-Encoder .ckpt into a Hugging Face folder (and/or a megatron checkpoint).
 
 Every official key is accounted for: the ones the model needs are renamed (megatron_m2/hf/key_mapping.py), the
-known-unused ones (backbone_vl B copies, training-only parts) are listed in the log, and any missing or unknown key
-is an error that lists them.
+known-unused ones (backbone_vl B copies, training-only parts such as the MIM tokenizer and the itc_teacher*
+distillation heads, logit_vl_scale) are listed in the log, and any missing or unknown key is an error that lists them.
+As the release's inference: the logit scale is the checkpoint's logit_scale, and the model config records the
+release's preprocessing (squash to image_size x image_size, bicubic, mean/std 0.5), which the evaluator and the HF
+image processor apply.
 
   python tools/import_official.py --checkpoint m2_encoder_1B.ckpt --hf-output out/m2-1b-hf \
       --tokenizer-model glm_sp.model

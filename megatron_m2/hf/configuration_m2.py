@@ -2,11 +2,13 @@
 
 Self-contained (torch + transformers only): this file is copied into converted folders as remote code.
 Field names equal megatron_m2.config.M2Config (its init_method_std is `initializer_range` here, the transformers
-name); megatron_m2.hf.convert maps one to the other.
+name); megatron_m2.hf.convert maps one to the other. The image_* fields record how images are preprocessed for this
+model (image_processing_m2.M2ImageProcessor is written from them); folders without them get the "crop" default.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from transformers import PretrainedConfig
 
@@ -33,6 +35,10 @@ class M2EncoderConfig(PretrainedConfig):
         logit_scale_init: float = math.log(1 / 0.07),
         backbone_heads: bool = False,
         initializer_range: float = 0.02,
+        image_resize_mode: str = "crop",
+        image_interpolation: str = "bicubic",
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -52,6 +58,10 @@ class M2EncoderConfig(PretrainedConfig):
         self.logit_scale_init = logit_scale_init
         self.backbone_heads = backbone_heads
         self.initializer_range = initializer_range
+        self.image_resize_mode = image_resize_mode  # "crop" (shorter side + center crop) or "squash" (the release)
+        self.image_interpolation = image_interpolation
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
         super().__init__(**kwargs)
 
     @property

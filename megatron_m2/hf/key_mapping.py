@@ -3,10 +3,13 @@
 What the official code does (alipay Ant-Multi-Modal-Framework, prj/M2_Encoder, vlmo/modules/vlmo_module.py and its
 OpenVINO export; torchscale BEiT-3 underneath):
   infer_image/infer_text return cls_feats = itc_{image,text}_proj(backbone_out[:, 0]) and
-  cls_vlffn_feats = itc_vl_{image,text}_proj(backbone_vl_out[:, 0]); compute_itc pairs cls_feats with logit_scale
-  and cls_vlffn_feats with logit_vl_scale; the released inference encoders use cls_vlffn_feats.
-So our main heads (on the VL output) are itc_vl_*_proj + logit_vl_scale, and the optional backbone heads are
-itc_*_proj + logit_scale. backbone_vl runs with multiway_split_position=-1, i.e. only its A weights are used.
+  cls_vlffn_feats = itc_vl_{image,text}_proj(backbone_vl_out[:, 0]); the released inference (m2_encoder.py) uses
+  cls_vlffn_feats and scales their similarities by logit_scale.exp(); it never reads logit_vl_scale (training's
+  compute_itc paired that one with the VL features, but the release does not).
+So our main heads (on the VL output) are itc_vl_*_proj, and our logit_scale is the official logit_scale, as the
+release computes probabilities; the optional backbone heads are itc_*_proj and use the same logit_scale (as compute_itc
+pairs them). logit_vl_scale is known-unused. backbone_vl runs with multiway_split_position=-1, i.e. only its A
+weights are used.
 """
 from __future__ import annotations
 
@@ -35,8 +38,12 @@ OFFICIAL_UNUSED_EXACT = (
     "backbone.vision_embed.mask_token",  # BEiT-3 masked image modelling token (pre-training only)
     "norm.weight", "norm.bias",  # VLMo module's spare LayerNorm, not called in infer_image/infer_text
     "pooler.dense.weight", "pooler.dense.bias",  # ITM pooler, not used by the contrastive heads
+    "logit_vl_scale",  # never read by the released inference, which scales the VL features by logit_scale
 )
-OFFICIAL_UNUSED_PREFIXES = ("visual_tokenizer.",)  # BEiT-v2 tokenizer for MIM targets, training only
+OFFICIAL_UNUSED_PREFIXES = (
+    "visual_tokenizer.",  # BEiT-v2 tokenizer for MIM targets, training only (the release's loader drops it)
+    "itc_teacher",  # distillation teacher heads/models (itc_teacher*): the release's loader ignores them
+)
 
 
 def _encoder_pairs(official_prefix: str, hf_prefix: str, num_layers: int, copy: str) -> dict[str, str]:
@@ -59,12 +66,11 @@ def official_to_hf_map(config: Any) -> dict[str, str]:
         "backbone.encoder.embed_positions.B.weight": "text_embed.position_embedding.weight",
         "itc_vl_image_proj.fc.weight": "image_projection.weight",
         "itc_vl_text_proj.fc.weight": "text_projection.weight",
-        "logit_vl_scale": "logit_scale",
+        "logit_scale": "logit_scale",
     }
     if config.backbone_heads:
         pairs.update({"itc_image_proj.fc.weight": "backbone_image_projection.weight",
-                      "itc_text_proj.fc.weight": "backbone_text_projection.weight",
-                      "logit_scale": "backbone_logit_scale"})
+                      "itc_text_proj.fc.weight": "backbone_text_projection.weight"})
     for copy, tower in (("A", "vision_encoder."), ("B", "text_encoder.")):
         pairs.update(_encoder_pairs("backbone.encoder.", tower, config.num_layers, copy))
         for p in ("weight", "bias"):
@@ -75,12 +81,17 @@ def official_to_hf_map(config: Any) -> dict[str, str]:
     return pairs
 
 
+def official_copied_keys(config: Any) -> dict[str, str]:
+    """HF keys filled from an official key that official_to_hf_map already maps elsewhere (HF key -> official key)."""
+    return {"backbone_logit_scale": "logit_scale"} if config.backbone_heads else {}
+
+
 def official_unused_keys(config: Any) -> set[str]:
     """The backbone_vl B copies: present in every release, never used (backbone_vl runs with split position -1)."""
     unused = set(_encoder_pairs("backbone_vl.", "", config.num_vl_layers, "B"))
     unused.update(f"backbone_vl.layer_norm.B.{p}" for p in ("weight", "bias"))
     if not config.backbone_heads:
-        unused.update({"itc_image_proj.fc.weight", "itc_text_proj.fc.weight", "logit_scale"})
+        unused.update({"itc_image_proj.fc.weight", "itc_text_proj.fc.weight"})
     return unused
 
 

@@ -7,8 +7,8 @@ megatron_m2. Semantics follow the official release (torchscale BEiT-3 as used by
   positions: learned tables indexed from position_offset (2), as fairseq/torchscale do.
 The vision copy (A) and text copy (B) of each backbone layer are two separate towers here; the VL layers (official
 backbone_vl, A weights) are shared by both modalities. Output heads: CLS of the VL output -> bias-free projection ->
-L2 normalise (official itc_vl_*_proj + logit_vl_scale). Optional backbone heads project the CLS of the backbone output
-(official itc_*_proj + logit_scale).
+L2 normalise (official itc_vl_*_proj); logits = exp(logit_scale) * cosine, with the official logit_scale, as the
+released inference computes them. Optional backbone heads project the CLS of the backbone output (official itc_*_proj).
 """
 from __future__ import annotations
 

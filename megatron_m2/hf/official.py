@@ -10,8 +10,8 @@ import torch
 
 from megatron_m2.errors import ConfigError
 from megatron_m2.hf.configuration_m2 import M2EncoderConfig
-from megatron_m2.hf.key_mapping import (count_official_layers, is_official_extra, official_to_hf_map,
-                                        official_unused_keys, strip_official_prefix)
+from megatron_m2.hf.key_mapping import (count_official_layers, is_official_extra, official_copied_keys,
+                                        official_to_hf_map, official_unused_keys, strip_official_prefix)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ def config_from_official(state_dict: Mapping[str, torch.Tensor], num_attention_h
                   num_vl_layers=num_vl_layers, out_dim=out_dim, patch_size=patch.shape[-1],
                   image_size=side * patch.shape[-1], num_channels=patch.shape[1], vocab_size=vocab,
                   max_text_length=max_text_length, position_offset=position_offset,
-                  text_position_table_size=text_rows, backbone_heads=backbone_heads)
+                  text_position_table_size=text_rows, backbone_heads=backbone_heads,
+                  # the release's validation transform: Resize((size, size), BICUBIC), mean/std 0.5, no crop
+                  image_resize_mode="squash", image_interpolation="bicubic", image_mean=[0.5] * patch.shape[1],
+                  image_std=[0.5] * patch.shape[1])
     fields.update(overrides)
     return M2EncoderConfig(**fields)
 
@@ -89,7 +92,8 @@ def official_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor],
     if ignored:
         log.info("known unused official keys (%d, not imported): %s", len(ignored), ", ".join(ignored))
     out = {}
-    for official_key, hf_key in mapping.items():
+    pairs = list(mapping.items()) + [(o, h) for h, o in official_copied_keys(config).items()]
+    for official_key, hf_key in pairs:
         value = state_dict[official_key]
         out[hf_key] = value.reshape(()) if hf_key.endswith("logit_scale") else value
     return out

@@ -1,138 +1,80 @@
-"""Tokenizer + image preprocessing for M2-Encoder, self-contained (sentencepiece, torch, Pillow, numpy).
+"""M2-Encoder's processor (tokenizer + image processor) as a transformers processor (AutoProcessor, trust_remote_code).
 
-Copied into converted folders next to tokenizer.model; load it there with
-    transformers.dynamic_module_utils.get_class_from_dynamic_module("processing_m2.M2Processor", folder)
-Text rules: those of the official GLMChineseTokenizer (see M2Tokenizer), padded with <|endoftext|> to max_length.
+Self-contained (transformers, sentencepiece, numpy, Pillow, torch): copied into converted folders as remote code, so
+it must never import megatron_m2. Used as CLIP's:
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding="max_length", truncation=True)
+    outputs = AutoModel.from_pretrained(folder, trust_remote_code=True)(**inputs)
+
+Keyword arguments named like an image-processor option (CLIPImageProcessor's keys) go to the image processor, the
+rest (padding, truncation, max_length, ...) to the tokenizer.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-from typing import Optional, Sequence, Union
+import shutil
+from typing import Any, Optional
 
-import numpy as np
-import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
 
-PROCESSOR_CONFIG = "preprocessor_config.json"
-TOKENIZER_FILE = "tokenizer.model"
+from .image_processing_m2 import _OPTIONS as IMAGE_OPTIONS
+from .image_processing_m2 import M2ImageProcessor
+from .tokenization_m2 import M2Tokenizer
 
-
-class M2Tokenizer:
-    """The GLM tokenizer's algorithm (megatron_m2/data/tokenizer.py documents it; that module must not be imported
-    here, remote code is self-contained; tests/test_hf.py checks both give the same ids):
-    split on the special tokens (which eat the whitespace around them), runs of 10..2 spaces -> <|blank_n|> per
-    chunk, SentencePiece per chunk, body truncated from the left to max_length - 2, [CLS] body <|endoftext|>."""
-
-    SPECIAL = ("<|endoftext|>", "[CLS]", "[MASK]", "[UNK]")
-
-    def __init__(self, model_path: str, max_length: int = 52, max_blank: int = 10):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.max_length = max_length
-        self.max_blank = max_blank
-        self.cls_id = self._piece_id("[CLS]")
-        self.eos_id = self._piece_id("<|endoftext|>")
-        if self.cls_id is None or self.eos_id is None:
-            raise ValueError(f"{model_path} lacks [CLS] or <|endoftext|>: not a GLM-compatible tokenizer model")
-        self.pad_id = self.eos_id
-        self._special = {p: self._piece_id(p) for p in self.SPECIAL if self._piece_id(p) is not None}
-        self._split = re.compile("(" + "|".join(re.escape(p) for p in sorted(self._special, key=len, reverse=True))
-                                 + ")")
-
-    def _piece_id(self, piece: str) -> Optional[int]:
-        i = self.sp.piece_to_id(piece)
-        return i if self.sp.id_to_piece(i) == piece and i != self.sp.unk_id() else None
-
-    def _pieces(self, chunk: str) -> list[int]:
-        for n in range(self.max_blank, 1, -1):
-            chunk = chunk.replace(" " * n, f"<|blank_{n}|>")
-        return self.sp.encode(chunk)
-
-    def encode(self, text: str) -> list[int]:
-        """[CLS] + body + <|endoftext|>, unpadded, at most max_length ids (body truncated from the left)."""
-        chunks = self._split.split(text)
-        for i, chunk in enumerate(chunks):
-            if chunk in self._special:
-                if i > 0:
-                    chunks[i - 1] = chunks[i - 1].rstrip()
-                if i + 1 < len(chunks):
-                    chunks[i + 1] = chunks[i + 1].lstrip()
-        body: list[int] = []
-        for chunk in chunks:
-            if chunk:
-                body.extend([self._special[chunk]] if chunk in self._special else self._pieces(chunk))
-        keep = self.max_length - 2
-        body = body[len(body) - keep:] if len(body) > keep else body
-        return [self.cls_id, *body, self.eos_id]
-
-    def __call__(self, texts: Union[str, Sequence[str]]) -> dict[str, torch.Tensor]:
-        """input_ids [B, max_length] and attention_mask (1 = token, 0 = padding)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), self.max_length), dtype=torch.long)
-        for row, text in enumerate(texts):
-            encoded = self.encode(text)
-            ids[row, :len(encoded)] = torch.tensor(encoded)
-            mask[row, :len(encoded)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+PROCESSOR_CONFIG = "processor_config.json"
+AUTO_MAP = {"AutoProcessor": "processing_m2.M2Processor"}
+REMOTE_CODE = ("processing_m2.py", "tokenization_m2.py", "image_processing_m2.py")
+# from_pretrained arguments that say where the files are; the components get only these
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-class M2ImageProcessor:
-    """Resize the shorter side (bicubic) to image_size, center crop, scale to [0, 1], normalise mean/std 0.5."""
+class M2Processor(ProcessorMixin):
+    attributes = ["image_processor", "tokenizer"]  # transformers 4.x reads this; 5.x reads __init__'s parameters
 
-    def __init__(self, image_size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5)):
-        self.image_size = image_size
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-
-    def one(self, image) -> torch.Tensor:
-        from PIL import Image
-
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.image_size / min(w, h)
-        size = (max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale)))
-        image = image.resize(size, Image.BICUBIC)
-        left, top = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        image = image.crop((left, top, left + self.image_size, top + self.image_size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
-
-    def __call__(self, images) -> dict[str, torch.Tensor]:
-        images = images if isinstance(images, (list, tuple)) else [images]
-        return {"pixel_values": torch.stack([self.one(im) for im in images])}
-
-
-class M2Processor:
-    def __init__(self, tokenizer: Optional[M2Tokenizer], image_processor: M2ImageProcessor):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+    def __init__(self, image_processor: Optional[M2ImageProcessor] = None, tokenizer: Optional[M2Tokenizer] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, folder: str, **kwargs) -> "M2Processor":
-        with open(os.path.join(folder, PROCESSOR_CONFIG)) as f:
-            cfg = json.load(f)
-        tok_path = os.path.join(folder, TOKENIZER_FILE)
-        tokenizer = M2Tokenizer(tok_path, cfg["max_length"]) if os.path.exists(tok_path) else None
-        return cls(tokenizer, M2ImageProcessor(cfg["image_size"], cfg["image_mean"], cfg["image_std"]))
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "M2Processor":
+        # the components are this folder's own classes: load them directly rather than through the Auto classes,
+        # whose lookup rules differ between transformers versions
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        return cls(image_processor=M2ImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub),
+                   tokenizer=M2Tokenizer.from_pretrained(pretrained_model_name_or_path, **hub))
 
-    def save_pretrained(self, folder: str) -> None:
-        cfg = {"processor_class": "M2Processor", "image_size": self.image_processor.image_size,
-               "image_mean": self.image_processor.mean.flatten().tolist(),
-               "image_std": self.image_processor.std.flatten().tolist(),
-               "max_length": self.tokenizer.max_length if self.tokenizer else None}
-        with open(os.path.join(folder, PROCESSOR_CONFIG), "w") as f:
-            json.dump(cfg, f, indent=2)
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> list[str]:
+        """preprocessor_config.json, tokenizer files, processor_config.json (with auto_map) and this remote code."""
+        os.makedirs(save_directory, exist_ok=True)
+        files = list(self.image_processor.save_pretrained(save_directory))
+        files += list(self.tokenizer.save_pretrained(save_directory))
+        path = os.path.join(save_directory, PROCESSOR_CONFIG)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"processor_class": type(self).__name__, "auto_map": AUTO_MAP}, f, indent=2)
+            f.write("\n")
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in REMOTE_CODE:
+            source, target = os.path.join(here, name), os.path.join(save_directory, name)
+            if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target):
+                shutil.copyfile(source, target)
+        return files + [path]
 
-    def __call__(self, text=None, images=None) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def __call__(self, text: Any = None, images: Any = None, return_tensors: Optional[str] = None,
+                 **kwargs: Any) -> BatchFeature:
+        """input_ids + attention_mask (text) and/or pixel_values (images); `model(**inputs)` takes them as they are."""
+        if text is None and images is None:
+            raise ValueError("M2Processor needs text and/or images")
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_OPTIONS}
+        data: dict[str, Any] = {}
         if text is not None:
-            if self.tokenizer is None:
-                raise ValueError(f"no {TOKENIZER_FILE} in this folder: cannot tokenize")
-            out.update(self.tokenizer(text))
+            data.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
         if images is not None:
-            out.update(self.image_processor(images))
-        return out
+            data.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))
+        return BatchFeature(data=data)  # the components already converted to return_tensors
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(self.tokenizer.model_input_names) + list(self.image_processor.model_input_names)
