@@ -232,22 +232,19 @@ def save_megatron_checkpoint(sharded_state: dict[str, Any], config: M2Config, ro
     """Write ROOT/iter_NNNNNNN in the training loop's layout (complete marker + tracker), single process."""
     from megatron.core import dist_checkpointing
 
-    from megatron_m2.training.checkpointing import DONE, TRACKER, checkpoint_dir
+    from megatron_m2.checkpoint_layout import checkpoint_dir, publish, staging_dir
 
     make_dist_save_work_without_psutil()
 
     final = checkpoint_dir(str(root), iteration)
     if final.exists():
         raise ConfigError(f"--save {root}: {final} already exists")
-    tmp = Path(f"{final}.tmp")
+    tmp = staging_dir(root, iteration)
     tmp.mkdir(parents=True)
     state = {"model": sharded_state, "iteration": iteration, "model_config": config.to_dict(),
              "converted_from_hf": True}
     dist_checkpointing.save(state, str(tmp))
-    (tmp / DONE).write_text(str(iteration))
-    os.replace(tmp, final)
-    (Path(root) / TRACKER).write_text(str(iteration))
-    return final
+    return publish(root, iteration)
 
 
 def hf_to_megatron(hf_state: dict[str, torch.Tensor], config: M2Config, root: Union[str, Path],

@@ -12,9 +12,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_m2.checkpoint_layout import TRACKER, checkpoint_dir, latest_iteration
 from megatron_m2.errors import ConfigError
-
-TRACKER = "latest_checkpointed_iteration.txt"  # as megatron_m2/training/checkpointing.py
 
 
 def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) -> Path:
@@ -23,12 +22,11 @@ def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) ->
     if (path / "metadata.json").exists() or (path / ".metadata").exists():
         return path
     if iteration is None:
-        tracker = path / TRACKER
-        if not tracker.exists():
+        iteration = latest_iteration(path)
+        if iteration is None:
             raise ConfigError(f"--load {path}: neither a dist checkpoint directory (no .metadata) nor a checkpoint "
-                              f"root (no {TRACKER})")
-        iteration = int(tracker.read_text().strip())
-    out = path / f"iter_{iteration:07d}"
+                              f"root (no {TRACKER} and no complete iter_NNNNNNN directory)")
+    out = checkpoint_dir(path, iteration)
     if not (out / ".metadata").exists():
         raise ConfigError(f"--load {path}: {out} is not a complete torch_dist checkpoint")
     return out

@@ -1,6 +1,6 @@
 """Checkpoints with megatron-core dist_checkpointing: layout-independent, atomic, resumable.
 
-On disk:
+On disk (names and the publish step: megatron_m2/checkpoint_layout.py):
     SAVE/iter_0000100/           a complete checkpoint (dist_checkpointing files + per-rank extras + done marker)
     SAVE/iter_0000200.tmp/       a save in progress or interrupted by a crash: never loaded, removed by the next save
     SAVE/latest_checkpointed_iteration.txt   written (atomically) only after the directory rename
@@ -12,8 +12,6 @@ same streams.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,26 +19,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-TRACKER = "latest_checkpointed_iteration.txt"
-DONE = "checkpoint_complete"
+from megatron_m2.checkpoint_layout import (DONE, TRACKER, checkpoint_dir, latest_iteration, publish,
+                                           remove_staging_dirs, staging_dir)
 
-
-def checkpoint_dir(root: str, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: Optional[str]) -> Optional[int]:
-    """The newest complete checkpoint under root, or None."""
-    if not root or not Path(root).is_dir():
-        return None
-    tracker = Path(root) / TRACKER
-    if tracker.exists():
-        iteration = int(tracker.read_text().strip())
-        if (checkpoint_dir(root, iteration) / DONE).exists():
-            return iteration
-    # tracker missing or stale (e.g. crash between rename and tracker update): fall back to a scan
-    done = sorted(int(p.name[5:]) for p in Path(root).glob("iter_???????") if (p / DONE).exists())
-    return done[-1] if done else None
+__all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "load_checkpoint",
+           "load_model_subset", "check_schedule"]
 
 
 def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, extra_common: Optional[dict] = None,
@@ -61,13 +44,10 @@ def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, ex
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank_state: dict,
                     common: Optional[dict] = None) -> Path:
     """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker."""
-    final, tmp = checkpoint_dir(root, iteration), Path(f"{checkpoint_dir(root, iteration)}.tmp")
+    final, tmp = checkpoint_dir(root, iteration), staging_dir(root, iteration)
     rank = dist.get_rank()
     if rank == 0:
-        for stale in Path(root).glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
+        remove_staging_dirs(root)
         tmp.mkdir(parents=True)  # empty: megatron warns "Overwriting old incomplete / corrupted" into a used one
     dist.barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, iteration, common), str(tmp))
@@ -77,11 +57,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
         torch.save(rank_state, tmp / "extra" / f"rank_{dp_rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / DONE).write_text(str(iteration))
-        os.replace(tmp, final)
-        tracker_tmp = Path(root) / f".{TRACKER}.tmp"
-        tracker_tmp.write_text(str(iteration))
-        os.replace(tracker_tmp, Path(root) / TRACKER)
+        publish(root, iteration)
     dist.barrier()
     return final
 
