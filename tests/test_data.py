@@ -220,6 +220,19 @@ def test_resume_continues_with_exactly_the_next_batches(tmp_path, tokenizer, num
     assert not torch.equal(expected[0]["images"], expected[-1]["images"])
 
 
+def test_a_position_saved_before_blending_still_resumes(tmp_path, tokenizer):
+    paths = make_dataset(tmp_path, 2, 4)
+    first = ImageTextBatches(paths, tokenizer, train_transform(8), 3, seed=5, shuffle_window=3)
+    next(first), next(first)
+    stream = first.state_dict()["sources"][0]["stream"]
+    old = {**stream, "stats": {**stream["stats"], "samples": 6}}  # the old format: one ShardStream's state
+    old.pop("source")
+    resumed = ImageTextBatches(paths, tokenizer, train_transform(8), 3, seed=5, shuffle_window=3)
+    resumed.load_state_dict(old)
+    want, got = next(first), next(resumed)
+    assert all(torch.equal(want[k], got[k]) for k in want) and resumed.stats == first.stats
+
+
 def test_resume_with_another_layout_is_refused(tmp_path, tokenizer):
     paths = make_dataset(tmp_path, 2, 3)
     state = ShardStream(paths, 0, 2, seed=1).state_dict()

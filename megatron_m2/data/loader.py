@@ -178,6 +178,10 @@ class ImageTextBatches:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("sources")
+        if saved is None and "epoch" in state and len(self.names) == 1:  # a checkpoint from before blending
+            stats = dict(state["stats"])
+            saved = [{"name": self.names[0], "weight": 1.0, "stream": {**state, "stats": stats}, "consumed": 0,
+                      "samples": stats.pop("samples", 0), "corrupt_image": stats.pop("corrupt_image", 0)}]
         if saved is None or [(s["name"], round(s["weight"], 9)) for s in saved] != [
                 (n, round(w, 9)) for n, w in zip(self.names, self.blend.weights)]:
             got = [(s["name"], s["weight"]) for s in saved] if saved is not None else "a single-source position"
