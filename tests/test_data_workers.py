@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_m2.data import build_train_data, default_num_workers, parse_data_path
+from megatron_m2.data import (DECODE_SAMPLES_PER_CORE_S, build_train_data, decode_cores_needed, default_num_workers,
+                              parse_data_path)
 from megatron_m2.data.blend import BlendedStream, normalize_sources
 from megatron_m2.data.loader import ImageTextBatches
 from megatron_m2.data.transforms import train_transform
@@ -209,6 +210,9 @@ def test_default_num_workers_from_the_cores_per_local_rank():
     assert default_num_workers(cpus=128, local_world_size=8) == 15
     assert default_num_workers(cpus=256, local_world_size=1) == 16
     assert default_num_workers() >= 0
+    # The planner's cores for a step: global batch / (step time x measured per-core rate).
+    assert decode_cores_needed(4096, 2.0, samples_per_core_s=256) == 8.0
+    assert decode_cores_needed(270, 1.0) == pytest.approx(270 / DECODE_SAMPLES_PER_CORE_S)
 
 
 def test_worker_and_prefetch_flags_are_checked(tmp_path, tokenizer):
@@ -306,3 +310,11 @@ def test_a_single_source_blend_reads_what_the_plain_source_reads(tmp_path, token
     plain = build_train_data(paths, tokenizer, config, 3, 0, 1, seed=1)
     blend = build_train_data(parse_data_path(["1.0", str(tmp_path / "d")]), tokenizer, config, 3, 0, 1, seed=1)
     assert_same(take(plain, 5), take(blend, 5))
+    # Source 0 keeps the seeds a single stream always had; another source draws its own shard order and crops.
+    from megatron_m2.data.shards import ShardStream
+
+    many = make_dataset(tmp_path / "many", 8, 1)
+    assert ShardStream(many, seed=1).plan(0)[0] == np.random.default_rng([1, 0]).permutation(8).tolist()
+    assert ShardStream(many, seed=1, source=1).plan(0)[0] != ShardStream(many, seed=1).plan(0)[0]
+    sample = next(ShardStream(many, seed=1))
+    assert sample.rng_key(1) == [1, 0, sample.shard, sample.index]

@@ -42,6 +42,16 @@ logger = logging.getLogger(__name__)
 # BENCHMARKS.md "Data loader". The planner divides a replica's samples per step by this to report CPU cores per GPU.
 DECODE_SAMPLES_PER_CORE_S = 270.0
 
+
+
+def decode_cores_needed(samples_per_step: float, step_time_s: float,
+                        samples_per_core_s: float = DECODE_SAMPLES_PER_CORE_S) -> float:
+    """CPU cores that decode `samples_per_step` (the global batch: one decode per model replica) within one step of
+    `step_time_s`; divide by the GPUs for cores per GPU. All of them sit on the readers' nodes (first pipeline
+    stage), so with PP across nodes those nodes need PP times the average."""
+    return samples_per_step / (step_time_s * samples_per_core_s)
+
+
 _MAX_WORKERS = 16
 _MAX_CORRUPT_WARNINGS = 20
 
