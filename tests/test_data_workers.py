@@ -108,17 +108,17 @@ def test_close_then_next_goes_on_with_the_next_batch(tmp_path, tokenizer):
 
 
 class ExitInWorker:
-    """A transform that kills the worker process it runs in (and works in the main process)."""
+    """The train transform, but it kills the worker process it runs in while the file `flag` exists."""
 
-    takes_rng = False
+    takes_rng = True
 
-    def __init__(self):
-        self.parent = os.getpid()
+    def __init__(self, flag):
+        self.parent, self.flag = os.getpid(), flag
 
     def __call__(self, image, rng=None):
-        if os.getpid() != self.parent:
+        if os.getpid() != self.parent and os.path.exists(self.flag):
             os._exit(7)
-        return train_transform(8)(image, rng=np.random.default_rng(0))
+        return train_transform(8)(image, rng=rng)
 
 
 class RaiseInWorker:
@@ -146,12 +146,24 @@ def _wait_gone(pids, timeout_s=15.0):
 
 def test_a_crashed_worker_is_an_error_not_a_hang(tmp_path, tokenizer):
     paths = make_dataset(tmp_path / "d", 2, 4)
-    batches = loader(paths, tokenizer, 2, transform=ExitInWorker())
+    with loader(paths, tokenizer, 0) as reference:
+        expected = take(reference, 12)
+    flag = tmp_path / "crash"
+    batches = loader(paths, tokenizer, 2, transform=ExitInWorker(str(flag)))
+    got = take(batches, 2)
+    flag.touch()  # from now on a worker dies on its next sample
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly"):
-        next(batches)
+        for _ in range(10):  # what was prefetched before the flag still comes out
+            before = batches.state_dict()
+            got.append(next(batches))
     assert time.monotonic() - start < 60
+    # The failed next() returned nothing and moved nothing: the position is that of the last batch returned.
+    assert batches.state_dict() == before and batches.worker_pids == []
+    flag.unlink()
+    got += take(batches, 2)  # new workers, from exactly there
     batches.close()
+    assert_same(got, expected[:len(got)])
 
 
 def test_an_exception_in_a_worker_is_raised_and_the_workers_stop(tmp_path, tokenizer):

@@ -192,8 +192,9 @@ class ImageTextBatches:
             stats = dict(state["stats"])
             saved = [{"name": self.names[0], "weight": 1.0, "stream": {**state, "stats": stats}, "consumed": 0,
                       "samples": stats.pop("samples", 0), "corrupt_image": stats.pop("corrupt_image", 0)}]
-        if saved is None or [(s["name"], round(s["weight"], 9)) for s in saved] != [
-                (n, round(w, 9)) for n, w in zip(self.names, self.blend.weights)]:
+        # A blend's sources are matched by name and weight; a single source may have moved to another folder.
+        if saved is None or [(s["name"] if len(saved) > 1 else "", round(s["weight"], 9)) for s in saved] != [
+                (n if len(self.names) > 1 else "", round(w, 9)) for n, w in zip(self.names, self.blend.weights)]:
             got = [(s["name"], s["weight"]) for s in saved] if saved is not None else "a single-source position"
             raise ConfigError(f"the data position in the checkpoint is for the sources {got}; this run's --data-path "
                               f"gives {list(zip(self.names, self.blend.weights))}: resume with the same --data-path")
@@ -289,6 +290,20 @@ class ImageTextBatches:
                               f"{self.names[source]!r} in a whole epoch; skipped: {self.stats}")
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        committed = (list(self._positions), list(self._counts), list(self._samples), list(self._corrupt),
+                     list(self._last_good_epoch))
+        try:
+            return self._next_batch()
+        except BaseException:
+            # No batch was returned: the position stays that of the last one (a checkpoint taken after a caught
+            # error stays exact), and a later next() restarts the workers from there.
+            self._stop_workers()
+            positions, counts, self._samples, self._corrupt, last_good = committed
+            self._set_position(positions, counts)
+            self._last_good_epoch = last_good
+            raise
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
         pieces = []  # (chunk output, first row, end row) in order
         taken = 0
         while taken < self.micro_batch_size:
