@@ -171,6 +171,25 @@ def _load_embeddings(root, tp, pp):
     return _embeddings(model, config)
 
 
+def _load_training_scale(root, tp, pp):
+    """On the last stage: the loaded logit_scale and the scale the trainer's ITC loss applies with it."""
+    from megatron.core import parallel_state
+
+    from megatron_m2.loss import itc_loss
+    from megatron_m2.models import build_model
+    from megatron_m2.training.checkpointing import load_checkpoint
+
+    config = load_config("tiny", backbone_heads=True)
+    parallel.initialize_model_parallel(tp, pp)
+    model = build_model(config, spec="local")
+    load_checkpoint(root, model)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    embeds = torch.nn.functional.normalize(torch.randn(4, config.out_dim), dim=-1)
+    _, metrics = itc_loss(embeds, embeds.flip(0), model.logit_scale)  # the call the trainer's loss makes
+    return model.logit_scale.item(), model.backbone_logit_scale.item(), metrics["logit_scale"].item()
+
+
 @pytest.mark.slow
 def test_official_import_to_megatron_gives_reference_embeddings(tmp_path):
     """Official-layout .ckpt -> megatron checkpoint -> the megatron model at TP2 x PP2 embeds like the official math."""
@@ -190,3 +209,12 @@ def test_official_import_to_megatron_gives_reference_embeddings(tmp_path):
     ref_image, ref_text = _reference_embeddings(sd, images, ids, (~padding).long())
     torch.testing.assert_close(image, ref_image, atol=1e-5, rtol=0)
     torch.testing.assert_close(text, ref_text, atol=1e-5, rtol=0)
+    # training continues from the release's logit_scale (the one its inference multiplies by), not logit_vl_scale
+    assert sd["logit_scale"] != sd["logit_vl_scale"]
+    assert sd["logit_scale"] != load_config("tiny").logit_scale_init  # else an unloaded parameter would pass
+    scales = [r for r in run_distributed(4, _load_training_scale, str(tmp_path / "megatron"), 2, 2) if r]
+    assert len(scales) == 2  # the two TP ranks of the last stage
+    for logit_scale, backbone_logit_scale, loss_scale in scales:
+        assert logit_scale == pytest.approx(sd["logit_scale"].item())
+        assert backbone_logit_scale == pytest.approx(sd["logit_scale"].item())
+        assert loss_scale == pytest.approx(sd["logit_scale"].exp().item())

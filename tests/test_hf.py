@@ -44,8 +44,9 @@ def _inputs(seed: int = 0, batch: int = 3):
 
 # ---- an official-layout checkpoint written from the release's key names, and a plain reference forward ----------
 
-# the release's two scales differ here, so a test can tell which one a path uses
-OFFICIAL_LOGIT_SCALE, OFFICIAL_LOGIT_VL_SCALE = math.log(1 / 0.07), math.log(1 / 0.05)
+# the release's two scales differ from each other and from the init value log(1/0.07), so a test can tell which one
+# a path uses and that it was loaded at all
+OFFICIAL_LOGIT_SCALE, OFFICIAL_LOGIT_VL_SCALE = math.log(1 / 0.03), math.log(1 / 0.05)
 
 
 def _official_state_dict(seed: int = 0, vocab_size: int = TINY["vocab_size"]) -> dict[str, torch.Tensor]:
