@@ -30,3 +30,15 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# What benchmarks/gpu_check.sh needs on the GPU machine (no network, no megatron-core; maybe no scikit-learn for the
+# digits data): the megatron-core wheel for CPython 3.12 x86_64, braceexpand and psutil, and the digits data set +
+# tokenizer. Carry the folder there: the device tool's carry: [".gpu_wheels"].
+GPU_WHEELS := .gpu_wheels
+.PHONY: gpu-wheels
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		-d $(GPU_WHEELS) megatron-core==0.16.1 braceexpand==0.1.7 psutil==7.2.2
+	$(PY) -m megatron_m2.demo prepare --output-dir $(GPU_WHEELS)/digits
+	rm -rf $(GPU_WHEELS)/digits/data/eval
+	du -sh $(GPU_WHEELS)
