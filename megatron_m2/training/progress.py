@@ -84,7 +84,9 @@ class MetricsLogger:
         for name, label in LABELS.items():
             if name in scalars and name != "lr":
                 parts.append(f"{label}: {scalars[name]:.6E}" if name == "itc_loss" else f"{label}: {scalars[name]:.4g}")
-        parts += [f"{name}: {value:.6g}" for name, value in scalars.items() if name not in LABELS and name != "skipped"]
+        # per-reason skip counts go to TensorBoard and the metrics file only: the line keeps the totals
+        parts += [f"{name}: {value:.6g}" for name, value in scalars.items()
+                  if name not in LABELS and name != "skipped" and "skipped/" not in name]
         parts += [f"number of skipped iterations: {self.skipped_iterations:3d}",
                   f"number of nan iterations: {self.nan_iterations:3d}", f"samples/s: {samples_per_s:.2f}"]
         if self.writer is not None:
