@@ -60,13 +60,13 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
              eval_fn: Optional[Callable] = None) -> dict[str, Any]:
     """Train as the flags say with `forward_step_func` (training/step.py's shape); `eval_fn(forward_step_func, model,
     tokenizer)` -> metrics runs at --eval-interval. Returns the per-rank data statistics."""
-    from megatron_m2.data import build_train_data, check_vocab, load_tokenizer, resolve_shards
+    from megatron_m2.data import build_replica_train_data, check_vocab, load_tokenizer, parse_data_path, reduce_stats
     from megatron_m2.models import build_model
 
     layout = args.layout
     config = args.model_config
     # Cheap input checks first: a missing shard or a wrong tokenizer must fail before the model is allocated.
-    shards = resolve_shards(args.data_path)
+    sources = parse_data_path(args.data_path)
     tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
     check_vocab(tokenizer, config.vocab_size)
 
@@ -97,9 +97,10 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
             args.load, model, None if args.no_load_optim else optimizer, scheduler)
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
 
-    data = build_train_data(shards, tokenizer, config, args.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), layout.data_parallel_size, args.seed,
-                            hflip=args.hflip)
+    # one rank per model replica reads and decodes (worker processes, prefetch) and broadcasts to its TP/PP peers
+    data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
+                                    num_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
+                                    hflip=args.hflip)
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
@@ -137,8 +138,11 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     while iteration < args.train_iters:
         metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
         iteration += 1
+        print_line = iteration % args.log_interval == 0 or iteration == args.train_iters
+        if print_line:  # per-source sample and skip counts of the whole job (readers count, the others add 0)
+            metrics.update(reduce_stats(data.stats, group=dist.group.WORLD))
         logger.step(iteration, iteration * args.global_batch_size, args.global_batch_size, metrics,
-                    print_line=iteration % args.log_interval == 0 or iteration == args.train_iters)
+                    print_line=print_line)
         if eval_fn is not None and args.eval_interval and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
             evaluate(iteration)
@@ -153,4 +157,6 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                          "exiting")
             break
     logger.close()
-    return {"data_stats": getattr(data, "stats", {})}
+    stats = data.stats
+    data.close()
+    return {"data_stats": stats}
