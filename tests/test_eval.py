@@ -308,11 +308,13 @@ def test_caption_normalization_official_is_the_releases_rule():
         normalize_caption(text, "lower")
 
 
-def test_retrieval_flags_reach_the_reader_through_the_path(tmp_path):
-    """--retrieval-image-root and --caption-normalization travel with args.retrieval_data, which the trainer's and
-    the standalone evaluator's evaluate functions hand to evaluate_retrieval as it is."""
+def test_retrieval_flags_reach_the_reader(tmp_path, monkeypatch):
+    """--retrieval-image-root and --caption-normalization reach evaluate_retrieval through make_eval_fn (the trainer's
+    and the standalone evaluator's evaluation), and are refused without --retrieval-data."""
     import argparse
 
+    from megatron_m2.config import load_config
+    from megatron_m2.eval import retrieval, runner
     from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
 
     root, _ = _make_folder(tmp_path)
@@ -320,15 +322,18 @@ def test_retrieval_flags_reach_the_reader_through_the_path(tmp_path):
     _write_jsonl(jsonl, [{"caption": ["A “RED” one"], "image": "n00/img0.png"}])
     parser = argparse.ArgumentParser()
     add_eval_data_arguments(parser)
-    args = parser.parse_args(["--retrieval-data", str(jsonl), "--retrieval-image-root", str(root),
-                              "--caption-normalization", "official"])
-    check_eval_data_arguments(args)
-    assert args.retrieval_data == str(jsonl)  # still the path for everything else
-    [record] = read_retrieval_records(args.retrieval_data)
-    assert record.image == str(root / "n00" / "img0.png") and record.captions == ['a "red" one']
-    default = parser.parse_args(["--retrieval-data", str(jsonl), "--retrieval-image-root", str(root)])
-    check_eval_data_arguments(default)
-    assert read_retrieval_records(default.retrieval_data)[0].captions == ["A “RED” one"]
+    seen = []
+    monkeypatch.setattr(retrieval, "evaluate_retrieval",
+                        lambda path, *a, image_root=None, caption_normalization=None, **k: seen.append(
+                            read_retrieval_records(path, image_root, caption_normalization)) or {})
+    monkeypatch.setattr(runner, "make_encoders", lambda *a, **k: (None, None))
+    for flags, captions in ((["--caption-normalization", "official"], ['a "red" one']), ([], ["A “RED” one"])):
+        args = parser.parse_args(["--retrieval-data", str(jsonl), "--retrieval-image-root", str(root), *flags])
+        check_eval_data_arguments(args)
+        args.model_config = load_config("tiny")
+        runner.make_eval_fn(args)(None, None, None)
+        [record] = seen.pop()
+        assert record.image == str(root / "n00" / "img0.png") and record.captions == captions
     for flags, match in ((["--retrieval-image-root", str(root)], "--retrieval-image-root applies to"),
                          (["--caption-normalization", "official"], "--caption-normalization applies to"),
                          (["--retrieval-data", str(jsonl), "--retrieval-image-root", str(tmp_path / "no")],

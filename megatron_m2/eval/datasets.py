@@ -55,21 +55,6 @@ def normalize_caption(text: str, mode: str = "none") -> str:
     raise ConfigError(f"--caption-normalization {mode!r}: use one of {CAPTION_NORMALIZATIONS}")
 
 
-class RetrievalData(str):
-    """The --retrieval-data path carrying how to read it (--retrieval-image-root, --caption-normalization), so the
-    evaluation reads the file as the flags say wherever it is handed the path (the trainer's and the standalone
-    evaluator's evaluate functions pass args.retrieval_data on as it is)."""
-
-    image_root: Optional[str]
-    caption_normalization: str
-
-    def __new__(cls, path: str, image_root: Optional[str] = None,
-                caption_normalization: str = "none") -> "RetrievalData":
-        out = super().__new__(cls, os.fspath(path))
-        out.image_root, out.caption_normalization = image_root, caption_normalization
-        return out
-
-
 def load_image(path: str) -> Image.Image:
     """The image at `path` as RGB."""
     try:
@@ -159,10 +144,8 @@ def read_retrieval_records(source: Union[str, Sequence[dict]], image_root: Optio
 
     image_root: where relative image paths start (default: the JSONL's folder; for dicts the cwd).
     caption_normalization: "none" (strip) or "official" (the release's rule, see normalize_caption).
-    A RetrievalData path brings both along; explicit arguments win.
     """
-    image_root = image_root if image_root is not None else getattr(source, "image_root", None)
-    mode = caption_normalization or getattr(source, "caption_normalization", None) or "none"
+    mode = caption_normalization or "none"
     if mode not in CAPTION_NORMALIZATIONS:
         raise ConfigError(f"--caption-normalization {mode!r}: use one of {CAPTION_NORMALIZATIONS}")
     root_flag = "--retrieval-image-root" if image_root is not None else None

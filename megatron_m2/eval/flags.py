@@ -5,7 +5,7 @@ import argparse
 import os
 
 from megatron_m2.errors import ConfigError
-from megatron_m2.eval.datasets import CAPTION_NORMALIZATIONS, RetrievalData
+from megatron_m2.eval.datasets import CAPTION_NORMALIZATIONS
 
 
 def add_eval_data_arguments(group: argparse._ActionsContainer) -> None:
@@ -35,8 +35,7 @@ def check_eval_data_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"--zeroshot-classnames expects LANG=FILE, got {item!r}")
     if args.eval_batch_size < 1:
         raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    image_root = getattr(args, "retrieval_image_root", None)
-    normalization = getattr(args, "caption_normalization", "none")
+    image_root, normalization = args.retrieval_image_root, args.caption_normalization
     if not args.retrieval_data:
         for flag, value, default in (("--retrieval-image-root", image_root, None),
                                      ("--caption-normalization", normalization, "none")):
@@ -45,5 +44,3 @@ def check_eval_data_arguments(args: argparse.Namespace) -> None:
         return
     if image_root is not None and not os.path.isdir(image_root):
         raise ConfigError(f"--retrieval-image-root {image_root!r}: no such directory")
-    # the evaluation functions hand args.retrieval_data to the reader as it is: let the path carry the two flags
-    args.retrieval_data = RetrievalData(args.retrieval_data, image_root, normalization)

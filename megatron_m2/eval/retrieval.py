@@ -58,8 +58,7 @@ def evaluate_retrieval(jsonl_path_or_records: Union[str, Sequence[dict]], encode
     """Retrieval metrics on a JSONL file of {"image": path, "captions" or "caption": [...]} (or those records).
 
     Relative image paths are resolved against `image_root`, else the JSONL's folder (records: the cwd);
-    caption_normalization "official" applies the release's text rule (see datasets.read_retrieval_records; a
-    datasets.RetrievalData path carries both settings from the flags).
+    caption_normalization "official" applies the release's text rule (see datasets.read_retrieval_records).
     """
     from megatron_m2.eval.datasets import load_image, read_retrieval_records
 

@@ -105,7 +105,8 @@ def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Modul
                                               batch_size=args.eval_batch_size))
         if args.retrieval_data:
             scores = evaluate_retrieval(args.retrieval_data, encode_images, encode_texts, transform,
-                                        batch_size=args.eval_batch_size)
+                                        batch_size=args.eval_batch_size, image_root=args.retrieval_image_root,
+                                        caption_normalization=args.caption_normalization)
             results.update({f"retrieval/{k}": v for k, v in scores.items()})
         return results
 
