@@ -44,6 +44,9 @@ class Hardware:
     nvlink_gbps: float = 300.0  # effective collective bandwidth per GPU inside a node, GB/s (NVLink 4: 450 raw)
     internode_gbps: float = 40.0  # effective per-GPU bandwidth between nodes, GB/s (400 Gb/s NIC per GPU = 50 raw)
     reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+    # decode + augment + tokenise of one 500x375 JPEG sample to 224 px, per CPU core (Pillow; measured on the 2-core
+    # development machine's Xeon 2.8 GHz by benchmarks/data_loader.py, BENCHMARKS.md "Data loader")
+    decode_samples_per_core_s: float = 270.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Plan:
     fits: bool
     contrastive_batch: int = 0  # pairs each contrastive loss scores against each other (per ITC group)
     extra_forward: float = 0.0  # compute added by batch accumulation's forward-only pass, as a fraction
+    cpu_cores_per_gpu: float = 0.0  # data decoding that keeps up with the step (one decode per model replica)
 
     @property
     def samples_per_second(self) -> float:
@@ -243,7 +247,15 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     time["step"] = sum(time.values())
     return Plan(tp, pp, dp, g, recompute, m, peak_stage, n_peak, memory, communication, time,
                 fits=memory["total"] <= hardware.gpu_memory_gb * GB, contrastive_batch=g * loss_rows,
-                extra_forward=extra_forward, _global_batch=training.global_batch_size)
+                extra_forward=extra_forward, _global_batch=training.global_batch_size,
+                cpu_cores_per_gpu=decode_cores_per_gpu(training.global_batch_size, time["step"], num_gpus, hardware))
+
+
+def decode_cores_per_gpu(global_batch_size: int, step_time_s: float, num_gpus: int, hardware: Hardware) -> float:
+    """CPU cores per GPU that decode a step's samples within the step (each sample once per model replica: its reader
+    broadcasts to the TP and PP peers). The readers sit on the first pipeline stage, so with PP across nodes those
+    nodes need PP times this average."""
+    return global_batch_size / (step_time_s * hardware.decode_samples_per_core_s) / num_gpus
 
 
 def _batch_bytes(config: M2Config) -> float:
@@ -302,7 +314,8 @@ def plan_all(config: M2Config, num_gpus: int, training: Training = Training(), h
 
 def format_table(plans: Iterable[Plan]) -> str:
     header = ("  TP  PP    DP     g rec  params/GPU | GiB/GPU: params grads optim  activ   itc  total | "
-              "GiB/step: TP    PP     DP    ITC | s/step: compute  comm   step  samples/s | ITC batch  +fwd")
+              "GiB/step: TP    PP     DP    ITC | s/step: compute  comm   step  samples/s | ITC batch  +fwd | "
+              "cores/GPU")
     rows = [header, "-" * len(header)]
     for p in plans:
         mem, com, t = p.memory, p.communication, p.time
@@ -315,6 +328,6 @@ def format_table(plans: Iterable[Plan]) -> str:
             f"{'' if p.fits else '!'} |"
             f"     {com['tp'] / GB:7.1f}{com['pp'] / GB:7.2f}{com['dp'] / GB:7.1f}{com['itc'] / GB:7.3f} |"
             f"         {t['compute']:6.2f}{comm_time:6.2f}{t['step']:7.2f}{p.samples_per_second:11.0f} |"
-            f"{p.contrastive_batch:10d}{100 * p.extra_forward:5.0f}%"
+            f"{p.contrastive_batch:10d}{100 * p.extra_forward:5.0f}% |{p.cpu_cores_per_gpu:10.1f}"
         )
     return "\n".join(rows)

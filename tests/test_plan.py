@@ -204,3 +204,13 @@ def test_10b_example_dry_run_reports_the_global_contrastive_batch():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 512 micro-batches" in result.stdout
+
+
+def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
+    config = load_config("1b")
+    hardware = planner.Hardware(decode_samples_per_core_s=250.0)
+    plan = planner.plan_layout(config, 32, 1, 4, 0, planner.Training(micro_batch_size=8, global_batch_size=4096),
+                               hardware)
+    # one decode per sample and model replica: the global batch within one step, over all GPUs
+    assert plan.cpu_cores_per_gpu == pytest.approx(4096 / (plan.time["step"] * 250.0) / 32)
+    assert "cores/GPU" in planner.format_table([plan])
