@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_m2.data.digits import render_digit, split_indices, write_digits_dataset
+from megatron_m2.data.digits import DIGIT_CLASS_NAMES, render_digit, split_indices, write_digits_dataset
 from megatron_m2.data.shards import iter_tar_groups, parse_group, resolve_shards
 from megatron_m2.errors import ConfigError
 from megatron_m2.eval.datasets import ImageFolderWithClassNames, read_retrieval_records, read_lines_file
-from megatron_m2.eval.templates import DIGIT_CLASS_NAMES
 
 NUM_DIGITS = 1797
 
@@ -141,7 +140,7 @@ def test_split_indices_errors_and_keeps_a_held_out_image_per_class():
 
 
 def test_digit_templates_name_no_other_digit():
-    from megatron_m2.eval.templates import DIGIT_CAPTION_TEMPLATES, DIGIT_TEMPLATES
+    from megatron_m2.data.digits import DIGIT_CAPTION_TEMPLATES, DIGIT_TEMPLATES
 
     # "一张" (a) would also name the digit 1 in every Chinese caption.
     for lang, names in DIGIT_CLASS_NAMES.items():

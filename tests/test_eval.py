@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from megatron_m2.data.digits import DIGIT_TEMPLATES
 from megatron_m2.errors import ConfigError
 from megatron_m2.eval import retrieval as retrieval_module
 from megatron_m2.eval.datasets import ImageFolderWithClassNames, read_retrieval_records
 from megatron_m2.eval.retrieval import evaluate_retrieval, retrieval_metrics
-from megatron_m2.eval.templates import DIGIT_TEMPLATES, IMAGENET_TEMPLATES, default_templates, fill
+from megatron_m2.eval.templates import IMAGENET_TEMPLATES, default_templates, fill
 from megatron_m2.eval.zeroshot import build_classifier, evaluate_zero_shot, zero_shot_accuracy
 
 

@@ -26,10 +26,42 @@ from PIL import Image
 
 from megatron_m2.data.shards import ShardWriter
 from megatron_m2.errors import ConfigError
-from megatron_m2.eval.templates import DIGIT_CAPTION_TEMPLATES, DIGIT_CLASS_NAMES, DIGIT_TEMPLATES
 
 LANGS = ("en", "zh")
 SHARD_PREFIX = "digits"
+
+# Class names "zero".."nine" / "零".."九", in label order.
+DIGIT_CLASS_NAMES: dict[str, list[str]] = {
+    "en": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+    "zh": list("零一二三四五六七八九"),
+}
+
+# Zero-shot prompts for the digits (only the class name varies).
+DIGIT_TEMPLATES: dict[str, list[str]] = {
+    "en": ["a photo of the digit {}.", "a handwritten {}.", "the number {}, written by hand."],
+    "zh": ["数字{}的照片。", "手写的{}。", "手写数字{}的图片。"],
+}
+
+# Training captions for the digits: {name} is the word ("seven" / "七"), {digit} the numeral ("7"). No "一张" /
+# "一个" (a, one): 一 is also the class name of 1.
+DIGIT_CAPTION_TEMPLATES: dict[str, list[str]] = {
+    "en": [
+        "a photo of the digit {name}.",
+        "a handwritten {digit}.",
+        "the number {name}, written by hand.",
+        "a scan of a handwritten {name}.",
+        "a blurry picture of the number {digit}.",
+        "a small black and white image of a {name}.",
+    ],
+    "zh": [
+        "数字{name}的照片。",
+        "手写的数字{digit}。",
+        "手写数字{name}的图片。",
+        "手写的{name}。",
+        "数字{digit}的扫描图。",
+        "模糊的数字{name}。",
+    ],
+}
 
 
 @dataclass(frozen=True)
