@@ -1,7 +1,7 @@
 """The model's arithmetic from its shapes alone (no torch): parameter counts and training FLOPs.
 
 One owner for these formulas: the planner, the trainer's TFLOP/s, the GPU check and the tests all read them here.
-Parameter counts follow the official release's key names and shapes (DESIGN.md section 1). The official state dict
+Parameter counts follow the official release's key names and shapes (hf/key_mapping.py). The official state dict
 holds, besides what our model uses, the B (text) copies of the VL layers and of the VL final LayerNorm (backbone_vl
 runs with only its A weights), and a second pair of heads on the backbone output (itc_*_proj + logit_scale). Our model
 holds only what it uses, and pads the token embedding to a multiple of 128 x TP rows.

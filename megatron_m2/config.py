@@ -17,7 +17,7 @@ IMAGE_RESIZE_MODES = ("crop", "squash")
 
 @dataclass(frozen=True)
 class M2Config:
-    """Shapes of an M2-Encoder; defaults are the official ones (DESIGN.md section 1)."""
+    """Shapes of an M2-Encoder; defaults are the official ones (arXiv 2401.15896 and its released configs)."""
 
     hidden_size: int
     num_attention_heads: int

@@ -15,7 +15,7 @@ from megatron_m2.hf.key_mapping import (count_official_layers, is_official_extra
 
 log = logging.getLogger(__name__)
 
-# Official sizes (DESIGN.md section 1): the head count is not recoverable from weight shapes.
+# Head counts of the official sizes (0.4B/1B/10B, arXiv 2401.15896): not recoverable from weight shapes.
 HEADS_BY_HIDDEN = {768: 12, 1024: 16, 4096: 32}
 
 
