@@ -24,7 +24,8 @@ Parts (each one's result, or its error, goes into one JSON; a part that fails do
            planner's reserve (what `fits` promises).
   profile  torch.profiler over one 1b step of the speed part: the ten CUDA kernels with the most time.
 --dry-run (CPU, CUDA hidden): parity with both runs on CPU, itc at small sizes, bf16 as float32 against float32 on the
-tiny preset (megatron's bf16 optimizer needs CUDA), speed and memory on the tiny preset (peak RSS growth), no profile.
+tiny preset (megatron's bf16 optimizer needs CUDA), speed and memory on the tiny preset (memory: torch's CPU
+allocations counted by torch.profiler), no profile.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class Settings:
 
 GPU_SETTINGS = Settings()
 DRY_RUN_SETTINGS = Settings(bf16_presets=("tiny",), bf16_steps=2, low_precision=False, speed_preset="tiny",
-                            speed_max_micro_batch=16, speed_warmup=1, speed_min_steps=2, speed_max_steps=2,
+                            speed_max_micro_batch=16, speed_warmup=2, speed_min_steps=2, speed_max_steps=2,
                             itc_rows=(128, 512), itc_dim=32, itc_chunk=64, itc_reps=1, profile=False)
 
 
@@ -453,9 +454,9 @@ def part_itc(ctx: Context) -> dict:
     summary = "no measurement"
     if len(pair) == 2:
         full, chunked = pair
-        summary = (f"b={full['rows']} d={full['dim']} {full['dtype']}: unchunked {full['seconds'] * 1e3:.1f} ms "
-                   f"{full['peak_mib']:.0f} MiB, chunk {chunked['chunk']} {chunked['seconds'] * 1e3:.1f} ms "
-                   f"{chunked['peak_mib']:.0f} MiB")
+        summary = (f"b={full['rows']} d={full['dim']} {full['dtype']}: unchunked {full['seconds'] * 1e3:.3g} ms "
+                   f"{full['peak_mib']:.4g} MiB, chunk {chunked['chunk']} {chunked['seconds'] * 1e3:.3g} ms "
+                   f"{chunked['peak_mib']:.4g} MiB")
     return {"summary": summary, "rows": rows_out, "checks": checks}
 
 
@@ -524,13 +525,16 @@ def part_bf16(ctx: Context) -> dict:
 
 def training_run(ctx: Context, preset: str, micro_batch: int, recompute: bool, profile: bool = False) -> dict:
     """Steady-state speed and peak memory of the trainer's step (bench.build_training + train_step) on synthetic
-    uint8 batches; cached by settings (the memory and profile parts reuse the speed part's runs)."""
+    uint8 batches; cached by settings (the memory and profile parts reuse the speed part's runs).
+
+    Peak memory: on CUDA torch.cuda.max_memory_allocated() over the whole run; on CPU the peak of torch's own
+    allocations (torch.profiler's memory events, as benchmarks/itc_loss.py counts them) over the build and the
+    warm-up steps (from the second step on, Adam's moments exist). Both count from just before the model is built."""
     import torch
 
     from megatron_m2.arithmetic import model_flops_per_sample
     from megatron_m2.config import load_config
-    from megatron_m2.training.bench import (build_training, reset_peak_rss, rss_bytes, synthetic_batches,
-                                            trainer_args)
+    from megatron_m2.training.bench import build_training, synthetic_batches, trainer_args
 
     s, bf16 = ctx.settings, ctx.settings.low_precision
     key = (preset, micro_batch, recompute, bf16)
@@ -540,44 +544,50 @@ def training_run(ctx: Context, preset: str, micro_batch: int, recompute: bool, p
     ctx.cleanup()
     config = load_config(preset)
     batches = synthetic_batches(config, micro_batch, count=2, device=ctx.device, image_dtype=torch.uint8, padding=True)
+    losses, warmup_s, step_s, built = [], [], [], {}
+    result: dict[str, Any] = {}
 
     def sync():
         if ctx.cuda:
             torch.cuda.synchronize()
 
-    sync()
-    if ctx.cuda:
-        torch.cuda.reset_peak_memory_stats()
-        baseline, rss_reset = torch.cuda.memory_allocated(), None
-    else:
-        rss_reset = reset_peak_rss()
-        baseline = rss_bytes("VmRSS")
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    pieces = build_training(trainer_args(preset, micro_batch, bf16=bf16, recompute=recompute))
-    sync()
-    build_s = time.perf_counter() - start
-    losses, warmup_s, step_s = [], [], []
-    result: dict[str, Any] = {}
+    def steps(times: list, count: int) -> None:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            metrics = built["pieces"].step(iter([batches[len(losses) % 2]]))
+            sync()
+            times.append(time.perf_counter() - t0)
+            losses.append(metrics["itc_loss"])
+
+    def build_and_warm_up() -> None:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        built["pieces"] = build_training(trainer_args(preset, micro_batch, bf16=bf16, recompute=recompute))
+        sync()
+        result["build_s"] = time.perf_counter() - start
+        steps(warmup_s, s.speed_warmup)
+
     try:
-        for times, count in ((warmup_s, s.speed_warmup), (step_s, None)):
-            if count is None:  # as many timed steps as fit in the step budget
-                count = min(max(int(s.speed_step_budget_s / warmup_s[-1]), s.speed_min_steps), s.speed_max_steps)
-            for i in range(count):
-                t0 = time.perf_counter()
-                metrics = pieces.step(iter([batches[len(losses) % 2]]))
-                sync()
-                times.append(time.perf_counter() - t0)
-                losses.append(metrics["itc_loss"])
-        peak = (torch.cuda.max_memory_allocated() if ctx.cuda else rss_bytes("VmHWM")) - baseline
+        if ctx.cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+            build_and_warm_up()
+        else:
+            peak = _peak_cpu_bytes(build_and_warm_up)
+        # as many timed steps as fit in the step budget
+        steps(step_s, min(max(int(s.speed_step_budget_s / warmup_s[-1]), s.speed_min_steps), s.speed_max_steps))
+        if ctx.cuda:
+            peak = torch.cuda.max_memory_allocated() - baseline
+            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         if profile and ctx.cuda:
             try:  # the profile part reports a profiler failure; the speed figures above stand
-                result["profile"] = _profile_step(lambda: (pieces.step(iter([batches[0]])), sync()), step_s)
+                result["profile"] = _profile_step(lambda: (built["pieces"].step(iter([batches[0]])), sync()), step_s)
             except Exception as error:
                 result["profile"] = {"error": f"{type(error).__name__}: {error}",
                                      "traceback": traceback.format_exc()[-3000:]}
     finally:
-        del pieces
+        built.clear()
         ctx.cleanup()
     seconds = statistics.median(step_s)
     samples_per_s = micro_batch / seconds
@@ -585,15 +595,13 @@ def training_run(ctx: Context, preset: str, micro_batch: int, recompute: bool, p
     hardware_tflops = model_tflops * (RECOMPUTE_FLOPS if recompute else 1.0)
     result.update(
         preset=preset, micro_batch=micro_batch, recompute=recompute, precision="bfloat16" if bf16 else "float32",
-        spec="local", build_s=build_s, warmup_s=warmup_s, step_s=step_s, median_step_s=seconds,
+        spec="local", warmup_s=warmup_s, step_s=step_s, median_step_s=seconds,
         samples_per_s=samples_per_s, model_tflops=model_tflops, hardware_tflops=hardware_tflops,
         mfu=model_tflops / PEAK_TFLOPS, hfu=hardware_tflops / PEAK_TFLOPS, losses=losses,
         peak_bytes=float(peak), peak_gib=peak / GIB,
         memory_measure=("torch.cuda.max_memory_allocated() minus what was allocated before the model" if ctx.cuda
-                        else "peak RSS growth of the process (VmHWM - VmRSS before the model"
-                        f"{'; VmHWM reset first' if rss_reset else '; VmHWM could not be reset'})"))
-    if ctx.cuda:
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+                        else "peak of torch's CPU allocations from before the model through the warm-up steps "
+                        "(torch.profiler memory events)"))
     ctx.runs[key] = result
     return result
 
@@ -669,13 +677,13 @@ def part_memory(ctx: Context) -> dict:
             checks[name] = check(run["peak_bytes"] <= predicted["total"], run["peak_gib"], predicted["total"] / GIB,
                                  "measured peak <= the planner's total with its reserved_gb (what 'fits' promises)")
         rows.append(row)
-    summary = "; ".join(f"mb {r['micro_batch']}{' recompute' if r['recompute'] else ''}: {r['measured_gib']:.2f} GiB "
-                        f"measured / {r['predicted_without_reserve_gib']:.2f} predicted "
+    summary = "; ".join(f"mb {r['micro_batch']}{' recompute' if r['recompute'] else ''}: {r['measured_gib']:.3g} GiB "
+                        f"measured / {r['predicted_without_reserve_gib']:.3g} predicted "
                         f"({r['measured_over_predicted']:.2f})" for r in rows)
     measure = runs[0]["memory_measure"] if runs else ""
     return {"summary": summary, "measure": measure, "rows": rows, "checks": checks,
-            **({} if ctx.cuda else {"note": "CPU: RSS growth also counts allocator arenas and transients the planner "
-                                            "does not model (BENCHMARKS.md, issue 8); no check"})}
+            **({} if ctx.cuda else {"note": "CPU: every torch allocation counts, transients included (the "
+                                            "planner models what stays alive); no check"})}
 
 
 def part_profile(ctx: Context) -> dict:

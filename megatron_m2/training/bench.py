@@ -103,11 +103,3 @@ def rss_bytes(field: str) -> int:
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
 
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
