@@ -37,10 +37,11 @@ from megatron_m2.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Decode + train augmentation (random resized crop to 224 px, flip) + tokenise of 500x375 JPEGs, samples per second
-# on one core of the 2-core development machine (Intel Xeon 2.8 GHz, Pillow): benchmarks/data_loader.py,
-# BENCHMARKS.md "Data loader". The planner divides a replica's samples per step by this to report CPU cores per GPU.
-DECODE_SAMPLES_PER_CORE_S = 270.0
+# Read + decode + train augmentation (random resized crop to 224 px, flip) + tokenise of 500x375 JPEGs (72 KiB),
+# samples per CPU-second in one process: 181 measured by benchmarks/data_loader.py on the 2-core development machine
+# (BENCHMARKS.md "Data loader (issue 13)"; lighter JPEGs gave 261-284 on an earlier run), rounded down. The planner
+# divides the samples of a step (one decode per model replica) by this to report the CPU cores per GPU it needs.
+DECODE_SAMPLES_PER_CORE_S = 180.0
 
 
 
