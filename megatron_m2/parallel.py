@@ -197,7 +197,8 @@ def _make_megatron_cpu_safe() -> None:
     returns a CUDA tensor. We map the device to CPU and the tracked generator to the CPU one by replacing the `torch`
     name of those modules only (so `torch.cuda` of the process stays untouched), and change no layer.
     Found by tracing every torch.cuda.current_device/synchronize call from a megatron module during
-    tests/test_parallel.py and TP/PP/DP training, save and resume on CPU (megatron-core 0.16.1).
+    tests/test_parallel.py and TP/PP/DP training, save and resume on CPU (megatron-core 0.16.1); async and fully
+    parallel saves run too (on a CPU build of torch an unpatched call raises "Torch not compiled with CUDA").
     """
     global _CPU_PATCHED
     if _CPU_PATCHED or torch.cuda.is_available():

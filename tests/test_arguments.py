@@ -21,6 +21,7 @@ def _parse(*extra, world=1, monkeypatch=None):
         (["--tensor-model-parallel-size", "2"], 3, "not divisible by --tensor-model-parallel-size"),
         (["--itc-group-size", "3", "--global-batch-size", "16", "--micro-batch-size", "4"], 4, "--itc-group-size"),
         (["--save-interval", "10"], 1, "--save-interval needs --save"),
+        (["--async-save"], 1, "--async-save needs --save"),
         (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
         (["--bf16"], 1, "--bf16 needs a GPU"),
         (["--use-distributed-optimizer"], 1, "--use-distributed-optimizer needs nccl"),

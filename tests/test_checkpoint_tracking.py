@@ -1,4 +1,7 @@
-"""Which checkpoint a resume picks: only complete ones, whatever a crash left behind."""
+"""Which checkpoint a resume picks: only complete ones, whatever a crash left behind; how checkpoints are written."""
+import pytest
+import torch
+
 from megatron_m2.training import checkpointing as ckpt
 
 
@@ -129,3 +132,105 @@ def test_no_other_module_spells_the_layout():
                 if layout.TRACKER in node.value or layout.DONE in node.value or node.value in ("07d", "iter_"):
                     offenders.append(f"{path.relative_to(package)}:{node.lineno}")
     assert not offenders, offenders
+
+
+# -- training/checkpointing.py at scale: fully parallel save, async save, the distributed-optimizer format --------
+
+class _Weights(torch.nn.Module):
+    """Two 1 MiB tensors, replicated over the data-parallel ranks like every model weight at TP1 x PP1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.arange(2**18, dtype=torch.float32))
+        self.b = torch.nn.Parameter(-torch.arange(2**18, dtype=torch.float32))
+
+    def sharded_state_dict(self):
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        replica = parallel_state.get_data_parallel_rank()
+        return {k: ShardedTensor.from_rank_offsets(k, v.detach(), replica_id=replica)
+                for k, v in (("a", self.a), ("b", self.b))}
+
+
+def _stub_distributed_optimizer():
+    """A DistributedOptimizer (for isinstance) that records the metadata megatron would build its state from."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    class Stub(DistributedOptimizer):
+        def __init__(self):  # noqa: D107 - no buffers: the real one needs nccl (CPU cannot build it)
+            self.seen, self.loaded = [], None
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None, **kwargs):
+            self.seen.append((is_loading, metadata))
+            return {"stub_state": 1}
+
+        def load_state_dict(self, state_dict):
+            self.loaded = state_dict
+
+    return Stub()
+
+
+def _save_load_at_scale(root: str, async_save: bool):
+    import multiprocessing
+    from pathlib import Path
+
+    from megatron_m2 import parallel
+
+    parallel.initialize_model_parallel(1, 1)
+    process = multiprocessing.current_process()
+    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
+    try:
+        model, optimizer = _Weights(), _stub_distributed_optimizer()
+        path = ckpt.save_checkpoint(root, 5, model, optimizer, None, {"rank": torch.distributed.get_rank()},
+                                    async_save=async_save)
+        published_before_finalize = ckpt.latest_iteration(root)
+        with torch.no_grad():  # training goes on while the writer runs: the checkpoint must keep step 5's values
+            model.a.add_(1000.0)
+        finalized = ckpt.finalize_async_saves(blocking=True)
+    finally:
+        process.daemon = daemon
+    torch.distributed.barrier()
+    sizes = {p.name: p.stat().st_size for p in Path(path).glob("*.distcp")}
+    fresh, fresh_optimizer = _Weights(), _stub_distributed_optimizer()
+    with torch.no_grad():
+        fresh.a.zero_(), fresh.b.zero_()
+    iteration, rank_state, _ = ckpt.load_checkpoint(root, fresh, fresh_optimizer)
+    return dict(published_before_finalize=published_before_finalize, finalized=finalized, iteration=iteration,
+                rank_state=rank_state, sizes=sizes, saved_with=optimizer.seen, loaded_with=fresh_optimizer.seen,
+                optimizer_state=fresh_optimizer.loaded, a_ok=bool(torch.equal(fresh.a, torch.arange(2**18.0))),
+                b_ok=bool(torch.equal(fresh.b, -torch.arange(2**18.0))))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_save_at_scale(tmp_path, async_save):
+    from megatron_m2.testing import run_distributed
+
+    results = run_distributed(2, _save_load_at_scale, str(tmp_path), async_save)
+    for rank, r in enumerate(results):
+        # async: published only by finalize_async_saves (so a crash before it leaves no loadable partial checkpoint)
+        assert r["published_before_finalize"] == (None if async_save else 5)
+        assert r["finalized"] == ([5] if async_save else [])
+        assert r["iteration"] == 5 and r["rank_state"] == {"rank": rank}
+        assert r["a_ok"] and r["b_ok"]  # the values at save time, not the later in-place update
+        # the distributed optimizer's format is named, saved with the checkpoint and used again to load it
+        named = {"distrib_optim_sharding_type": "dp_reshardable"}
+        assert r["saved_with"] == [(False, named)] and r["loaded_with"] == [(True, named)]
+        assert r["optimizer_state"] == {"stub_state": 1}
+    # fully parallel save: each data-parallel rank wrote one of the two replicated 1 MiB tensors into its own
+    # __RANK_THREAD.distcp files (without the wrapper DP rank 0 writes both: __0_0 and __0_1, nothing from rank 1)
+    written = {rank: sum(size for name, size in results[0]["sizes"].items() if name.startswith(f"__{rank}_"))
+               for rank in range(2)}
+    assert all(2**20 < size < 2 * 2**20 for size in written.values()), results[0]["sizes"]
+
+
+def test_dp_reshardable_optimizer_refuses_a_layout_change():
+    from megatron_m2.errors import ConfigError
+
+    named = {"distrib_optim_sharding_type": "dp_reshardable"}
+    same = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+    ckpt.check_optimizer_resharding("ck", named, same, dict(same))
+    ckpt.check_optimizer_resharding("ck", None, same, {**same, "tensor_model_parallel_size": 1})  # older format
+    ckpt.check_optimizer_resharding("ck", named, None, same)  # written before the layout was recorded
+    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size 2 -> 1.*--no-load-optim"):
+        ckpt.check_optimizer_resharding("ck", named, same, {**same, "tensor_model_parallel_size": 1})

@@ -95,6 +95,46 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_losses(demo_data, refere
         assert loss == pytest.approx(reference_run[iteration], rel=1e-5, abs=1e-6), iteration
 
 
+def test_kill9_during_async_save_resumes_from_the_last_complete_checkpoint(demo_data, reference_run, tmp_path):
+    # --async-save: iteration 3's checkpoint is written in the background and published at a later step; the kill
+    # lands while iteration 6's is being written. Resuming must pick 3 (6 is an unpublished iter_0000006.tmp) and
+    # reproduce the uninterrupted losses, which also proves the background writer saved the state as of step 3.
+    import queue
+    import threading
+
+    ckpt = tmp_path / "ckpt"
+    cmd = _command(demo_data, tmp_path, 4, 2, 2, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3",
+                   "--async-save")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    started = f"async save of {ckpt / 'iter_0000006'} started"
+    seen: list[str] = []
+    try:
+        deadline = time.time() + 300
+        while not any(started in line for line in seen):
+            assert time.time() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+    finally:
+        _kill_tree(proc)  # the writer of iteration 6 is a child of the trainers: it dies too
+    log = "".join(seen)
+    assert f"saved checkpoint {ckpt / 'iter_0000003'} (async)" in log, log[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert (ckpt / "iter_0000006.tmp").is_dir() and not (ckpt / "iter_0000006").exists()
+    (tmp_path / "metrics.jsonl").unlink()
+    _run(cmd)
+    resumed = _losses(tmp_path)
+    assert min(resumed) == 4, resumed
+    for iteration, loss in resumed.items():
+        assert loss == pytest.approx(reference_run[iteration], rel=1e-5, abs=1e-6), iteration
+    # the resumed run's last async save was finished before the trainers exited
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(ITERS)
+    assert (ckpt / f"iter_{ITERS:07d}" / "checkpoint_complete").exists() and not list(ckpt.glob("*.tmp"))
+
+
 def test_sigterm_saves_and_exits(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     cmd = _command(demo_data, tmp_path, 4, 2, 2, "--save", str(ckpt), "--train-iters", "1000")

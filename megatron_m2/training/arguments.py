@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from the latest complete checkpoint in this directory (may equal --save; a missing "
                    "or empty directory starts from scratch)")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state from --load")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training continues (megatron-core async "
+                   "save); a checkpoint becomes the latest only once every rank has finished writing it, and the "
+                   "trainer waits for a pending save before the next one and before exiting")
     g.add_argument("--exit-interval", type=int, default=0,
                    help="save (with --save) and exit after the first iteration divisible by N, e.g. to stop a run "
                    "mid-schedule and continue it later, maybe at another TP/PP layout (0 = off)")
@@ -164,6 +168,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError(f"--exit-interval must be >= 0, got {args.exit_interval}")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
+    if args.async_save and not args.save:
+        raise ConfigError("--async-save needs --save DIR")
     if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):
         raise ConfigError("--eval-interval needs --zeroshot-data and/or --retrieval-data")
     check_eval_data_arguments(args)

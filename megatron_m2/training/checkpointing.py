@@ -9,6 +9,12 @@ The model and optimizer state are saved as global tensors with sharding metadata
 TP/PP layout loads into another. What differs per rank (the data stream position, RNG states) goes into
 `extra/rank_NNNNN.pt`, indexed by the data-parallel rank so that a new layout with the same DP size resumes the
 same streams.
+
+At scale (as Megatron-LM by default): the save is spread over the data-parallel ranks (megatron-core's
+FullyParallelSaveStrategyWrapper: each DP replica writes 1/DP of the replicated tensors instead of DP rank 0 writing
+all of them), and with `async_save=True` the tensors are written by a forked process while training goes on; the
+done marker, rename and tracker update then run in the request's finalize step (`finalize_async_saves`), so an
+interrupted async save stays an `iter_N.tmp` that is never loaded.
 """
 from __future__ import annotations
 
@@ -18,22 +24,53 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                            get_default_save_sharded_strategy)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                        FullyParallelSaveStrategyWrapper)
 
 from megatron_m2.checkpoint_layout import (DONE, TRACKER, checkpoint_dir, latest_iteration, publish,
                                            remove_staging_dirs, staging_dir)
+from megatron_m2.errors import ConfigError
 
-__all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "load_checkpoint",
-           "load_model_subset", "check_schedule"]
+__all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "finalize_async_saves",
+           "load_checkpoint", "load_model_subset", "check_schedule"]
+
+# The distributed optimizer's checkpoint format, named: without it megatron-core 0.16.1 falls back to
+# 'fully_sharded_model_space', which it lists as deprecated. 'dp_reshardable' is Megatron-LM's default: each DP rank
+# writes its own optimizer buffer shards, with no gather and no communication; such a checkpoint reshards across DP
+# sizes only (load_checkpoint refuses a TP/PP change before megatron fails on it deep inside loading).
+DISTRIB_OPTIM_SHARDING_TYPE = "dp_reshardable"
+LAYOUT_KEY = "parallel_layout"  # in the common state: the TP/PP the checkpoint was written at
+
+_ASYNC_QUEUE: Optional[AsyncCallsQueue] = None
+_ASYNC_PENDING: list[int] = []  # iterations of scheduled async saves, oldest first
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _save_metadata(optimizer) -> Optional[dict]:
+    """What shapes the optimizer's sharded state dict (megatron's `metadata`); saved as the checkpoint's
+    content_metadata so that loading rebuilds the same format. Only the distributed optimizer reads the key; for the
+    others it would change nothing but the checkpoint's description, so it is left out."""
+    if optimizer is not None and _is_distributed_optimizer(optimizer):
+        return {"distrib_optim_sharding_type": DISTRIB_OPTIM_SHARDING_TYPE}
+    return None
 
 
 def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, extra_common: Optional[dict] = None,
-                   is_loading: bool = False):
+                   is_loading: bool = False, metadata: Optional[dict] = None):
     model_state = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_state, "iteration": iteration}
     if optimizer is not None:
         # Loading: megatron-core first creates the (empty) Adam moments, otherwise a fresh optimizer asks for no
         # state at all and the moments silently restart from zero.
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if extra_common:
@@ -41,25 +78,81 @@ def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, ex
     return state
 
 
+def _current_layout() -> dict[str, int]:
+    return {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size()}
+
+
+def _save_strategy():
+    """torch_dist, with the writes spread over the data-parallel ranks (Megatron-LM's --ckpt-fully-parallel-save,
+    on by default there): DP replicas hold the same tensors, and without the wrapper DP rank 0 writes all of them."""
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                            parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def _load_strategy(path: Path):
+    """Each DP replica reads 1/DP of the tensors and broadcasts them to the others (Megatron-LM's
+    --ckpt-fully-parallel-load). GPU only: its exchange moves every tensor with `.cuda()`, which the CPU patches
+    (parallel.py) do not reach; on CPU every rank reads what it needs, as before."""
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if not torch.cuda.is_available() or dist.get_world_size(dp_group) == 1:
+        return None
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), dp_group)
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank_state: dict,
-                    common: Optional[dict] = None) -> Path:
-    """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker."""
+                    common: Optional[dict] = None, async_save: bool = False) -> Path:
+    """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker.
+
+    async_save: return once the tensors are handed to a writer process (on CPU: forked, so it sees the state as of
+    this call); the rename and tracker update happen in `finalize_async_saves`, which the loop calls every step.
+    Returns the directory the checkpoint has (or will have, once finalized).
+    """
+    global _ASYNC_QUEUE
+    # One save at a time: this one's cleanup of staging directories must not race a writer still filling one.
+    finalize_async_saves(blocking=True)
     final, tmp = checkpoint_dir(root, iteration), staging_dir(root, iteration)
     rank = dist.get_rank()
     if rank == 0:
         remove_staging_dirs(root)
         tmp.mkdir(parents=True)  # empty: megatron warns "Overwriting old incomplete / corrupted" into a used one
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, iteration, common), str(tmp))
+    metadata = _save_metadata(optimizer)
+    state = _sharded_state(model, optimizer, scheduler, iteration, {**(common or {}), LAYOUT_KEY: _current_layout()},
+                           metadata=metadata)
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
+                                      async_sharded_save=async_save, content_metadata=metadata)
     dp_rank = parallel_state.get_data_parallel_rank()
     if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
         (tmp / "extra").mkdir(exist_ok=True)
         torch.save(rank_state, tmp / "extra" / f"rank_{dp_rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        publish(root, iteration)
-    dist.barrier()
+    if not async_save:
+        dist.barrier()
+        if rank == 0:
+            publish(root, iteration)
+        dist.barrier()
+        return final
+    # Finalize functions run on every rank once every rank's writer is done (megatron's own first write the
+    # .metadata and metadata.json, with a barrier); ours then publishes from rank 0. Every rank wrote its extra
+    # file above, before scheduling, so it is in place too.
+    request.add_finalize_fn(lambda: publish(root, iteration) if dist.get_rank() == 0 else None)
+    if _ASYNC_QUEUE is None:
+        _ASYNC_QUEUE = AsyncCallsQueue()  # non-persistent: a forked writer per save (a spawned one needs CUDA)
+    _ASYNC_QUEUE.schedule_async_request(request)
+    _ASYNC_PENDING.append(iteration)
     return final
+
+
+def finalize_async_saves(blocking: bool = False) -> list[int]:
+    """Publish the async saves whose writers have finished on every rank; returns their iterations.
+
+    Collective while a save is pending: every rank calls it at the same points (each step, non-blocking; blocking
+    before the next save and before exit). Without pending saves it returns at once and communicates nothing.
+    """
+    if _ASYNC_QUEUE is None or not _ASYNC_PENDING:
+        return []
+    finalized = _ASYNC_QUEUE.maybe_finalize_async_calls(blocking=blocking)
+    return [_ASYNC_PENDING.pop(0) for _ in finalized]
 
 
 def check_schedule(root: str, flags_schedule: dict) -> None:
@@ -92,9 +185,16 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     if iteration is None:
         raise FileNotFoundError(f"no complete checkpoint in {root}")
     path = checkpoint_dir(root, iteration)
-    if dist_checkpointing.load_common_state_dict(str(path)).get("converted_from_hf"):
+    saved_common = dist_checkpointing.load_common_state_dict(str(path))
+    if saved_common.get("converted_from_hf"):
         optimizer = scheduler = None  # tools/convert_from_hf.py writes model weights only
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration, is_loading=True), str(path))
+    # The format the checkpoint was written in (None for checkpoints older than content_metadata: megatron's default)
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=saved_common)
+    if optimizer is not None:
+        check_optimizer_resharding(root, metadata, saved_common.get(LAYOUT_KEY), _current_layout())
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration, is_loading=True,
+                                                    metadata=metadata), str(path),
+                                     sharded_strategy=_load_strategy(path))
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -105,8 +205,19 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     rank_state = None
     if extra_file.exists() and num_extra == parallel_state.get_data_parallel_world_size():
         rank_state = torch.load(extra_file, weights_only=False)
-    common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler")}
+    common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "content_metadata")}
     return iteration, rank_state, common
+
+
+def check_optimizer_resharding(root: str, metadata: Optional[dict], saved_layout: Optional[dict],
+                               layout: dict[str, int]) -> None:
+    """A 'dp_reshardable' distributed-optimizer state loads only at the TP/PP it was saved at."""
+    if (metadata or {}).get("distrib_optim_sharding_type") != "dp_reshardable" or saved_layout in (None, layout):
+        return
+    saved = ", ".join(f"{k} {saved_layout.get(k)} -> {v}" for k, v in layout.items() if saved_layout.get(k) != v)
+    raise ConfigError(f"--load {root}: the distributed optimizer's state was saved as 'dp_reshardable', which loads "
+                      f"only at the tensor/pipeline-parallel layout it was written at ({saved}); resume at that "
+                      "layout, or pass --no-load-optim to load the model weights and schedule only")
 
 
 def load_model_subset(root: str, model, keep: Callable[[str], bool]) -> list[str]:

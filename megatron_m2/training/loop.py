@@ -113,11 +113,20 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     step_config = step_config_from_args(args)
 
     def save(step: int) -> None:
+        finalize_saves(blocking=True)  # one save at a time: an --async-save still being written finishes first
         rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state()}
         start = time.perf_counter()
         path = checkpointing.save_checkpoint(args.save, step, model, optimizer, scheduler, rank_state,
-                                             common={"model_config": config.to_dict()})
-        print_rank_0(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
+                                             common={"model_config": config.to_dict()}, async_save=args.async_save)
+        if args.async_save:
+            print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
+        else:
+            print_rank_0(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
+
+    def finalize_saves(blocking: bool) -> None:
+        """Publish finished --async-save checkpoints (collective; a no-op without pending saves)."""
+        for step in checkpointing.finalize_async_saves(blocking=blocking):
+            print_rank_0(f"saved checkpoint {checkpointing.checkpoint_dir(args.save, step)} (async)")
 
     print_rank_0(f"training {args.model} ({model.spec} layer spec, {'bf16' if args.bf16 else 'fp32'}) for "
                  f"{args.train_iters} iterations: TP {layout.tensor_model_parallel_size} "
@@ -138,6 +147,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     while iteration < args.train_iters:
         metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
         iteration += 1
+        finalize_saves(blocking=False)
         print_line = iteration % args.log_interval == 0 or iteration == args.train_iters
         if print_line:  # per-source sample and skip counts of the whole job (readers count, the others add 0)
             metrics.update(reduce_stats(data.stats, group=dist.group.WORLD))
@@ -156,6 +166,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
             print_rank_0(f"{reason}: {'saved' if args.save else 'not saved (no --save)'} at iteration {iteration}, "
                          "exiting")
             break
+    finalize_saves(blocking=True)  # a checkpoint still being written must be complete before the process exits
     logger.close()
     stats = data.stats
     data.close()
