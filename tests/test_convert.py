@@ -48,10 +48,8 @@ def _embeddings(model, config):
 
 
 def _save(root, model, config, iteration):
-    from megatron_m2.hf.convert import make_dist_save_work_without_psutil
     from megatron_m2.training.checkpointing import save_checkpoint
 
-    make_dist_save_work_without_psutil()
     process = multiprocessing.current_process()
     daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
     try:

@@ -218,23 +218,12 @@ def hf_to_megatron_sharded_state(hf_state: dict[str, torch.Tensor], config: M2Co
     return out
 
 
-def make_dist_save_work_without_psutil() -> None:
-    """megatron-core's forked checkpoint writer measures its RSS with psutil (for a debug log only); without psutil
-    it raises before reporting and the parent waits forever. psutil is not in our environment."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if not getattr(filesystem_async, "HAVE_PSUTIL", True):
-        filesystem_async._process_memory = lambda: 0
-
-
 def save_megatron_checkpoint(sharded_state: dict[str, Any], config: M2Config, root: Union[str, Path],
                              iteration: int = 0) -> Path:
     """Write ROOT/iter_NNNNNNN in the training loop's layout (complete marker + tracker), single process."""
     from megatron.core import dist_checkpointing
 
     from megatron_m2.checkpoint_layout import checkpoint_dir, publish, staging_dir
-
-    make_dist_save_work_without_psutil()
 
     final = checkpoint_dir(str(root), iteration)
     if final.exists():
