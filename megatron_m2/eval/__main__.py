@@ -68,11 +68,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
 
     from megatron_m2 import parallel
     from megatron_m2.data import check_vocab, load_tokenizer
-    from megatron_m2.eval.runner import make_eval_fn
+    from megatron_m2.eval.runner import encode_forward_step, make_eval_fn
     from megatron_m2.models import build_model
     from megatron_m2.training import checkpointing
     from megatron_m2.parallel import print_rank_0
-    from megatron_m2.training.step import forward_step
 
     config, layout, iteration = _check(args, int(os.environ.get("WORLD_SIZE", "1")))
     tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
@@ -87,7 +86,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     print_rank_0(f"loaded {args.load} iteration {iteration} at TP {layout.tensor_model_parallel_size} "
                  f"PP {layout.pipeline_model_parallel_size}")
     start = time.perf_counter()
-    results = evaluate(forward_step, model, tokenizer)
+    results = evaluate(encode_forward_step, model, tokenizer)
     print_rank_0(f"evaluated in {time.perf_counter() - start:.1f} s")
     for name, value in results.items():
         print_rank_0(f"  {name:24s} {value:6.2f}")

@@ -19,6 +19,18 @@ from megatron_m2.data.device import to_device
 from megatron_m2.models.m2_model import packed_sequence_length
 
 
+def encode_forward_step(data_iterator, model: torch.nn.Module, **_):
+    """The forward step of evaluation alone (the trainer hands its own, training/step.py's, which also computes the
+    loss): one micro-batch through this stage; on the last stage the loss function returns the embeddings."""
+    batch = next(data_iterator)
+    output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
+
+    def embeddings(output_tensor, non_loss_data: bool = True):
+        return output_tensor[0], output_tensor[1]
+
+    return output, embeddings
+
+
 def _encode(forward_step_func: Callable, model: torch.nn.Module, config: M2Config, batches: list[dict],
             micro_batch_size: int, with_images: bool, with_text: bool) -> torch.Tensor:
     was_training = model.training
