@@ -63,7 +63,7 @@ def _measure_rank(model_name: str, root: str, reps: int) -> dict:
     import torch.distributed as dist
 
     from megatron_m2 import parallel
-    from megatron_m2.training import checkpointing
+    from megatron_m2 import checkpointing
     from megatron_m2.training.bench import build_training, rss_bytes, synthetic_batches, trainer_args
 
     parallel.initialize_model_parallel(1, 1)

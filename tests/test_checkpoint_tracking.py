@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_m2.training import checkpointing as ckpt
+from megatron_m2 import checkpointing as ckpt
 
 
 def _complete(root, iteration):
@@ -134,7 +134,7 @@ def test_no_other_module_spells_the_layout():
     assert not offenders, offenders
 
 
-# -- training/checkpointing.py at scale: fully parallel save, async save, the distributed-optimizer format --------
+# -- checkpointing.py at scale: fully parallel save, async save, the distributed-optimizer format --------
 
 class _Weights(torch.nn.Module):
     """Two 1 MiB tensors, replicated over the data-parallel ranks like every model weight at TP1 x PP1."""

@@ -48,7 +48,7 @@ def _embeddings(model, config):
 
 
 def _save(root, model, config, iteration):
-    from megatron_m2.training.checkpointing import save_checkpoint
+    from megatron_m2.checkpointing import save_checkpoint
 
     process = multiprocessing.current_process()
     daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
@@ -76,7 +76,7 @@ def _train_layout_save(root, tp, pp, backbone_heads):
 def _load_and_compare(original_root, converted_root, backbone_heads):
     """At TP=1/PP=1: load both checkpoints (megatron reshards the original) and compare every tensor."""
     from megatron_m2.models import build_model
-    from megatron_m2.training.checkpointing import load_checkpoint
+    from megatron_m2.checkpointing import load_checkpoint
 
     config = load_config("tiny", backbone_heads=backbone_heads, vocab_size=1000)
     parallel.initialize_model_parallel(1, 1)
@@ -160,7 +160,7 @@ def test_convert_from_hf_layout_error(tmp_path):
 
 def _load_embeddings(root, tp, pp):
     from megatron_m2.models import build_model
-    from megatron_m2.training.checkpointing import load_checkpoint
+    from megatron_m2.checkpointing import load_checkpoint
 
     config = load_config("tiny", backbone_heads=True)
     parallel.initialize_model_parallel(tp, pp)
@@ -175,7 +175,7 @@ def _load_training_scale(root, tp, pp):
 
     from megatron_m2.loss import itc_loss
     from megatron_m2.models import build_model
-    from megatron_m2.training.checkpointing import load_checkpoint
+    from megatron_m2.checkpointing import load_checkpoint
 
     config = load_config("tiny", backbone_heads=True)
     parallel.initialize_model_parallel(tp, pp)

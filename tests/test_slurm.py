@@ -238,6 +238,6 @@ def test_real_sbatch_trains_the_tiny_preset(local_slurm, tmp_path):
         (tmp_path / "logs").glob("*.log")))
     assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{logs[-4000:]}"
     assert "1 node(s) x 2 GPUs" in logs
-    from megatron_m2.training.checkpointing import latest_iteration
+    from megatron_m2.checkpointing import latest_iteration
 
     assert latest_iteration(str(tmp_path / "checkpoints")) == 3, logs[-4000:]

@@ -12,7 +12,7 @@ one rank (TP = PP = 1) returns the loader's (pinned) batch as it is.
 Every rank must call `next()` the same number of times at the same point (the step does: M per step).
 
 Resume: the checkpoint keeps the data state of tensor rank 0 of the first stage of each data-parallel rank
-(`training/checkpointing.save_checkpoint`), i.e. the reader's. `state_dict()` on a rank that does not read returns
+(`checkpointing.save_checkpoint`), i.e. the reader's. `state_dict()` on a rank that does not read returns
 {"reader": False}; `load_state_dict()` there ignores what it is given, so the loop may load the DP rank's saved state
 on every rank.
 If the reader fails (a ConfigError such as an epoch without one usable sample, a dead worker), it sends status 1

@@ -70,7 +70,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     from megatron_m2.data import check_vocab, load_tokenizer
     from megatron_m2.eval.runner import encode_forward_step, make_eval_fn
     from megatron_m2.models import build_model
-    from megatron_m2.training import checkpointing
+    from megatron_m2 import checkpointing
     from megatron_m2.parallel import print_rank_0
 
     config, layout, iteration = _check(args, int(os.environ.get("WORLD_SIZE", "1")))

@@ -14,7 +14,7 @@ from megatron_m2 import parallel
 from megatron_m2.arithmetic import model_flops_per_sample
 from megatron_m2.config import transformer_overrides
 from megatron_m2.parallel import print_rank_0
-from megatron_m2.training import checkpointing
+from megatron_m2 import checkpointing
 from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
 from megatron_m2.training.progress import MetricsLogger
 from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, step_config_from_args,
