@@ -7,15 +7,10 @@ ACCURACY_KEYS = ("en/top1", "zh/top1", "retrieval/t2i_R@1")
 
 
 def _eval_series(history: Mapping[str, Any]) -> tuple[list[float], dict[str, list[float]]]:
-    """(eval iterations, {metric: values}) from history["eval"] (a list of per-evaluation dicts with an
-    "iteration") or from flat lists history["eval_iteration"] + history["en/top1"], ...."""
-    if history.get("eval"):
-        records = history["eval"]
-        iterations = [r["iteration"] for r in records]
-        series = {k: [r.get(k, float("nan")) for r in records] for k in ACCURACY_KEYS if any(k in r for r in records)}
-    else:
-        iterations = list(history.get("eval_iteration", []))
-        series = {k: list(history[k]) for k in ACCURACY_KEYS if k in history}
+    """(eval iterations, {metric: values}) from history["eval"]: the metrics file's per-evaluation records."""
+    records = history.get("eval", [])
+    iterations = [r["iteration"] for r in records]
+    series = {k: [r.get(k, float("nan")) for r in records] for k in ACCURACY_KEYS if any(k in r for r in records)}
     return iterations, series
 
 
