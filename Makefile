@@ -12,7 +12,8 @@ $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,demo,hf]"
+	# the editable build prints a setuptools notice about folder layouts (not a deprecation; nothing to act on)
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[test,demo,hf]"
 	touch $@
 
 install: $(VENV)/.installed
