@@ -377,15 +377,6 @@ def test_make_shards_rejects_a_csv_without_the_columns(tmp_path, capsys):
     assert "lacks the column(s) ['image', 'caption']" in capsys.readouterr().err
 
 
-def test_decoding_threads_give_the_same_batches(tmp_path, tokenizer):
-    paths = make_dataset(tmp_path, 2, 5)
-    serial, threaded = (ImageTextBatches(paths, tokenizer, train_transform(8), 3, seed=2, shuffle_window=2,
-                                         num_workers=n) for n in (0, 3))
-    for _ in range(5):  # crosses an epoch
-        a, b = next(serial), next(threaded)
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("num_samples", [1, 2, 9])  # epochs shorter than, within and longer than a batch
 def test_only_corrupt_images_is_an_error_not_a_hang(tmp_path, tokenizer, num_samples):
     shard = write_shard(tmp_path / "a.tar", [(f"k{i}", {"jpg": b"garbage", "txt": b"x"}) for i in range(num_samples)])
