@@ -44,9 +44,9 @@ class Hardware:
     nvlink_gbps: float = 300.0  # effective collective bandwidth per GPU inside a node, GB/s (NVLink 4: 450 raw)
     internode_gbps: float = 40.0  # effective per-GPU bandwidth between nodes, GB/s (400 Gb/s NIC per GPU = 50 raw)
     reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
-    # decode + augment + tokenise of one 500x375 JPEG sample to 224 px, per CPU core (Pillow; measured on the 2-core
-    # development machine's Xeon 2.8 GHz by benchmarks/data_loader.py, BENCHMARKS.md "Data loader")
-    decode_samples_per_core_s: float = 270.0
+    # read + decode + augment + tokenise of one 500x375 JPEG (72 KiB) to 224 px per CPU-second (Pillow): 181 measured
+    # by benchmarks/data_loader.py on the 2-core development machine (BENCHMARKS.md "Data loader"), rounded down
+    decode_samples_per_core_s: float = 180.0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ def _parse(*extra, world=1, monkeypatch=None):
         (["--freeze-vision"], 1, "--freeze-vision"),
         (["--model", "nope"], 1, "--model 'nope'"),
         (["--exit-interval", "-1"], 1, "--exit-interval must be >= 0"),
+        (["--num-workers", "-1"], 1, "--num-workers must be >= 0"),
+        (["--prefetch-factor", "0"], 1, "--prefetch-factor must be >= 1"),
         (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], 1, "exclude each other"),
     ],
 )

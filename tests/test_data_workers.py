@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_m2.data import (DECODE_SAMPLES_PER_CORE_S, build_train_data, decode_cores_needed, default_num_workers,
-                              parse_data_path)
+from megatron_m2.data import build_train_data, default_num_workers, parse_data_path
 from megatron_m2.data.blend import BlendedStream, normalize_sources
 from megatron_m2.data.loader import ImageTextBatches
 from megatron_m2.data.transforms import train_transform
@@ -222,9 +221,6 @@ def test_default_num_workers_from_the_cores_per_local_rank():
     assert default_num_workers(cpus=128, local_world_size=8) == 15
     assert default_num_workers(cpus=256, local_world_size=1) == 16
     assert default_num_workers() >= 0
-    # The planner's cores for a step: global batch / (step time x measured per-core rate).
-    assert decode_cores_needed(4096, 2.0, samples_per_core_s=256) == 8.0
-    assert decode_cores_needed(270, 1.0) == pytest.approx(270 / DECODE_SAMPLES_PER_CORE_S)
 
 
 def test_worker_and_prefetch_flags_are_checked(tmp_path, tokenizer):

@@ -19,19 +19,18 @@ The trainer's interface:
   model replica (data/broadcast.py): TP rank 0 of the first stage reads and broadcasts; later stages get
   `images` on the meta device. Collective: every rank of a replica calls next() equally often. `batch_to_device`
   moves a batch (leaving meta tensors); `reduce_stats(stats)` sums the stats over the DP group (collective).
-- `DECODE_SAMPLES_PER_CORE_S`: measured decode + augment + tokenise rate of one core (benchmarks/data_loader.py);
-  `decode_cores_needed(samples_per_step, step_time_s)`: the CPU cores that keep up with a step (for the planner).
+The measured decode + augment + tokenise rate of one core (benchmarks/data_loader.py) is a hardware assumption of
+the planner (`planner.Hardware.decode_samples_per_core_s`), which reports the CPU cores per GPU a layout needs.
 """
 from megatron_m2.data.blend import parse_data_path
 from megatron_m2.data.broadcast import ReplicaBatches, batch_to_device, build_replica_train_data, reduce_stats
-from megatron_m2.data.loader import (DECODE_SAMPLES_PER_CORE_S, ImageTextBatches, build_train_data,
-                                     decode_cores_needed, default_num_workers)
+from megatron_m2.data.loader import ImageTextBatches, build_train_data, default_num_workers
 from megatron_m2.data.shards import ShardStream, resolve_shards
 from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, load_tokenizer
 from megatron_m2.data.transforms import eval_transform, normalize, train_transform
 
-__all__ = ["DECODE_SAMPLES_PER_CORE_S", "GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream",
-           "batch_to_device", "build_replica_train_data", "build_train_data", "check_vocab", "decode_cores_needed",
+__all__ = ["GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream",
+           "batch_to_device", "build_replica_train_data", "build_train_data", "check_vocab",
            "default_num_workers",
            "eval_transform", "load_tokenizer", "normalize", "parse_data_path", "reduce_stats", "resolve_shards",
            "train_transform"]

@@ -37,22 +37,6 @@ from megatron_m2.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Read + decode + train augmentation (random resized crop to 224 px, flip) + tokenise of 500x375 JPEGs (72 KiB),
-# samples per CPU-second in one process: 181 measured by benchmarks/data_loader.py on the 2-core development machine
-# (BENCHMARKS.md "Data loader (issue 13)"; lighter JPEGs gave 261-284 on an earlier run), rounded down. The planner
-# divides the samples of a step (one decode per model replica) by this to report the CPU cores per GPU it needs.
-DECODE_SAMPLES_PER_CORE_S = 180.0
-
-
-
-def decode_cores_needed(samples_per_step: float, step_time_s: float,
-                        samples_per_core_s: float = DECODE_SAMPLES_PER_CORE_S) -> float:
-    """CPU cores that decode `samples_per_step` (the global batch: one decode per model replica) within one step of
-    `step_time_s`; divide by the GPUs for cores per GPU. All of them sit on the readers' nodes (first pipeline
-    stage), so with PP across nodes those nodes need PP times the average."""
-    return samples_per_step / (step_time_s * samples_per_core_s)
-
-
 _MAX_WORKERS = 16
 _MAX_CORRUPT_WARNINGS = 20
 

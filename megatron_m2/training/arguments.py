@@ -160,6 +160,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.lr_decay_iters = args.train_iters
     if args.min_lr > args.lr:
         raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0 (0 = decode in the training process), got {args.num_workers}")
+    if args.prefetch_factor < 1:
+        raise ConfigError(f"--prefetch-factor must be >= 1, got {args.prefetch_factor}")
     if args.itc_chunk_size < 0:
         raise ConfigError("--itc-chunk-size must be >= 0")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
