@@ -49,12 +49,18 @@ def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference_run(demo_data, tmp_path_factory):
+def reference_checkpoints(demo_data, tmp_path_factory) -> tuple[dict[int, float], Path]:
+    """The uninterrupted TP2 x PP2 run: its per-step losses, and its checkpoints of iterations 4 and 8."""
     run_dir = tmp_path_factory.mktemp("reference")
-    _run(_command(demo_data, run_dir, 4, 2, 2))
+    _run(_command(demo_data, run_dir, 4, 2, 2, "--save", str(run_dir / "ckpt"), "--save-interval", "4"))
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(1, ITERS + 1))
-    return losses
+    return losses, run_dir / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_checkpoints) -> dict[int, float]:
+    return reference_checkpoints[0]
 
 
 def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -123,7 +129,8 @@ def test_kill9_during_async_save_resumes_from_the_last_complete_checkpoint(demo_
 
 def test_sigterm_saves_and_exits(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    cmd = _command(demo_data, tmp_path, 4, 2, 2, "--save", str(ckpt), "--train-iters", "1000")
+    # 2 ranks (TP2): every rank must agree to stop at the same step (checked collectively once per step)
+    cmd = _command(demo_data, tmp_path, 2, 2, 1, "--save", str(ckpt), "--train-iters", "1000")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     _wait_for_iteration(tmp_path, 2, proc)
@@ -137,11 +144,15 @@ def test_sigterm_saves_and_exits(demo_data, tmp_path):
     assert saved >= 2 and (ckpt / f"iter_{saved:07d}" / "checkpoint_complete").exists()
 
 
-def test_checkpoint_loads_into_another_layout(demo_data, reference_run, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    first = tmp_path / "tp2pp2"
-    first.mkdir()
-    _run(_command(demo_data, first, 4, 2, 2, "--save", str(ckpt), "--exit-interval", "4"))
+def test_checkpoint_loads_into_another_layout(demo_data, reference_checkpoints, tmp_path):
+    import shutil
+
+    from megatron_m2.checkpoint_layout import checkpoint_dir, publish, staging_dir
+
+    reference_run, reference_ckpt = reference_checkpoints
+    ckpt = tmp_path / "ckpt"  # the TP2 x PP2 run's checkpoint of iteration 4, as the latest one of a directory
+    shutil.copytree(checkpoint_dir(reference_ckpt, 4), staging_dir(ckpt, 4))
+    publish(ckpt, 4)
     # a changed schedule is refused before anything is built, naming the two ways out
     changed = subprocess.run([sys.executable, "-m", "megatron_m2.train",
                               *_flags(demo_data, tmp_path, 1, 1, "--load", str(ckpt), "--train-iters", "12")],
