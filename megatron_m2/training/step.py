@@ -136,7 +136,11 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
 
 def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module, optimizer,
                scheduler, config: StepConfig) -> dict[str, float]:
-    """Zero the gradients, forward-backward the step's micro-batches, update; returns the logged metrics."""
+    """Zero the gradients, forward-backward the step's micro-batches, update; returns the logged metrics.
+
+    forward_step_func(data_iterator, model, itc_group=..., itc_chunk_size=...) has `forward_step`'s contract: its
+    loss function computes the ITC loss in that group, the surrogate when the batch carries ITC_GRADIENT, and the
+    embeddings when called with non_loss_data=True (pass 1)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(forward_step_func, data_iterator, model, config)
