@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import write_section
+
 SECTION = "## Checkpoint save and load (issue 16)"
 WORLD = 2
 
@@ -168,19 +170,6 @@ def render(run: dict) -> str:
     return "\n".join(lines) + "\n" + run.get("notes", "")
 
 
-def write_section(body: str, path: Path = Path("BENCHMARKS.md")) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (up to the next '## '), or append it; others stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="0.4b")
@@ -207,7 +196,7 @@ def main() -> None:
     body = render(run)
     print(body)
     if args.write:
-        write_section(body)
+        write_section(SECTION, body)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Data loader (issue 13)"
 BATCH = 64
@@ -166,18 +168,6 @@ def machine() -> str:
     return f"{cores}-core {model}, Python {platform.python_version()}, load average {load:.1f} before the run"
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    content = path.read_text()
-    start = content.find(SECTION)
-    if start < 0:
-        content = content.rstrip("\n") + "\n\n" + text
-    else:
-        end = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + (content[end + 1:] if end >= 0 else "")
-    path.write_text(content)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -228,7 +218,7 @@ def main(argv=None) -> int:
             speedup = r["samples_per_s"] / base[key]["samples_per_s"] if key in base else float("nan")
             lines.append(f"| {r['loader']} | {r['step_ms']:.0f} | {r['workers']} | {r['samples_per_s']:.0f} | "
                          f"{speedup:.2f}x | {r['samples_per_cpu_s']:.0f} | {r['main_ms_per_sample']:.2f} |")
-        write_section("\n".join(lines) + "\n")
+        write_section(SECTION, "\n".join(lines[2:]) + "\n")
     return 0
 
 

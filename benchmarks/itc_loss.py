@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from benchmarks.report import write_section
+
 WORLD = 8
 SECTION = "## ITC loss (issue 4)"
 # name -> (itc group size, chunk size or None, local_loss)
@@ -218,19 +220,6 @@ def to_markdown(
     )
 
 
-def write_section(body: str, path: Path = Path("BENCHMARKS.md")) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (up to the next '## '), or append it; others stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local-batch-sizes", type=int, nargs="+", default=[32, 128, 384])
@@ -257,7 +246,7 @@ def main() -> None:
     table = to_markdown(**run)
     print(table)
     if args.write:
-        write_section(FORMULAS + "\n" + table)
+        write_section(SECTION, FORMULAS + "\n" + table)
 
     from megatron_m2.testing import shutdown_pools
 

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from megatron_m2.arithmetic import StageParameters, model_flops_per_sample, stage_parameters
+from megatron_m2.arithmetic import model_flops_per_sample, stage_parameters
 from megatron_m2.config import M2Config, layers_per_stage, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 

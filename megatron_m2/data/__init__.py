@@ -17,20 +17,22 @@ The trainer's interface:
 - `build_replica_train_data(shards_or_blend, tokenizer, config, micro_batch_size, seed, num_workers=0,
   prefetch_factor=2, hflip=True) -> ReplicaBatches`: the same interface in megatron-core's layout, one decode per
   model replica (data/broadcast.py): TP rank 0 of the first stage reads and broadcasts; later stages get
-  `images` on the meta device. Collective: every rank of a replica calls next() equally often. `batch_to_device`
-  moves a batch (leaving meta tensors); `reduce_stats(stats)` sums the stats over the DP group (collective).
+  `images` on the meta device. Collective: every rank of a replica calls next() equally often.
+  `reduce_stats(stats, group)` sums the stats over a group (collective).
+- `to_device(batch, device, dtype)` (data/device.py): the batch on the model's device, uint8 images normalised there,
+  meta tensors left as they are; the trainer's step and the evaluator use it.
 The measured decode + augment + tokenise rate of one core (benchmarks/data_loader.py) is a hardware assumption of
 the planner (`planner.Hardware.decode_samples_per_core_s`), which reports the CPU cores per GPU a layout needs.
 """
 from megatron_m2.data.blend import parse_data_path
-from megatron_m2.data.broadcast import ReplicaBatches, batch_to_device, build_replica_train_data, reduce_stats
-from megatron_m2.data.loader import ImageTextBatches, build_train_data, default_num_workers
+from megatron_m2.data.broadcast import ReplicaBatches, build_replica_train_data, reduce_stats
+from megatron_m2.data.device import to_device
+from megatron_m2.data.loader import ImageTextBatches, build_train_data, cores_per_local_rank, default_num_workers
 from megatron_m2.data.shards import ShardStream, resolve_shards
 from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, load_tokenizer
 from megatron_m2.data.transforms import eval_transform, normalize, train_transform
 
-__all__ = ["GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream",
-           "batch_to_device", "build_replica_train_data", "build_train_data", "check_vocab",
-           "default_num_workers",
-           "eval_transform", "load_tokenizer", "normalize", "parse_data_path", "reduce_stats", "resolve_shards",
+__all__ = ["GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream", "build_replica_train_data",
+           "build_train_data", "check_vocab", "cores_per_local_rank", "default_num_workers", "eval_transform",
+           "load_tokenizer", "normalize", "parse_data_path", "reduce_stats", "resolve_shards", "to_device",
            "train_transform"]

@@ -135,11 +135,6 @@ class ReplicaBatches:
         return dict(images=images, text_ids=text_ids, text_padding_mask=text_padding_mask)
 
 
-def batch_to_device(batch: dict, device, non_blocking: bool = True) -> dict:
-    """Moves a micro-batch to `device`; tensors already there stay, meta tensors (shapes only) stay meta."""
-    return {k: v if v.is_meta else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-
-
 def _replica_reader(mp_group, tp_rank: int, first_stage: bool) -> int:
     """The global rank of tensor rank 0 of the first stage in this rank's model-parallel group."""
     entries = [None] * dist.get_world_size(mp_group)

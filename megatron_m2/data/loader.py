@@ -41,13 +41,18 @@ _MAX_WORKERS = 16
 _MAX_CORRUPT_WARNINGS = 20
 
 
-def default_num_workers(cpus: Optional[int] = None, local_world_size: Optional[int] = None) -> int:
-    """--num-workers when not given: the CPU cores per local rank, less one for the training process, at most 16."""
+def cores_per_local_rank(cpus: Optional[int] = None, local_world_size: Optional[int] = None) -> int:
+    """The CPU cores this process may use, shared equally by the ranks of its node (torchrun's LOCAL_WORLD_SIZE)."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(_MAX_WORKERS, cpus // max(1, local_world_size) - 1))
+    return cpus // max(1, local_world_size)
+
+
+def default_num_workers(cpus: Optional[int] = None, local_world_size: Optional[int] = None) -> int:
+    """--num-workers when not given: the CPU cores per local rank, less one for the training process, at most 16."""
+    return max(0, min(_MAX_WORKERS, cores_per_local_rank(cpus, local_world_size) - 1))
 
 
 def decode_image(data: bytes) -> Image.Image:

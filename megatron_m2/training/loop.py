@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import time
 from typing import Any, Callable, Optional
@@ -39,11 +38,6 @@ class SigtermFlag:
         return bool(flag.item())
 
 
-def _cores_per_local_rank() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def _accumulation_note(step_config: StepConfig) -> str:
     if step_config.accumulates:
         return "GBA-ITC batch accumulation over the step's micro-batches: one extra forward"
@@ -66,8 +60,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
              eval_fn: Optional[Callable] = None) -> dict[str, Any]:
     """Train as the flags say with `forward_step_func` (training/step.py's shape); `eval_fn(forward_step_func, model,
     tokenizer)` -> metrics runs at --eval-interval. Returns the per-rank data statistics."""
-    from megatron_m2.data import (build_replica_train_data, check_vocab, default_num_workers, load_tokenizer,
-                                  parse_data_path, reduce_stats)
+    from megatron_m2.data import (build_replica_train_data, check_vocab, cores_per_local_rank, default_num_workers,
+                                  load_tokenizer, parse_data_path, reduce_stats)
     from megatron_m2.models import build_model
 
     layout = args.layout
@@ -109,7 +103,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if num_workers and not torch.cuda.is_available():
         # on CPU the decode workers and torch's intra-op threads share the rank's cores; oversubscribed, a
         # decode-bound step got no faster with 2 workers on 2 cores (BENCHMARKS.md, data path)
-        torch.set_num_threads(max(1, _cores_per_local_rank() - num_workers))
+        torch.set_num_threads(max(1, cores_per_local_rank() - num_workers))
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
                                     hflip=args.hflip)
