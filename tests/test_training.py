@@ -81,7 +81,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     parent = psutil.Process(proc.pid)
     victims = [parent, *parent.children(recursive=True)]
     for victim in victims:
-        victim.send_signal(signal.SIGKILL)
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:  # a short-lived child (a loader worker, a save writer) exited on its own meanwhile
+            pass
     psutil.wait_procs(victims, timeout=30)
     proc.wait()
 
