@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import write_section
+from benchmarks.report import machine, write_section
 
 SECTION = "## Checkpoint save and load (issue 16)"
 WORLD = 2
@@ -128,15 +127,6 @@ def measure(model_name: str, reps: int, directory: str) -> dict:
     return results[0]
 
 
-def _machine() -> str:
-    import megatron.core
-    import torch
-
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores, {mem_gb:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, megatron-core {megatron.core.__version__}")
-
-
 def render(run: dict) -> str:
     r = run["result"]
     med = {k: statistics.median(v) for k, v in r["rows"].items()}
@@ -187,7 +177,7 @@ def main() -> None:
         result = measure(args.model, args.reps, args.dir)
         run = {"result": result, "model": args.model, "reps": args.reps, "dir": args.dir,
                "command": f"python -m benchmarks.checkpoint_save --model {args.model} --reps {args.reps}",
-               "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "load_before": load_before,
+               "date": time.strftime("%Y-%m-%d"), "machine": machine(), "load_before": load_before,
                "load_after": os.getloadavg()[0]}
     if args.notes:
         run["notes"] = "\n" + args.notes.read_text()

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import write_section
+from benchmarks.report import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Data loader (issue 13)"
@@ -154,20 +153,6 @@ def run_one(loader: str, workers: int, shards: list[str], batches: int, step_ms:
             "main_ms_per_sample": 1000 * main / samples}
 
 
-def machine() -> str:
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0))
-    load = os.getloadavg()[0]
-    return f"{cores}-core {model}, Python {platform.python_version()}, load average {load:.1f} before the run"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -187,7 +172,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), shards, args.batches, args.step_ms[0])))
         return 0
     info = json.loads((Path(args.shard_dir) / "done.json").read_text())
-    where = machine()
+    where = f"{machine()}, load average {os.getloadavg()[0]:.1f} before the run"
     rows = []
     variants = [(loader, workers, 0.0) for loader in args.loaders for workers in args.workers]
     variants += [("trainer", workers, step) for step in args.step_ms if step for workers in args.workers]
@@ -204,8 +189,7 @@ def main(argv=None) -> int:
               f"{row['wall_s']:.1f} s wall, {row['cpu_s']:.1f} CPU-s)", flush=True)
     if args.write:
         base = {(r["loader"], r["step_ms"]): r for r in rows if r["workers"] == 0}
-        lines = [SECTION, "",
-                 f"`.venv/bin/python -m benchmarks.data_loader {' '.join(sys.argv[1:] if argv is None else argv)}` "
+        lines = [f"`.venv/bin/python -m benchmarks.data_loader {' '.join(sys.argv[1:] if argv is None else argv)}` "
                  f"on {where}, {time.strftime('%Y-%m-%d')}. "
                  f"{info['samples']} JPEG samples of 500x375 in {len(info['shards'])} shards "
                  f"({info['bytes'] / info['samples'] / 1024:.0f} KiB per image on average), micro-batch {BATCH}, "
@@ -218,7 +202,7 @@ def main(argv=None) -> int:
             speedup = r["samples_per_s"] / base[key]["samples_per_s"] if key in base else float("nan")
             lines.append(f"| {r['loader']} | {r['step_ms']:.0f} | {r['workers']} | {r['samples_per_s']:.0f} | "
                          f"{speedup:.2f}x | {r['samples_per_cpu_s']:.0f} | {r['main_ms_per_sample']:.2f} |")
-        write_section(SECTION, "\n".join(lines[2:]) + "\n")
+        write_section(SECTION, "\n".join(lines) + "\n")
     return 0
 
 
