@@ -151,7 +151,6 @@ def test_official_import_gives_reference_embeddings(imported):
     ref_image, ref_text = _reference_embeddings(sd, pixels, ids, mask)
     with torch.no_grad():
         image, text = model.get_image_features(pixels), model.get_text_features(ids, mask)
-        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
         bb_image, bb_text = model.get_backbone_features(pixels, ids, mask)
     torch.testing.assert_close(image, ref_image, atol=1e-5, rtol=0)
     torch.testing.assert_close(text, ref_text, atol=1e-5, rtol=0)
