@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_m2.data import build_train_data, default_num_workers, parse_data_path
-from megatron_m2.data.blend import BlendedStream, normalize_sources
+from megatron_m2.data.blend import BlendedStream, name_sources, normalize_sources
 from megatron_m2.data.loader import ImageTextBatches
 from megatron_m2.data.transforms import train_transform
 from megatron_m2.errors import ConfigError
@@ -259,6 +259,19 @@ def test_source_names_come_from_the_folders(tmp_path):
     sources = normalize_sources([(0.7, zh), (0.3, en)])
     assert [(n, round(w, 6)) for n, w, _ in sources] == [("zh-shards", 0.7), ("en", 0.3)]
     assert [n for n, _, _ in normalize_sources([(1, zh[:1]), (1, zh[1:])])] == ["zh-shards.0", "zh-shards.1"]
+
+
+def test_sources_are_resolved_once(tmp_path):
+    """The trainer resolves --data-path once; what normalize_sources made is taken as it is (no second file-system
+    pass on every rank of a large job): here the shards are gone by the second call and nothing notices."""
+    zh = make_dataset(tmp_path / "zh-shards", 2, 1)
+    sources = name_sources(parse_data_path(["0.7", str(tmp_path / "zh-shards"), "0.3", zh[0]]))
+    assert [(n, round(w, 6), p) for n, w, p in sources] == [("zh-shards.0", 0.7, zh), ("zh-shards.1", 0.3, zh[:1])]
+    for path in zh:
+        os.remove(path)
+    assert normalize_sources(sources) == sources
+    with pytest.raises(ConfigError, match="--data-path .*no such file"):
+        normalize_sources([(0.7, zh), (0.3, zh[:1])])
 
 
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (0.5, 0.3, 0.2), (0.9, 0.05, 0.05)])

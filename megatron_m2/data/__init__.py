@@ -4,9 +4,11 @@ The trainer's interface:
 
 - `parse_data_path(values) -> [(weight, [shard paths])]`: `--data-path` as paths (one source) or alternating
   `weight path` pairs (`0.7 zh-shards/ 0.3 en-shards/`, weights normalised); ConfigError names the flag.
+  `name_sources(pairs) -> [Source(name, weight, paths)]` names them (no file-system access); the builders below take
+  Sources as they are, so the trainer resolves its shards once.
 - `build_train_data(shards_or_blend, tokenizer, config, micro_batch_size, dp_rank, dp_size, seed, num_workers=0,
   prefetch_factor=2, hflip=True) -> ImageTextBatches`: one DP rank's endless iterator; `shards_or_blend` is a shard
-  spec (str or list of paths/patterns) or the [(weight, shards)] of parse_data_path. `next()` returns
+  spec (str or list of paths/patterns), a [(weight, shards)] blend or Sources. `next()` returns
   dict(images uint8 [b,3,H,W] (pinned when CUDA is available), text_ids int64 [b,L], text_padding_mask bool [b,L]);
   images are normalised on the device with `normalize(images)`. `num_workers` processes decode, augment and
   tokenise (None: `default_num_workers()`), `prefetch_factor` micro-batches each ahead; batches are identical for
@@ -24,7 +26,7 @@ The trainer's interface:
 The measured decode + augment + tokenise rate of one core (benchmarks/data_loader.py) is a hardware assumption of
 the planner (`planner.Hardware.decode_samples_per_core_s`), which reports the CPU cores per GPU a layout needs.
 """
-from megatron_m2.data.blend import parse_data_path
+from megatron_m2.data.blend import Source, name_sources, parse_data_path
 from megatron_m2.data.broadcast import ReplicaBatches, build_replica_train_data, reduce_stats
 from megatron_m2.data.device import to_device
 from megatron_m2.data.loader import ImageTextBatches, build_train_data, cores_per_local_rank, default_num_workers
@@ -32,7 +34,7 @@ from megatron_m2.data.shards import ShardStream, resolve_shards
 from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, load_tokenizer
 from megatron_m2.data.transforms import eval_transform, normalize, train_transform
 
-__all__ = ["GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream", "build_replica_train_data",
+__all__ = ["GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream", "Source", "build_replica_train_data",
            "build_train_data", "check_vocab", "cores_per_local_rank", "default_num_workers", "eval_transform",
-           "load_tokenizer", "normalize", "parse_data_path", "reduce_stats", "resolve_shards", "to_device",
+           "load_tokenizer", "name_sources", "normalize", "parse_data_path", "reduce_stats", "resolve_shards", "to_device",
            "train_transform"]

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 from megatron_m2.data.shards import RawSample, ShardStream, resolve_shards
 from megatron_m2.errors import ConfigError
 
-# What build_train_data accepts: one shard spec (str or paths) or a blend [(weight, shard spec), ...].
-ShardsOrBlend = Union[str, Sequence[str], Sequence[tuple[float, Union[str, Sequence[str]]]]]
+class Source(NamedTuple):
+    """One source of the training data: its name (the key of its stats, checked on resume), its weight (a blend's
+    weights sum to 1) and its resolved shard paths."""
+
+    name: str
+    weight: float
+    paths: list[str]
+
+
+# What build_train_data accepts: one shard spec (str or paths), a blend [(weight, shard spec), ...], or the Sources
+# that normalize_sources made of either (taken as they are: no second look at the file system).
+ShardsOrBlend = Union[str, Sequence[str], Sequence[tuple[float, Union[str, Sequence[str]]]], Sequence[Source]]
 
 
 def _weight(value: str):
@@ -27,45 +37,47 @@ def _weight(value: str):
         return None
 
 
+def _normalized_weights(weights: Sequence[float]) -> list[float]:
+    total = sum(weights)
+    if not (all(0 < w < float("inf") for w in weights) and total < float("inf")):
+        raise ConfigError(f"--data-path: weights must be positive finite numbers, got {list(weights)}")
+    return [w / total for w in weights]
+
+
 def parse_data_path(values: Union[str, Sequence[str]]) -> list[tuple[float, list[str]]]:
     """--data-path values -> [(normalised weight, resolved shard paths)]; ConfigError names the flag.
 
     `a/ b/*.tar` is one source of all their shards (weight 1); `0.7 a/ 0.3 b/` two sources, 70% / 30% of samples.
     """
     values = [values] if isinstance(values, str) else list(values or [])
-    if not values:
-        raise ConfigError("--data-path is empty: pass tar shards, a directory of them or a pattern "
-                          "like data/shard-{00000..00009}.tar (tools/make_shards.py writes them)")
     weights = [_weight(v) for v in values]
-    if all(w is None for w in weights):
+    if all(w is None for w in weights):  # also no values at all: resolve_shards says the flag is empty
         return [(1.0, resolve_shards(values))]
     if len(values) % 2 or any(w is None for w in weights[0::2]) or any(w is not None for w in weights[1::2]):
         raise ConfigError(f"--data-path {' '.join(values)}: give either paths only, or alternating weight and "
                           "path pairs (e.g. --data-path 0.7 zh-shards/ 0.3 en-shards/), not a mix")
-    pairs = list(zip(weights[0::2], values[1::2]))
-    bad = [w for w, _ in pairs if not (w > 0 and w < float("inf"))]
-    if bad:
-        raise ConfigError(f"--data-path: weights must be positive finite numbers, got {bad}")
-    total = sum(w for w, _ in pairs)
-    return [(w / total, resolve_shards(path)) for w, path in pairs]
+    return list(zip(_normalized_weights(weights[0::2]), [resolve_shards(path) for path in values[1::2]]))
 
 
-def normalize_sources(shards_or_blend: ShardsOrBlend) -> list[tuple[str, float, list[str]]]:
-    """(name, weight, shard paths) per source, for a plain shard spec or a [(weight, spec), ...] blend.
-
-    Names come from the folder holding a source's shards (`zh-shards/shard-00000.tar` -> `zh-shards`); they key
-    the stats (`data/zh-shards/samples`) and are checked on resume. A name taken twice gets the source number."""
-    if isinstance(shards_or_blend, str) or not shards_or_blend or not isinstance(shards_or_blend[0], (tuple, list)):
-        sources = [(1.0, resolve_shards(shards_or_blend))]
-    else:
-        sources = [(float(w), resolve_shards(spec)) for w, spec in shards_or_blend]
-        total = sum(w for w, _ in sources)
-        if not all(w > 0 for w, _ in sources) or not total < float("inf"):
-            raise ConfigError(f"--data-path: weights must be positive finite numbers, got {[w for w, _ in sources]}")
-        sources = [(w / total, paths) for w, paths in sources]
-    names = [_source_name(paths) for _, paths in sources]
+def name_sources(blend: Sequence[tuple[float, list[str]]]) -> list[Source]:
+    """Resolved [(weight, shard paths)] (parse_data_path's) -> Sources: weights normalised, names from the folders
+    holding the shards (`zh-shards/shard-00000.tar` -> `zh-shards`; a name taken twice gets the source number). No
+    file-system access: every rank can name the sources it resolved once."""
+    weights = _normalized_weights([float(w) for w, _ in blend])
+    names = [_source_name(paths) for _, paths in blend]
     names = [name if names.count(name) == 1 else f"{name}.{i}" for i, name in enumerate(names)]
-    return [(name, w, paths) for name, (w, paths) in zip(names, sources)]
+    return [Source(name, w, list(paths)) for name, w, (_, paths) in zip(names, weights, blend)]
+
+
+def normalize_sources(shards_or_blend: ShardsOrBlend) -> list[Source]:
+    """The Sources of a plain shard spec or a [(weight, spec), ...] blend (specs resolved with resolve_shards);
+    Sources are returned as they are."""
+    if not isinstance(shards_or_blend, str) and shards_or_blend and all(
+            isinstance(source, Source) for source in shards_or_blend):
+        return list(shards_or_blend)
+    if isinstance(shards_or_blend, str) or not shards_or_blend or not isinstance(shards_or_blend[0], (tuple, list)):
+        return name_sources([(1.0, resolve_shards(shards_or_blend))])
+    return name_sources([(w, resolve_shards(spec)) for w, spec in shards_or_blend])
 
 
 def _source_name(paths: Sequence[str]) -> str:

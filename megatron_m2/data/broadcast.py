@@ -156,18 +156,18 @@ def build_replica_train_data(shards_or_blend: ShardsOrBlend, tokenizer, config, 
     first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     mp_group = parallel_state.get_model_parallel_group()
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    sources = normalize_sources(shards_or_blend)  # paths only, cheap: the same names on every rank
+    sources = normalize_sources(shards_or_blend)  # the same names on every rank (the reader's stats keys)
     reader = _replica_reader(mp_group, tp_rank, first_stage) if dist.get_world_size(mp_group) > 1 else dist.get_rank()
     inner = None
     if dist.get_rank() == reader:
-        inner = build_train_data([(w, paths) for _, w, paths in sources], tokenizer, config, micro_batch_size,
+        inner = build_train_data(sources, tokenizer, config, micro_batch_size,
                                  parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size(), seed, num_workers=num_workers,
                                  prefetch_factor=prefetch_factor, hflip=hflip)
     return ReplicaBatches(inner, micro_batch_size=micro_batch_size, image_size=config.image_size,
                           text_length=tokenizer.max_length, reader=reader, first_stage=first_stage,
                           mp_group=mp_group, tp_group=tp_group,
-                          stats_keys=stat_keys([name for name, _, _ in sources], SKIP_REASONS))
+                          stats_keys=stat_keys([source.name for source in sources], SKIP_REASONS))
 
 
 def reduce_stats(stats: dict, group=None) -> dict:

@@ -61,13 +61,13 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     """Train as the flags say with `forward_step_func` (training/step.py's shape); `eval_fn(forward_step_func, model,
     tokenizer)` -> metrics runs at --eval-interval. Returns the per-rank data statistics."""
     from megatron_m2.data import (build_replica_train_data, check_vocab, cores_per_local_rank, default_num_workers,
-                                  load_tokenizer, parse_data_path, reduce_stats)
+                                  load_tokenizer, name_sources, parse_data_path, reduce_stats)
     from megatron_m2.models import build_model
 
     layout = args.layout
     config = args.model_config
     # Cheap input checks first: a missing shard or a wrong tokenizer must fail before the model is allocated.
-    sources = parse_data_path(args.data_path)
+    sources = name_sources(parse_data_path(args.data_path))  # resolved here, once
     tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
     check_vocab(tokenizer, config.vocab_size)
 
