@@ -160,8 +160,6 @@ def check_schedule(root: str, flags_schedule: dict) -> None:
 
     (megatron-core would otherwise take the checkpoint's values silently, or assert deep inside loading.)
     """
-    from megatron_m2.errors import ConfigError
-
     saved = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(root, latest_iteration(root))))
     saved = saved.get("scheduler") or {}
     differ = {k: (saved[k], v) for k, v in flags_schedule.items() if k in saved and saved[k] != v}
