@@ -4,7 +4,9 @@
 CSV: a header with the columns image,caption[,lang]. JSONL: one {"image": ..., "caption": ..., "lang": ...} per
 line. Image paths are relative to --image-root (default: the input file's folder). JPEG and PNG files are copied
 byte for byte; other formats (WebP, BMP, GIF, TIFF, ...) are re-encoded (JPEG, or PNG when they have alpha).
-Rows with a missing or unreadable image or an empty caption are reported and skipped, never fatal.
+Rows with a missing or unreadable image or an empty caption are reported and skipped, never fatal. The M2 paper's
+cleaning (captions under 5 characters, images with an aspect ratio over 3) is --min-caption-chars 5
+--max-aspect-ratio 3 (off by default; the trainer has the same flags, for shards written without them).
 
     python tools/make_shards.py pairs.csv --output-dir data/train --samples-per-shard 10000
     then train with --data-path data/train  (or data/train/shard-{00000..00009}.tar)
@@ -38,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-column", default="image", help="CSV column / JSONL field with the image path")
     p.add_argument("--caption-column", default="caption", help="CSV column / JSONL field with the caption")
     p.add_argument("--lang-column", default="lang", help="optional CSV column / JSONL field with the language")
+    p.add_argument("--min-caption-chars", type=int, default=0,
+                   help="skip rows whose caption has fewer characters (the M2 paper: 5); 0 = off")
+    p.add_argument("--max-aspect-ratio", type=float, default=0.0,
+                   help="skip rows whose image's longer side exceeds this times the shorter one (the M2 paper: 3); "
+                   "0 = off")
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality of images that must be re-encoded")
     p.add_argument("--log-every", type=int, default=1000, help="print progress (samples/s) every N samples")
     return p.parse_args(argv)
@@ -71,8 +78,9 @@ def read_rows(path: str, args: argparse.Namespace) -> Iterator[tuple[int, Option
                 yield number, row, ""
 
 
-def load_image(path: str, jpeg_quality: int) -> tuple[bytes, str]:
-    """(bytes, extension): JPEG/PNG as they are, anything else re-encoded; raises for an unreadable image."""
+def load_image(path: str, jpeg_quality: int) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes, extension, (width, height)): JPEG/PNG as they are, anything else re-encoded; raises for an unreadable
+    image."""
     from PIL import Image
 
     with open(path, "rb") as f:
@@ -80,19 +88,22 @@ def load_image(path: str, jpeg_quality: int) -> tuple[bytes, str]:
     image = Image.open(io.BytesIO(data))
     image.load()  # a truncated or corrupt file fails here, not in the training run
     if image.format == "JPEG":
-        return data, "jpg"
+        return data, "jpg", image.size
     if image.format == "PNG":
-        return data, "png"
+        return data, "png", image.size
     buf = io.BytesIO()
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         image.convert("RGBA").save(buf, format="PNG")
-        return buf.getvalue(), "png"
+        return buf.getvalue(), "png", image.size
     image.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality)
-    return buf.getvalue(), "jpg"
+    return buf.getvalue(), "jpg", image.size
 
 
 def make_shards(args: argparse.Namespace) -> dict:
+    from megatron_m2.data.filters import SampleFilter
     from megatron_m2.data.shards import ShardWriter
+
+    cleaning = SampleFilter(args.min_caption_chars, args.max_aspect_ratio)
 
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.input))
     if not os.path.isdir(image_root):
@@ -109,14 +120,20 @@ def make_shards(args: argparse.Namespace) -> dict:
                     problem = "no image path"
                 elif not caption:
                     problem = "empty caption"
+                elif cleaning.reject_caption(caption):
+                    problem = f"short caption: {len(caption)} characters (--min-caption-chars {args.min_caption_chars})"
                 else:
                     full = image_path if os.path.isabs(image_path) else os.path.join(image_root, image_path)
                     try:
-                        image, ext = load_image(full, args.jpeg_quality)
+                        image, ext, (width, height) = load_image(full, args.jpeg_quality)
                     except FileNotFoundError:
                         problem = f"image not found: {full}"
                     except Exception as exc:  # Pillow raises many types for a bad file
                         problem = f"unreadable image: {full}: {type(exc).__name__}: {exc}"
+                    else:
+                        if cleaning.reject_size(width, height):
+                            problem = (f"aspect ratio: {full} is {width}x{height} (--max-aspect-ratio "
+                                       f"{args.max_aspect_ratio})")
             if problem:
                 reason = problem.split(":")[0]  # the counted reason; the rest is this row's detail
                 bad[reason] = bad.get(reason, 0) + 1

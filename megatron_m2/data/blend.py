@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
+from megatron_m2.data.filters import SampleFilter
 from megatron_m2.data.shards import RawSample, ShardStream, resolve_shards
 from megatron_m2.errors import ConfigError
 
@@ -97,11 +98,12 @@ class BlendedStream:
     """Raw samples from weighted sources: `next()` -> (source number, RawSample); `counts` samples per source."""
 
     def __init__(self, sources: Sequence[tuple[str, float, Sequence[str]]], dp_rank: int, dp_size: int, seed: int,
-                 shuffle_window: int) -> None:
+                 shuffle_window: int, sample_filter: Optional[SampleFilter] = None) -> None:
         self.names = [name for name, _, _ in sources]
         self.weights = [weight for _, weight, _ in sources]
         # Source 0 keeps the keys of a single-source stream: a one-source "blend" reads what it always read.
-        self.streams = [ShardStream(paths, dp_rank, dp_size, seed, shuffle_window, source=i)
+        self.streams = [ShardStream(paths, dp_rank, dp_size, seed, shuffle_window, source=i,
+                                    sample_filter=sample_filter)
                         for i, (_, _, paths) in enumerate(sources)]
         self.counts = [0] * len(sources)
 

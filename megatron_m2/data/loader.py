@@ -30,6 +30,7 @@ import torch.utils.data
 from PIL import Image
 
 from megatron_m2.data.blend import BlendedStream, ShardsOrBlend, normalize_sources, stat_keys
+from megatron_m2.data.filters import SampleFilter
 from megatron_m2.data.shards import SKIP_REASONS
 from megatron_m2.data.tokenizer import GLMTokenizer
 from megatron_m2.data.transforms import to_rgb, train_transform
@@ -138,7 +139,7 @@ class ImageTextBatches:
     def __init__(self, shards: ShardsOrBlend, tokenizer: GLMTokenizer, transform: Callable,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_window: int = 512, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
-                 pin_memory: Optional[bool] = None) -> None:
+                 pin_memory: Optional[bool] = None, sample_filter: Optional[SampleFilter] = None) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be >= 1")
         num_workers = default_num_workers() if num_workers is None else num_workers
@@ -147,7 +148,7 @@ class ImageTextBatches:
         if prefetch_factor < 1:
             raise ConfigError(f"--prefetch-factor {prefetch_factor}: must be >= 1")
         sources = normalize_sources(shards)
-        self.blend = BlendedStream(sources, dp_rank, dp_size, seed, shuffle_window)
+        self.blend = BlendedStream(sources, dp_rank, dp_size, seed, shuffle_window, sample_filter)
         self.names = self.blend.names
         self.tokenizer, self.transform = tokenizer, transform
         self.micro_batch_size, self.seed, self.dp_rank = micro_batch_size, seed, dp_rank
@@ -328,9 +329,11 @@ class ImageTextBatches:
 
 def build_train_data(shards_or_blend: ShardsOrBlend, tokenizer: GLMTokenizer, config, micro_batch_size: int,
                      dp_rank: int, dp_size: int, seed: int, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
-                     hflip: bool = True) -> ImageTextBatches:
-    """The training iterator for a model config (its image_size), with the train augmentation (uint8 images).
+                     hflip: bool = True, randaugment: Optional[tuple[int, float]] = None,
+                     sample_filter: Optional[SampleFilter] = None) -> ImageTextBatches:
+    """The training iterator for a model config (its image_size), with the train augmentation (uint8 images;
+    randaugment = (N, M) adds RandAugment(N, M)) and the optional sample filter (data/filters.py).
     num_workers=None: default_num_workers()."""
-    return ImageTextBatches(shards_or_blend, tokenizer, train_transform(config.image_size, hflip=hflip),
-                            micro_batch_size, dp_rank, dp_size, seed, num_workers=num_workers,
-                            prefetch_factor=prefetch_factor)
+    transform = train_transform(config.image_size, hflip=hflip, randaugment=randaugment)
+    return ImageTextBatches(shards_or_blend, tokenizer, transform, micro_batch_size, dp_rank, dp_size, seed,
+                            num_workers=num_workers, prefetch_factor=prefetch_factor, sample_filter=sample_filter)

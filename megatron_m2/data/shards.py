@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence, Union
 import braceexpand
 import numpy as np
 
+from megatron_m2.data.filters import FILTER_REASONS, SampleFilter
 from megatron_m2.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Skip reasons (keys of `stats`), besides "samples" (usable samples yielded).
 SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_utf8", "bad_json", "corrupt_image",
-                "corrupt_shard")
+                "corrupt_shard") + FILTER_REASONS
 _MAX_SKIP_WARNINGS = 20
 
 def expand_braces(pattern: str) -> list[str]:
@@ -188,7 +189,7 @@ class ShardStream:
     """One DP rank's endless, resumable stream of usable `RawSample`s (see the module docstring)."""
 
     def __init__(self, shards: Sequence[str], dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle_window: int = 512, source: int = 0) -> None:
+                 shuffle_window: int = 512, source: int = 0, sample_filter: Optional[SampleFilter] = None) -> None:
         if not shards:
             raise ConfigError("--data-path resolved to no shard")
         if not 0 <= dp_rank < dp_size:
@@ -198,6 +199,8 @@ class ShardStream:
         self.shuffle_window = max(1, shuffle_window)
         # The sources of a blend draw different shard orders and windows (source 0: the keys of a single source).
         self.source, self._salt = source, [source] if source else []
+        # --min-caption-chars / --max-aspect-ratio: a filtered pair is skipped and counted like a corrupt one
+        self.sample_filter = sample_filter if sample_filter is not None and sample_filter.active else None
         self.stats: Counter = Counter()
         self._plan_cache: tuple = (None, None)
         # Position: samples of the current shard consumed (offset) and of the epoch (position), usable or not.
@@ -285,6 +288,10 @@ class ShardStream:
                 continue
             try:
                 image, ext, caption, lang = parse_group(key, members)
+                if self.sample_filter is not None:
+                    reason = self.sample_filter.reject(caption, image)
+                    if reason is not None:
+                        raise _Skip(reason)
             except _Skip as skip:
                 count_skip(self.stats, skip.reason, f"{self.shards[shard_id]}:{key}")
                 continue

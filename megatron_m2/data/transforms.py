@@ -1,7 +1,8 @@
 """Image transforms with Pillow + numpy (no torchvision): PIL.Image -> FloatTensor [3, H, W], mean = std = 0.5;
 the train transform returns uint8 [3, H, W] instead (4x fewer bytes to copy), normalised by `normalize` on the device.
 
-train: random resized crop (scale 0.8-1.0, ratio 3/4-4/3, torchvision's sampling) + horizontal flip, bicubic.
+train: random resized crop (scale 0.8-1.0, ratio 3/4-4/3, torchvision's sampling) + horizontal flip, bicubic, then
+optionally RandAugment on the crop (data/randaugment.py; the release's RandAugment(2, 7)).
 eval: resize the shorter side to image_size (bicubic) + center crop; `square=True` instead squashes the whole image
 to image_size x image_size (bicubic), which is what M2-Encoder's release does at inference
 (vlmo/transforms/square_transform.py: Resize((size, size), BICUBIC); the model applies mean/std 0.5 itself).
@@ -11,7 +12,7 @@ so augmentation is reproducible after a resume, whatever was prefetched.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -70,17 +71,18 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 class TrainTransform:
-    """Random resized crop + horizontal flip (unless hflip=False: for digits or text, a mirror changes the meaning);
-    `transform(image, rng)` uses rng, else its own generator. Returns uint8 [3, H, W] (normalize() on the device)."""
+    """Random resized crop + horizontal flip (unless hflip=False: for digits or text, a mirror changes the meaning),
+    then `randaugment` if given; `transform(image, rng)` uses rng, else its own generator. Returns uint8 [3, H, W]
+    (normalize() on the device)."""
 
     takes_rng = True
 
     def __init__(self, image_size: int, rng: Union[np.random.Generator, int, None] = None,
                  scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: bool = True) -> None:
+                 hflip: bool = True, randaugment: Optional[Callable] = None) -> None:
         self.image_size = image_size
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.scale, self.ratio, self.hflip, self.randaugment = scale, ratio, hflip, randaugment
 
     def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         rng = self.rng if rng is None else rng
@@ -89,6 +91,8 @@ class TrainTransform:
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=(left, top, left + w, top + h))
         if rng.random() < 0.5 and self.hflip:  # draw either way, so the crops do not depend on hflip
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:  # after the crop and flip, as the release (draws after theirs)
+            image = self.randaugment(image, rng)
         return to_uint8_tensor(image)
 
 
@@ -116,9 +120,13 @@ class EvalTransform:
         return to_tensor(image.crop((left, top, left + size, top + size)))
 
 
-def train_transform(image_size: int, rng: Union[np.random.Generator, int, None] = None,
-                    hflip: bool = True) -> TrainTransform:
-    return TrainTransform(image_size, rng, hflip=hflip)
+def train_transform(image_size: int, rng: Union[np.random.Generator, int, None] = None, hflip: bool = True,
+                    randaugment: Optional[tuple[int, float]] = None) -> TrainTransform:
+    """randaugment: (N, M) for RandAugment(N, M) after the crop (data/randaugment.py), or None."""
+    from megatron_m2.data.randaugment import RandAugment
+
+    return TrainTransform(image_size, rng, hflip=hflip,
+                          randaugment=RandAugment(*randaugment) if randaugment else None)
 
 
 def eval_transform(image_size: int, square: bool = False) -> EvalTransform:
