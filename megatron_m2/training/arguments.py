@@ -9,6 +9,7 @@ from megatron_m2.config import PRESETS, M2Config, load_config, validate_parallel
 from megatron_m2.errors import ConfigError
 from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
 from megatron_m2.parallel import Layout, validate_layout
+from megatron_m2.training.wandb_run import check_wandb_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-hflip", dest="hflip", action="store_false",
                    help="no random horizontal flip in the train augmentation (for images where a mirror changes the "
                    "meaning: digits, text)")
+    g.add_argument("--randaugment", nargs=2, type=float, default=None, metavar=("N", "M"),
+                   help="RandAugment after the crop and flip, as M2-Encoder's release trains (its values: 2 7): N "
+                   "operations per image, each applied with probability 0.5, at magnitude M on ALBEF's 0-10 scale; "
+                   "seeded per sample (batches do not depend on --num-workers or a resume); default: off")
+    g.add_argument("--min-caption-chars", type=int, default=0,
+                   help="skip pairs whose caption has fewer characters (the M2 paper cleans with 5); counted per "
+                   "source as skipped/short_caption; 0 = off")
+    g.add_argument("--max-aspect-ratio", type=float, default=0.0,
+                   help="skip pairs whose image's longer side exceeds this times the shorter one (the M2 paper cleans "
+                   "with 3; read from the image header, no decode); counted as skipped/aspect_ratio; 0 = off")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model of the GLM-compatible tokenizer")
 
     g = p.add_argument_group("checkpointing")
@@ -120,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate before the first step (the untrained baseline)")
     g.add_argument("--metrics-file", default=None,
                    help="append every logged step and evaluation as one JSON line to this file")
+    g.add_argument("--wandb-project", default=None,
+                   help="also log the TensorBoard scalars to this Weights & Biases project (the logging rank; the "
+                   "flags are the run's config; a resume continues the same run). Needs the wandb extra: pip install "
+                   "'megatron-m2[wandb]'; WANDB_MODE=offline logs without network")
+    g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb's)")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="folder for wandb's local files (default: SAVE/wandb with --save, else ./wandb)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile the steps from --profile-step-start to --profile-step-end with torch.profiler (CPU "
+                   "and CUDA activities, the step's phases as named ranges) on --profile-ranks; one trace per rank "
+                   "under --tensorboard-dir (TensorBoard's profile plugin, Perfetto or chrome://tracing open it)")
+    g.add_argument("--profile-step-start", type=int, default=10,
+                   help="profile from the step after this many completed iterations (Megatron-LM's counting)")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="stop profiling once this many iterations are completed")
+    g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="global ranks to profile")
 
     g = p.add_argument_group("launch")
     g.add_argument("--dry-run", action="store_true",
@@ -177,6 +204,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):
         raise ConfigError("--eval-interval needs --zeroshot-data and/or --retrieval-data")
     check_eval_data_arguments(args)
+    check_wandb_arguments(args)
+    _check_profile_arguments(args, world_size)
+    _check_data_cleaning_arguments(args)
     if args.freeze_vision and args.load_vision is None and args.load is None:
         raise ConfigError("--freeze-vision freezes a random tower: pass --load-vision DIR (or --load DIR)")
     if not args.dry_run:
@@ -195,3 +225,29 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if not args.tokenizer_model:
             raise ConfigError("--tokenizer-model is required (SentencePiece model); see tools/train_tokenizer.py")
     return layout
+
+
+def _check_profile_arguments(args: argparse.Namespace, world_size: int) -> None:
+    if not args.profile:
+        return
+    if not args.tensorboard_dir:
+        raise ConfigError("--profile writes its traces under --tensorboard-dir: pass --tensorboard-dir DIR")
+    if not 0 <= args.profile_step_start < args.profile_step_end:
+        raise ConfigError(f"--profile-step-start {args.profile_step_start} must be >= 0 and below "
+                          f"--profile-step-end {args.profile_step_end}")
+    outside = [rank for rank in args.profile_ranks if not 0 <= rank < world_size]
+    if outside:
+        raise ConfigError(f"--profile-ranks {outside}: not ranks of this world of {world_size} processes")
+
+
+def _check_data_cleaning_arguments(args: argparse.Namespace) -> None:
+    from megatron_m2.data.filters import SampleFilter
+    from megatron_m2.data.randaugment import RandAugment
+
+    SampleFilter(args.min_caption_chars, args.max_aspect_ratio)  # raises ConfigError naming the flag
+    if args.randaugment is not None:
+        num_ops, magnitude = args.randaugment
+        if num_ops != int(num_ops):
+            raise ConfigError(f"--randaugment N M: N must be a whole number of operations, got {num_ops}")
+        args.randaugment = (int(num_ops), magnitude)
+        RandAugment(*args.randaugment)

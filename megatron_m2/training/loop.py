@@ -16,7 +16,10 @@ from megatron_m2.config import transformer_overrides
 from megatron_m2.parallel import print_rank_0
 from megatron_m2 import checkpointing
 from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
+from megatron_m2.data.filters import sample_filter_from_args
+from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
+from megatron_m2.training.wandb_run import RUN_ID_KEY, build_wandb_run
 from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, step_config_from_args,
                                        train_step)
 
@@ -82,7 +85,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
 
-    iteration, rank_state = 0, None
+    iteration, rank_state, saved_common = 0, None, {}
     if not resume:
         for root, tower in ((args.load_vision, "vision"), (args.load_text, "text")):
             if root:
@@ -94,7 +97,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     ddp = wrap_ddp(model, args)
     optimizer, scheduler = build_optimizer(ddp, args)
     if resume:
-        iteration, rank_state, _ = checkpointing.load_checkpoint(
+        iteration, rank_state, saved_common = checkpointing.load_checkpoint(
             args.load, model, None if args.no_load_optim else optimizer, scheduler)
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
 
@@ -106,15 +109,19 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         torch.set_num_threads(max(1, cores_per_local_rank() - num_workers))
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
-                                    hflip=args.hflip)
+                                    hflip=args.hflip, randaugment=args.randaugment,
+                                    sample_filter=sample_filter_from_args(args))
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
     elif resume:
         print_rank_0("data-parallel size changed since the checkpoint: data streams restart from the beginning")
 
+    wandb_run, wandb_run_id = build_wandb_run(args, saved_common.get(RUN_ID_KEY), parallel.is_logging_rank())
+    wandb_run_id = wandb_run_id or saved_common.get(RUN_ID_KEY)  # a run without wandb keeps the id for a later one
     logger = MetricsLogger(args.tensorboard_dir, args.train_iters, model_flops_per_sample(config),
-                           dist.get_world_size(), torch.cuda.is_available(), args.metrics_file)
+                           dist.get_world_size(), torch.cuda.is_available(), args.metrics_file, wandb_run=wandb_run)
+    profiler = build_profiler(args, dist.get_rank())
     sigterm = SigtermFlag()
     step_config = step_config_from_args(args)
 
@@ -123,7 +130,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state()}
         start = time.perf_counter()
         path = checkpointing.save_checkpoint(args.save, step, model, optimizer, scheduler, rank_state,
-                                             common={"model_config": config.to_dict()}, async_save=args.async_save)
+                                             common={"model_config": config.to_dict(), RUN_ID_KEY: wandb_run_id},
+                                             async_save=args.async_save)
         if args.async_save:
             print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
         else:
@@ -151,8 +159,12 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if eval_fn is not None and args.eval_at_start and iteration == 0:
         evaluate(0)
     while iteration < args.train_iters:
+        if profiler is not None:
+            profiler.before_step(iteration)
         metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
         iteration += 1
+        if profiler is not None:
+            profiler.after_step(iteration)
         finalize_saves(blocking=False)
         print_line = iteration % args.log_interval == 0 or iteration == args.train_iters
         if print_line:  # per-source sample and skip counts of the whole job (readers count, the others add 0)
@@ -173,6 +185,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                          "exiting")
             break
     finalize_saves(blocking=True)  # a checkpoint still being written must be complete before the process exits
+    if profiler is not None:
+        profiler.stop()  # training ended inside the profiled range
     logger.close()
     stats = data.stats
     data.close()

@@ -27,6 +27,7 @@ from megatron_m2 import parallel
 from megatron_m2.data.device import to_device
 from megatron_m2.loss import itc_loss
 from megatron_m2.models.m2_model import packed_sequence_length
+from megatron_m2.training.profiling import DATA_WAIT, FORWARD_BACKWARD, ITC_LOSS, OPTIMIZER, PASS1_FORWARD, phase
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
                                                      surrogate_loss)
 
@@ -59,7 +60,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
         cached: Optional[CachedGradient] = batch.get(ITC_GRADIENT)
         if cached is not None:
             return surrogate_loss(image_embeds, text_embeds, logit_scale, cached), {}
-        return itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group, chunk_size=itc_chunk_size)
+        with phase(ITC_LOSS):
+            return itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group, chunk_size=itc_chunk_size)
 
     return output, loss_func
 
@@ -117,20 +119,25 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
     """Gradients of the step's loss in the model's grad buffers (DP-reduced by the schedule's finalize); returns the
     last stage's per-micro-batch metrics (one entry for the whole step with batch accumulation)."""
     device, dtype = model_device(model), model_dtype(model)
-    batches = [to_device(next(data_iterator), device, dtype) for _ in range(config.num_microbatches)]
+    with phase(DATA_WAIT):
+        batches = [to_device(next(data_iterator), device, dtype) for _ in range(config.num_microbatches)]
     itc_group = parallel.get_itc_group()
     step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
     schedule = partial(get_forward_backward_func(), model=model, num_microbatches=config.num_microbatches,
                        seq_length=config.seq_length, micro_batch_size=config.micro_batch_size)
     if not config.accumulates:
-        return schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
+        with phase(FORWARD_BACKWARD):
+            return schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
 
-    embeddings = embed_microbatches(step_func, batches, model, config.seq_length, config.micro_batch_size)
+    with phase(PASS1_FORWARD):
+        embeddings = embed_microbatches(step_func, batches, model, config.seq_length, config.micro_batch_size)
     metrics: dict = {}
     if embeddings is not None:  # the last stage
-        metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size)
+        with phase(ITC_LOSS):
+            metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size)
         batches = [dict(batch, **{ITC_GRADIENT: gradient}) for batch, gradient in zip(batches, cached)]
-    schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
+    with phase(FORWARD_BACKWARD):
+        schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
     return [metrics]
 
 
@@ -144,7 +151,8 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(forward_step_func, data_iterator, model, config)
-    update_ok, grad_norm, _ = optimizer.step()
+    with phase(OPTIMIZER):
+        update_ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     metrics = reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
     metrics["lr"] = optimizer.param_groups[0]["lr"]
