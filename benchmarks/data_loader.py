@@ -12,6 +12,9 @@ random resized crop to 224, flip) and text ids [64, 52] (the GLM tokenizer).
            processes decode, augment and tokenise (N = 0: all in the main process)
   wds      torch.utils.data.DataLoader(num_workers=N) over webdataset.WebDataset(shards).decode("pil")
            .map(same crop + tokenise).batched(64): shards split over the workers, the same Pillow decode
+  trainer-randaugment  the trainer's loader with --randaugment 2 7 (the release's RandAugment after the crop)
+  trainer-filters      the trainer's loader with --min-caption-chars 5 --max-aspect-ratio 3 (every benchmark sample
+                       passes them: this is the cost of checking, paid by the reading process)
 
 Each variant runs in a fresh process; after 2 warm-up batches (worker start excluded) it times --batches
 micro-batches: samples/s = samples / wall time; samples per CPU-second = samples / (user + system CPU time of the
@@ -119,13 +122,19 @@ def wds_batches(shards: list[str], model: str, workers: int):
                                             prefetch_factor=2 if workers else None))
 
 
-def trainer_batches(shards: list[str], model: str, workers: int):
+LOADERS = ("trainer", "wds", "trainer-randaugment", "trainer-filters")
+
+
+def trainer_batches(shards: list[str], model: str, workers: int, variant: str = "trainer"):
     from megatron_m2.data import build_train_data
+    from megatron_m2.data.filters import SampleFilter
     from megatron_m2.data.tokenizer import GLMTokenizer
 
     config = type("Config", (), {"image_size": IMAGE_SIZE})()
     return build_train_data(shards, GLMTokenizer(model, TEXT_LENGTH), config, BATCH, 0, 1, seed=0,
-                            num_workers=workers, prefetch_factor=2)
+                            num_workers=workers, prefetch_factor=2,
+                            randaugment=(2, 7) if variant == "trainer-randaugment" else None,
+                            sample_filter=SampleFilter(5, 3) if variant == "trainer-filters" else None)
 
 
 def run_one(loader: str, workers: int, shards: list[str], batches: int, step_ms: float = 0.0) -> dict:
@@ -133,7 +142,7 @@ def run_one(loader: str, workers: int, shards: list[str], batches: int, step_ms:
 
     torch.set_num_threads(1)
     model = glm_model()
-    it = (trainer_batches if loader == "trainer" else wds_batches)(shards, model, workers)
+    it = wds_batches(shards, model, workers) if loader == "wds" else trainer_batches(shards, model, workers, loader)
     for _ in range(2):
         batch = next(it)
     images = batch[0] if isinstance(batch, (tuple, list)) else batch["images"]
@@ -156,7 +165,7 @@ def run_one(loader: str, workers: int, shards: list[str], batches: int, step_ms:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--loaders", nargs="+", default=["trainer", "wds"], choices=["trainer", "wds"])
+    p.add_argument("--loaders", nargs="+", default=["trainer", "wds"], choices=LOADERS)
     p.add_argument("--batches", type=int, default=16, help="timed micro-batches of 64 per variant")
     p.add_argument("--samples", type=int, default=1536, help="samples in the benchmark's shards")
     p.add_argument("--samples-per-shard", type=int, default=256)
