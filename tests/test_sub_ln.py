@@ -75,7 +75,6 @@ def test_qkv_split_fuse_round_trip_follows_megatron_head_layout():
 
 
 def test_spec_resolution_without_transformer_engine():
-
     from megatron_m2.errors import ConfigError
     from megatron_m2.models import resolve_spec, te_available
 
