@@ -24,7 +24,6 @@ setup(
         "Pillow",
         "safetensors",
         "tensorboard",
-        "tqdm",
         # megatron-core's dist-checkpoint writer processes need it (without it every save hangs)
         "psutil",
         # shard patterns: data/shard-{00000..00099}.tar, {zh,en}, steps, letters, nested (as webdataset expands them)

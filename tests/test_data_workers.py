@@ -216,10 +216,11 @@ def test_workers_do_not_outlive_the_training_process(tmp_path, tokenizer, how):
 
 
 def test_default_num_workers_from_the_cores_per_local_rank():
-    assert default_num_workers(cpus=2, local_world_size=1) == 1
-    assert default_num_workers(cpus=2, local_world_size=4) == 0
-    assert default_num_workers(cpus=128, local_world_size=8) == 15
-    assert default_num_workers(cpus=256, local_world_size=1) == 16
+    assert default_num_workers(cpus=2, local_world_size=1, accelerator=True) == 1
+    assert default_num_workers(cpus=2, local_world_size=4, accelerator=True) == 0
+    assert default_num_workers(cpus=128, local_world_size=8, accelerator=True) == 15
+    assert default_num_workers(cpus=256, local_world_size=1, accelerator=True) == 16
+    assert default_num_workers(cpus=128, local_world_size=1, accelerator=False) == 0  # the cores compute the step
     assert default_num_workers() >= 0
 
 

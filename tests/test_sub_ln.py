@@ -1,4 +1,5 @@
 """Sub-LN under tensor parallelism equals torch.nn.LayerNorm on the gathered tensor (outputs and all gradients)."""
+import pytest
 import torch
 
 from megatron_m2 import parallel
@@ -40,8 +41,9 @@ def _sharded_layer_norm(tp):
         norm.weight.grad, norm.bias.grad
 
 
-def test_sub_ln_tp2_matches_unsharded_layer_norm():
-    results = run_distributed(4, _sharded_layer_norm, 2)
+@pytest.mark.parametrize("tp", [1, 2])  # TP1: torch's layer_norm; TP2: the sharded statistics
+def test_sub_ln_matches_unsharded_layer_norm(tp):
+    results = run_distributed(4, _sharded_layer_norm, tp)
     shards = sorted((r for r in results if r[1] == 0), key=lambda r: r[0])
     out, x_grad, w_grad, b_grad = (torch.cat([s[i] for s in shards], dim=-1) for i in range(2, 6))
     x, weight, bias, upstream = _data()
@@ -73,8 +75,6 @@ def test_qkv_split_fuse_round_trip_follows_megatron_head_layout():
 
 
 def test_spec_resolution_without_transformer_engine():
-    import pytest
-
     from megatron_m2.errors import ConfigError
     from megatron_m2.models import resolve_spec, te_available
 

@@ -42,18 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors shard size, e.g. 2GB, 500MB; bounds the memory held before a flush (default 2GB)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                    help="cast floating tensors (default: keep the checkpoint's dtype)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     return p
 
 
 def convert(args: argparse.Namespace) -> Path:
     import torch
-    from tqdm import tqdm
 
     from megatron_m2.hf.convert import (ShardedSafetensorsWriter, count_read_steps, hf_config_from_m2,
                                         megatron_config_from_checkpoint, megatron_to_hf_tensors)
     from megatron_m2.hf.export import write_processor, write_remote_code
     from megatron_m2.hf.megatron_io import DistCheckpointReader
+    from megatron_m2.progress_line import ProgressLine
 
     if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
         raise ConfigError(f"--tokenizer-model {args.tokenizer_model} does not exist")
@@ -62,9 +62,9 @@ def convert(args: argparse.Namespace) -> Path:
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     out = Path(args.hf_output)
     writer = ShardedSafetensorsWriter(out, args.max_shard_size)
-    with tqdm(total=count_read_steps(config), desc=f"{reader.path.name} -> HF", unit="tensor",
-              disable=args.no_progress) as bar:
-        for key, tensor in megatron_to_hf_tensors(reader, config, dtype, progress=bar.update):
+    with ProgressLine(f"{reader.path} -> {out}: reading", count_read_steps(config), "layers",
+                      enabled=not args.no_progress) as progress:
+        for key, tensor in megatron_to_hf_tensors(reader, config, dtype, progress=progress.update):
             writer.add(key, tensor)
         shards = writer.finish()
     hf_config = hf_config_from_m2(config)

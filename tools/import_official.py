@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,14 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_m2.hf.modeling_m2 import M2EncoderModel
         from megatron_m2.hf.official import config_from_official, load_official_state_dict, official_to_hf_state_dict
 
+        start = time.perf_counter()
+        logging.info("loading %s (%.1f GB) ...", args.checkpoint, os.path.getsize(args.checkpoint) / 1e9)
         official = load_official_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
         config = config_from_official(official, num_attention_heads=args.num_attention_heads,
                                       max_text_length=args.max_text_length)
         state = official_to_hf_state_dict(official, config)
         model = M2EncoderModel(config)
         model.load_state_dict(state, strict=True)
-        logging.info("imported %d tensors: %d+%d layers, hidden %d", len(state), config.num_layers,
-                     config.num_vl_layers, config.hidden_size)
+        logging.info("imported %d tensors: %d+%d layers, hidden %d (%.0f s)", len(state), config.num_layers,
+                     config.num_vl_layers, config.hidden_size, time.perf_counter() - start)
         if args.hf_output:
             save_hf_folder(model, args.hf_output, args.tokenizer_model, args.max_shard_size)
             logging.info("wrote %s", args.hf_output)

@@ -51,8 +51,16 @@ def cores_per_local_rank(cpus: Optional[int] = None, local_world_size: Optional[
     return cpus // max(1, local_world_size)
 
 
-def default_num_workers(cpus: Optional[int] = None, local_world_size: Optional[int] = None) -> int:
-    """--num-workers when not given: the CPU cores per local rank, less one for the training process, at most 16."""
+def default_num_workers(cpus: Optional[int] = None, local_world_size: Optional[int] = None,
+                        accelerator: Optional[bool] = None) -> int:
+    """--num-workers when not given. With a GPU (accelerator None: CUDA available): the CPU cores per local rank,
+    less one for the training process, at most 16: the GPU computes and the cores decode. Without one: 0, because
+    the cores ARE the compute: a worker takes a core from the step (on 2 cores a compute-bound step took 1.6x as long
+    with 1 worker as with 0, BENCHMARKS.md "Trainer overhead"); decode-heavy CPU runs can still ask for workers."""
+    if accelerator is None:
+        accelerator = torch.cuda.is_available()
+    if not accelerator:
+        return 0
     return max(0, min(_MAX_WORKERS, cores_per_local_rank(cpus, local_world_size) - 1))
 
 

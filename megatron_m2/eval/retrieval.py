@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from megatron_m2.eval.zeroshot import EncodeImages, EncodeTexts, encode_in_batches, rank_of_target
+from megatron_m2.progress_line import ProgressLine
 
 RECALL_KS = (1, 5, 10)
 _CHUNK = 1024
@@ -64,10 +65,13 @@ def evaluate_retrieval(jsonl_path_or_records: Union[str, Sequence[dict]], encode
 
     records = read_retrieval_records(jsonl_path_or_records, image_root, caption_normalization)
     image_embeds = []
-    for start in range(0, len(records), batch_size):
-        batch = torch.stack([transform(load_image(r.image)) for r in records[start:start + batch_size]])
-        image_embeds.append(encode_images(batch).detach().float().cpu())
+    with ProgressLine("retrieval: encoding images", len(records), "images") as progress:
+        for start in range(0, len(records), batch_size):
+            batch = torch.stack([transform(load_image(r.image)) for r in records[start:start + batch_size]])
+            image_embeds.append(encode_images(batch).detach().float().cpu())
+            progress.update(len(batch))
     texts = [caption for r in records for caption in r.captions]
     text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions], dtype=torch.long)
-    return retrieval_metrics(torch.cat(image_embeds), encode_in_batches(encode_texts, texts, batch_size),
+    return retrieval_metrics(torch.cat(image_embeds),
+                             encode_in_batches(encode_texts, texts, batch_size, "retrieval: encoding captions"),
                              text_to_image)

@@ -11,17 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from megatron_m2.eval.templates import default_templates, fill
+from megatron_m2.progress_line import ProgressLine
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
 EncodeTexts = Callable[[list[str]], torch.Tensor]
 
 
-def encode_in_batches(encode_texts: EncodeTexts, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+def encode_in_batches(encode_texts: EncodeTexts, texts: Sequence[str], batch_size: int,
+                      what: str = "encoding texts") -> torch.Tensor:
     """encode_texts over `texts` in chunks of batch_size; [len(texts), d] float32 on CPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = [encode_texts(list(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
-    return torch.cat([c.detach().float().cpu() for c in chunks])
+    chunks = []
+    with ProgressLine(what, len(texts), "texts") as progress:
+        for i in range(0, len(texts), batch_size):
+            chunks.append(encode_texts(list(texts[i:i + batch_size])).detach().float().cpu())
+            progress.update(len(chunks[-1]))
+    return torch.cat(chunks)
 
 
 def build_classifier(class_names: list[str], templates: list[str], encode_texts: EncodeTexts,
@@ -30,7 +36,8 @@ def build_classifier(class_names: list[str], templates: list[str], encode_texts:
     if not class_names or not templates:
         raise ValueError("build_classifier needs at least one class name and one template")
     texts = [fill(t, name) for name in class_names for t in templates]
-    embeds = F.normalize(encode_in_batches(encode_texts, texts, batch_size), dim=-1)
+    embeds = F.normalize(encode_in_batches(encode_texts, texts, batch_size, "zero-shot: encoding the class prompts"),
+                         dim=-1)
     return F.normalize(embeds.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
 
 
@@ -53,10 +60,12 @@ def encode_dataset_images(dataset, encode_images: EncodeImages, batch_size: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings [n, d], labels [n]) of a dataset whose items are (image tensor [3,H,W], label), in order."""
     embeds, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        embeds.append(encode_images(torch.stack([image for image, _ in items])).detach().float().cpu())
-        labels.extend(label for _, label in items)
+    with ProgressLine("zero-shot: encoding images", len(dataset), "images") as progress:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            embeds.append(encode_images(torch.stack([image for image, _ in items])).detach().float().cpu())
+            labels.extend(label for _, label in items)
+            progress.update(len(items))
     return torch.cat(embeds), torch.tensor(labels, dtype=torch.long)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -20,6 +21,7 @@ import torch
 from megatron_m2.config import M2Config, padded_vocab_size, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 from megatron_m2.hf.configuration_m2 import M2EncoderConfig
+from megatron_m2.progress_line import ProgressLine, format_duration
 from megatron_m2.hf.key_mapping import (MEGATRON_LAYER_KEYS, QKV_KEYS, VOCAB_KEY, is_megatron_model_key,
                                         megatron_layer_keys, megatron_top_keys, tower_layers)
 from megatron_m2.hf.megatron_io import DistCheckpointReader
@@ -186,7 +188,9 @@ def hf_to_megatron_sharded_state(hf_state: dict[str, torch.Tensor], config: M2Co
         return hf_state[key]
 
     out = {}
+    progress = ProgressLine("HF -> megatron: filling the model", len(sharded), "tensors")
     for name, st in sharded.items():
+        progress.update()
         if not hasattr(st, "key") or not hasattr(st, "data") or not is_megatron_model_key(st.key):
             out[name] = st
             continue
@@ -212,6 +216,7 @@ def hf_to_megatron_sharded_state(hf_state: dict[str, torch.Tensor], config: M2Co
                     hsub = {m: h for h, m in MEGATRON_LAYER_KEYS.items()}[sub]
                     st.data.copy_(take(prefix + hsub))
         out[name] = st
+    progress.close()
     unused = sorted(set(hf_state) - used)
     if unused:
         raise ConfigError(f"HF tensors with no place in the megatron model: {unused}")
@@ -232,8 +237,12 @@ def save_megatron_checkpoint(sharded_state: dict[str, Any], config: M2Config, ro
     tmp.mkdir(parents=True)
     state = {"model": sharded_state, "iteration": iteration, "model_config": config.to_dict(),
              "converted_from_hf": True}
+    start = time.perf_counter()
+    print(f"writing the megatron checkpoint {final} ...", flush=True)
     dist_checkpointing.save(state, str(tmp))
-    return publish(root, iteration)
+    path = publish(root, iteration)
+    print(f"wrote {path} in {format_duration(time.perf_counter() - start)}", flush=True)
+    return path
 
 
 def hf_to_megatron(hf_state: dict[str, torch.Tensor], config: M2Config, root: Union[str, Path],

@@ -14,30 +14,55 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import RowParallelLinear, set_tensor_model_parallel_attributes
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 
-def all_reduce_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the TP group, and sum the gradients too.
+class _ShardedLayerNorm(torch.autograd.Function):
+    """LayerNorm of x whose last dimension is this rank's shard of `hidden_size`, as one autograd node.
 
-    Each rank uses the reduced statistics for its own shard only, so the gradient of the statistics is the sum of the
-    ranks' contributions. megatron's reduce_from_* alone has an identity backward (it assumes the consumer is
-    replicated); composing it with copy_to_* (identity forward, all-reduce backward) gives all-reduce both ways.
+    Forward: per-token sum and sum of squares (float32), ONE all-reduce over the group, then normalise the shard.
+    Backward: LayerNorm's gradient needs two per-token sums over the full dimension, sum(g) and sum(g * x_hat) with
+    g = grad_out * weight: ONE all-reduce of both, then dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+    Written as one node because the same math as separate tensor ops made autograd record and replay a dozen
+    elementwise kernels per Sub-LN: the step of a 4-layer model on CPU was 1.4x a plain PyTorch loop's
+    (benchmarks/trainer_overhead.py).
     """
-    return reduce_from_tensor_model_parallel_region(copy_to_tensor_model_parallel_region(tensor, group), group)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, hidden_size: int, eps: float, group):
+        x32 = x.float()
+        stats = torch.stack([x32.sum(-1), (x32 * x32).sum(-1)])
+        torch.distributed.all_reduce(stats, group=group)
+        mean = stats[0] / hidden_size
+        rstd = torch.rsqrt((stats[1] / hidden_size - mean * mean).clamp_min(0.0) + eps).unsqueeze(-1)
+        x_hat = (x32 - mean.unsqueeze(-1)) * rstd
+        ctx.save_for_backward(x_hat, rstd, weight)
+        ctx.hidden_size, ctx.group, ctx.input_dtype = hidden_size, group, x.dtype
+        return (x_hat * weight.float() + bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_hat, rstd, weight = ctx.saved_tensors
+        grad32 = grad_out.float()
+        reduce_dims = tuple(range(grad32.dim() - 1))
+        grad_weight = (grad32 * x_hat).sum(reduce_dims).to(weight.dtype)
+        grad_bias = grad32.sum(reduce_dims).to(weight.dtype)
+        g = grad32 * weight.float()
+        sums = torch.stack([g.sum(-1), (g * x_hat).sum(-1)])
+        torch.distributed.all_reduce(sums, group=ctx.group)
+        sums /= ctx.hidden_size
+        grad_x = rstd * (g - sums[0].unsqueeze(-1) - x_hat * sums[1].unsqueeze(-1))
+        return grad_x.to(ctx.input_dtype), grad_weight, grad_bias, None, None, None
 
 
 class TensorParallelLayerNorm(MegatronModule):
     """LayerNorm over a last dimension of size `hidden_size` that is split evenly across the TP group.
 
-    Statistics are computed in float32 in one pass (sum and sum of squares in a single all-reduce) and match
-    torch.nn.LayerNorm on the gathered tensor; weight/bias are the local shards (partition dim 0).
+    Under TP, statistics are computed in float32 in one pass (sum and sum of squares in a single all-reduce; the
+    backward's two sums in another) and match torch.nn.LayerNorm on the gathered tensor; weight/bias are the local
+    shards (partition dim 0). Without TP it is torch's own layer_norm kernel.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: Optional[float] = None,
@@ -56,14 +81,9 @@ class TensorParallelLayerNorm(MegatronModule):
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        stats = torch.stack([x32.sum(-1), x32.square().sum(-1)])
-        if self.tp_size > 1:
-            stats = all_reduce_with_grad(stats, self.tp_group)
-        mean = stats[0] / self.hidden_size
-        var = (stats[1] / self.hidden_size - mean.square()).clamp_min(0.0)
-        normed = (x32 - mean.unsqueeze(-1)) * torch.rsqrt(var.unsqueeze(-1) + self.eps)
-        return (normed * self.weight.float() + self.bias.float()).to(x.dtype)
+        if self.tp_size == 1:
+            return torch.nn.functional.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
+        return _ShardedLayerNorm.apply(x, self.weight, self.bias, self.hidden_size, self.eps, self.tp_group)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         state_dict = self.state_dict(prefix="", keep_vars=True)

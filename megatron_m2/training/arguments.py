@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.7 zh-shards/ 0.3 en-shards/ (weights normalised)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="data worker processes per reading rank (decode, augment, tokenise); 0 = in the training "
-                   "process; default: CPU cores per local rank - 1, at most 16. Batches are the same for any value")
+                   "process; default: on a GPU machine the CPU cores per local rank - 1, at most 16; without a GPU 0 "
+                   "(the cores compute the step; give decode-heavy CPU runs workers). Batches are the same for any "
+                   "value")
     g.add_argument("--prefetch-factor", type=int, default=2,
                    help="micro-batches each data worker prepares ahead")
     g.add_argument("--no-hflip", dest="hflip", action="store_false",

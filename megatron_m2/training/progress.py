@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_m2.parallel import is_logging_rank
+from megatron_m2.progress_line import format_duration
 from megatron_m2.training.wandb_run import WandbRun
 
 # raw metric name -> Megatron-LM style tag
@@ -76,7 +77,8 @@ class MetricsLogger:
         iteration_time = elapsed / max(self._window_iterations, 1)
         samples_per_s = self._window_samples / max(elapsed, 1e-9)
         parts = [f" iteration {iteration:8d}/{self.train_iters:8d}", f"consumed samples: {consumed_samples:12d}",
-                 f"elapsed time per iteration (ms): {1000 * iteration_time:.1f}"]
+                 f"elapsed time per iteration (ms): {1000 * iteration_time:.1f}",
+                 f"time left: {format_duration(iteration_time * (self.train_iters - iteration))}"]
         if self.on_gpu:
             tflops = samples_per_s * self.flops_per_sample / self.world_size / 1e12
             parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
