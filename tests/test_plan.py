@@ -208,7 +208,7 @@ def test_10b_example_dry_run_reports_the_global_contrastive_batch():
     result = subprocess.run(["bash", "examples/pretrain_m2_10b.sh", "--dry-run"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 512 micro-batches" in result.stdout
+    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 64 micro-batches" in result.stdout
 
 
 def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
