@@ -107,13 +107,16 @@ def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Modul
     config: M2Config = args.model_config
     transform = model_eval_transform(config)  # the model's saved preprocessing (squash for the release's weights)
     protocol = resolve_protocol(args.eval_protocol, config, args.caption_normalization)
-    print_rank_0(f"evaluation protocol: {protocol.describe()}")
+    announced = []  # said once, at the first evaluation (the process group exists by then: rank 0 alone prints)
     zeroshot: Optional[ImageFolderWithClassNames] = None
     if args.zeroshot_data:
         zeroshot = ImageFolderWithClassNames(args.zeroshot_data, parse_classnames(args.zeroshot_classnames),
                                              transform, template_files=parse_classnames(args.zeroshot_templates))
 
     def evaluate(forward_step_func: Callable, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+        if not announced:
+            print_rank_0(f"evaluation protocol: {protocol.describe()}")
+            announced.append(True)
         encode_images, encode_texts = make_encoders(forward_step_func, model, tokenizer, config, args.eval_batch_size)
         results: dict[str, float] = {}
         if zeroshot is not None:
