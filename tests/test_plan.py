@@ -297,6 +297,9 @@ def test_cli_filters_by_the_contrastive_batch_and_explains():
     assert "TP 1 PP 4 DP 8 ITC group 8" in result.stdout and "paces the pipeline" in result.stdout
     any_batch = _cli("--model", "10b", "--num-gpus", "32", "--use-distributed-optimizer", "--itc-batch", "0")
     assert "any contrastive batch (--itc-batch 0)" in any_batch.stdout
+    small = _cli("--model", "10b", "--num-gpus", "32", "--tensor-model-parallel-size", "1",
+                 "--pipeline-model-parallel-size", "4", "--itc-group-size", "1")  # 512 pairs
+    assert small.returncode == 1 and "no layout gives a contrastive batch of 4096 pairs" in small.stderr
     named = _cli("--model", "10b", "--num-gpus", "32", "--tensor-model-parallel-size", "8",
                  "--pipeline-model-parallel-size", "4", "--recompute", "full", "--explain")
     assert named.returncode == 0, named.stderr

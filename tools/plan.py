@@ -262,6 +262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.explain and (fitting or plans):
         print("\n" + planner.format_explain((fitting or plans)[0], hardware))
     if not fitting:
+        if narrower and not plans:
+            print(f"no layout gives a contrastive batch of {args.itc_batch} pairs: lower --itc-batch (0 = any) or "
+                  "drop --itc-group-size", file=sys.stderr)
+            return 1
         print("nothing fits: try --use-distributed-optimizer, --recompute full, a smaller --micro-batch-size or "
               "more GPUs", file=sys.stderr)
         return 1
