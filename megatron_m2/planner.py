@@ -456,9 +456,9 @@ def format_explain(plan: Plan, hardware: Hardware = Hardware()) -> str:
     for gemm, mfu, seconds in cost.gemms:
         lines.append(f"  {gemm.name:28s} {f'{gemm.m} x {gemm.n} x {gemm.k}':>22s} {gemm.count:7d} "
                      f"{gemm.flops / 1e9:9.2f} {mfu:6.3f} {1e3 * seconds:8.3f}")
-    flops = sum(g.flops for g, _, _ in cost.gemms)
+    flops, seconds = sum(g.flops for g, _, _ in cost.gemms), cost.forward_compute
     lines.append(f"  {'total':28s} {'':>22s} {'':>7s} {flops / 1e9:9.2f} "
-                 f"{flops / (hardware.peak_tflops * 1e12 * cost.forward_compute):6.3f} {1e3 * cost.forward_compute:8.3f}")
+                 f"{flops / (hardware.peak_tflops * 1e12 * seconds):6.3f} {1e3 * seconds:8.3f}")
     lines += ["", f"collectives per step (latency NVLink {hardware.nvlink_latency_us:g} us / network "
               f"{hardware.internode_latency_us:g} us per call; phase: main = 1F1B pass, forward = batch accumulation's "
               "forward-only pass, step = once per step):",

@@ -34,7 +34,8 @@ def _group_label(group) -> str:
 
     if group is None or group is dist.group.WORLD:
         return "world"
-    for label, candidate in (("tp", ps.get_tensor_model_parallel_group()), ("pp", ps.get_pipeline_model_parallel_group()),
+    for label, candidate in (("tp", ps.get_tensor_model_parallel_group()),
+                             ("pp", ps.get_pipeline_model_parallel_group()),
                              ("dp", ps.get_data_parallel_group()),
                              ("dp", ps.get_data_parallel_group(with_context_parallel=True)),
                              ("mp", ps.get_model_parallel_group()), ("itc", parallel.get_itc_group())):

@@ -68,7 +68,7 @@ def test_example_uses_the_planners_fastest_layout(script, tmp_path):
                                    f"{best.time['step']:.2f} s/step: use it or say why not ({DEVIATION} ...)")
         return
     assert args.recompute_activations == best.recompute, f"{script}: recompute {args.recompute_activations}"
-    assert not (args.use_distributed_optimizer and dp == 1), f"{script}: --use-distributed-optimizer does nothing at DP 1"
+    assert not (args.use_distributed_optimizer and dp == 1), f"{script}: a distributed optimizer does nothing at DP1"
     # the header states the layout and the step time it was chosen by (within 15%: other estimates may move it)
     assert f"TP={ours[0]}" in text and f"PP={ours[1]}" in text
     stated = re.search(r"predicts ([\d.]+) s/step", text)

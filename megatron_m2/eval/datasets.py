@@ -115,8 +115,8 @@ class ImageFolderWithClassNames:
         if unknown:
             raise ConfigError(f"--zeroshot-templates {unknown[0]}=: no --zeroshot-classnames for language "
                               f"{unknown[0]!r} (have {sorted(self.class_names)})")
-        self.templates: dict[str, list[str]] = {
-            lang: read_templates(path, f"--zeroshot-templates {lang}=") for lang, path in (template_files or {}).items()}
+        self.templates: dict[str, list[str]] = {lang: read_templates(path, f"--zeroshot-templates {lang}=")
+                                                for lang, path in (template_files or {}).items()}
         self.transform = transform
 
     def __len__(self) -> int:

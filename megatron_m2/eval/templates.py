@@ -13,7 +13,7 @@ from pathlib import Path
 from megatron_m2.errors import ConfigError
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
-IMAGENET_TEMPLATE_FILES: dict[str, Path] = {"en": PROMPTS_DIR / "imagenet_en.txt", "zh": PROMPTS_DIR / "imagenet_zh.txt"}
+IMAGENET_TEMPLATE_FILES: dict[str, Path] = {lang: PROMPTS_DIR / f"imagenet_{lang}.txt" for lang in ("en", "zh")}
 
 
 def read_templates(path: str, flag: str) -> list[str]:
