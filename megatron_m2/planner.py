@@ -51,7 +51,7 @@ class Hardware:
     gpu_memory_gb: float = 80.0
     gpus_per_node: int = 8
     peak_tflops: float = 989.0  # dense bf16 tensor-core peak of an H100 SXM
-    mfu: float = 0.40  # MFU of a large GEMM shape in a training step (non-GEMM work included; bubble modelled apart)
+    mfu: float = 0.40  # the MFU large GEMM shapes approach in a training step (non-GEMM work included; no bubble)
     nvlink_gbps: float = 300.0  # effective collective bandwidth per GPU inside a node, GB/s (NVLink 4: 450 raw)
     internode_gbps: float = 40.0  # effective per-GPU bandwidth between nodes, GB/s (400 Gb/s NIC per GPU = 50 raw)
     reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
@@ -242,6 +242,7 @@ class StageCost:
 
 def stage_cost(config: M2Config, tp: int, pp: int, dp: int, itc_group_size: int, training: Training,
                hardware: Hardware, stage: int) -> StageCost:
+    """The GEMMs and collectives of one stage's GPU, costed (training.recompute resolved to True/False)."""
     gemms = []
     for gemm in stage_gemms(config, training.micro_batch_size, tp, pp, stage):
         mfu = gemm_mfu(gemm, hardware)
