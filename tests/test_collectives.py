@@ -187,10 +187,10 @@ def _planned(extra: list[str], stage: int) -> dict[tuple[str, str], tuple[int, f
 
 
 @pytest.mark.parametrize("extra", [
-    [],  # GBA-ITC batch accumulation over the DP group: a forward-only pass, one ITC loss per step
-    ["--no-itc-batch-accumulation", "--recompute-activations"],  # one ITC loss per micro-batch; recompute's forward
-    ["--itc-group-size", "1"],  # groups of one rank: no ITC gather at all
-], ids=["accumulation", "per-microbatch-recompute", "itc-group-1"])
+    # GBA-ITC batch accumulation over the DP group (a forward-only pass, one ITC loss per step), full recompute
+    ["--recompute-activations"],
+    ["--no-itc-batch-accumulation"],  # one ITC loss (gather, shape check) per micro-batch, inside the 1F1B pass
+], ids=["accumulation-recompute", "per-microbatch"])
 def test_planner_counts_every_collective_of_a_real_step(extra):
     from megatron_m2.testing import run_distributed
 
