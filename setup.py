@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_m2", "megatron_m2.*"]),
-    package_data={"megatron_m2": ["configs/*.json"]},
+    package_data={"megatron_m2": ["configs/*.json", "eval/prompts/*.txt", "eval/prompts/README.md"]},
     install_requires=[
         # torch is pinned by the Makefile on CPU machines (a bare `torch` pulls a multi-GB CUDA build);
         # on GPU machines the NGC container's torch satisfies this range.

@@ -8,7 +8,7 @@ holds only what it uses, and pads the token embedding to a multiple of 128 x TP 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_m2.config import M2Config, layers_per_stage, padded_vocab_size, validate_parallel_shapes
 
@@ -123,3 +123,55 @@ def model_flops_per_sample(config: M2Config) -> float:
     forward = (config.num_layers + config.num_vl_layers) * (layer(s_img) + layer(s_txt))
     forward += 2 * config.num_patches * config.num_channels * config.patch_size**2 * h  # patch embedding
     return 3.0 * forward
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """`count` matrix products of [m, k] x [k, n] (forward), as one tensor-parallel rank computes them."""
+
+    name: str
+    m: int
+    n: int
+    k: int
+    count: int = 1
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k * self.count
+
+
+def layer_gemms(config: M2Config, seq_length: int, micro_batch_size: int, tensor_model_parallel_size: int = 1,
+                copies: int = 1) -> list[Gemm]:
+    """The forward GEMMs of `copies` layer copies on one TP rank, for a micro-batch of sequences of seq_length.
+
+    megatron-core's shapes: fused qkv and fc1 are column-parallel (output split over TP), out_proj and fc2
+    row-parallel (input split); attention is batched over micro-batch x local heads. Backward runs each GEMM twice
+    more with the same three dimensions (data and weight gradients), so the dimensions set its efficiency.
+    """
+    h, f, t = config.hidden_size, config.ffn_hidden_size, tensor_model_parallel_size
+    tokens, head_dim = micro_batch_size * seq_length, h // config.num_attention_heads
+    heads = micro_batch_size * config.num_attention_heads // t
+    return [Gemm("qkv", tokens, 3 * h // t, h, copies),
+            Gemm("attention scores", seq_length, seq_length, head_dim, copies * heads),
+            Gemm("attention context", seq_length, head_dim, seq_length, copies * heads),
+            Gemm("out_proj", tokens, h, h // t, copies),
+            Gemm("fc1", tokens, f // t, h, copies),
+            Gemm("fc2", tokens, h, f // t, copies)]
+
+
+def stage_gemms(config: M2Config, micro_batch_size: int, tensor_model_parallel_size: int = 1,
+                pipeline_model_parallel_size: int = 1, stage: int = 0) -> list[Gemm]:
+    """Forward GEMMs of one micro-batch on one GPU of a pipeline stage (the matmuls `model_flops_per_sample`
+    counts): the patch embedding on the first stage (replicated over TP), both towers' layers of the stage, the VL
+    layers (each applied to both modalities) on the last."""
+    layers = layers_per_stage(config, pipeline_model_parallel_size)[stage]
+    if stage == pipeline_model_parallel_size - 1:
+        layers += config.num_vl_layers
+    b, t = micro_batch_size, tensor_model_parallel_size
+    gemms = []
+    if stage == 0:
+        gemms.append(Gemm("patch embedding", b * config.num_patches, config.hidden_size,
+                          config.num_channels * config.patch_size**2))
+    for tower, seq in (("vision", config.vision_seq_length), ("text", config.max_text_length)):
+        gemms += [replace(g, name=f"{tower} {g.name}") for g in layer_gemms(config, seq, b, t, layers)]
+    return [g for g in gemms if g.count]

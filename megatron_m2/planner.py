@@ -7,13 +7,23 @@ measured peaks. Sizes are in bytes, communication in bytes sent per GPU per opti
 Model of a training step (megatron-core as the trainer configures it, training/optimizer.py):
 - weights in bf16 (2 B) or fp32 (4 B); gradients in an fp32 grad buffer (grad_reduce_in_fp32); Adam keeps fp32
   master weights (bf16 only) and two fp32 moments, sharded over data-parallel ranks by the distributed optimizer.
-- activations per transformer layer and token, without sequence parallelism (the trainer does not enable it): see
-  `layer_activation_bytes`. 1F1B keeps up to PP - stage micro-batches in flight on a stage; with full recompute a
+- activations per transformer layer and token: see `layer_activation_bytes`; with sequence parallelism the tensors
+  outside the TP regions (LayerNorm inputs/outputs, the residual stream, a stage's input) are split over TP
+  (Korthikanti et al. 2022). 1F1B keeps up to PP - stage micro-batches in flight on a stage; with full recompute a
   layer keeps only its input, plus one layer's working set during its recompute.
 - rank order tp-dp-pp (megatron-core's): a TP group is on one node; a DP or ITC group spans tp x size ranks; a PP group
   spans the whole job. A group whose span fits in one node uses NVLink, otherwise the inter-node network.
-- step time = compute / (peak x MFU) x (1 + pipeline bubble (PP - 1) / micro-batches) + all communication, which is
-  counted as exposed (an upper bound: the trainer overlaps the DP gradient reduction with backward on GPU).
+- communication: every collective of a step, counted per rank by `collectives.stage_collectives` (TP all-reduces or
+  sequence-parallel all-gathers/reduce-scatters, the Sub-LN statistics, PP messages, DP buckets, the ITC gather, the
+  data broadcast, the small per-step ones); each call costs the domain's latency + bytes sent / bandwidth
+  (`Hardware.nvlink_*`, `Hardware.internode_*`), all counted as exposed (an upper bound: on GPU the trainer overlaps
+  the DP gradient reduction with backward).
+- compute: the GEMMs of `arithmetic.stage_gemms`, each at `gemm_mfu` of peak: `Hardware.mfu` (the MFU of a large
+  shape, the step's non-GEMM work included) times d / (d + `Hardware.mfu_half_dim`) for each of its three
+  dimensions, so small GEMMs (few text tokens per micro-batch, a narrow TP shard, short attention) run slower.
+- step time: the 1F1B pass takes (M + PP - 1) slots of its slowest stage (compute + TP collectives + PP messages of
+  one micro-batch: the pipeline bubble is the PP - 1 extra slots), then the once-per-step collectives of the stage
+  that needs the longest for them.
 - GBA-ITC batch accumulation (training/batch_accumulation.py), with more than one micro-batch per step: one more
   forward pass (+1/3 of compute, +1/4 with full recompute), its TP all-reduces and PP sends, the loss over the rank's
   whole step (M x b rows against g x M x b columns), the cached embeddings and gradients, and the step's micro-batches
@@ -25,7 +35,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from megatron_m2.arithmetic import model_flops_per_sample, stage_parameters
+from megatron_m2.arithmetic import Gemm, stage_gemms, stage_parameters
+from megatron_m2.collectives import Collective, stage_collectives
 from megatron_m2.config import M2Config, layers_per_stage, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 
@@ -40,13 +51,20 @@ class Hardware:
     gpu_memory_gb: float = 80.0
     gpus_per_node: int = 8
     peak_tflops: float = 989.0  # dense bf16 tensor-core peak of an H100 SXM
-    mfu: float = 0.40  # fraction of peak reached inside the kernels (the pipeline bubble is modelled separately)
+    mfu: float = 0.40  # the MFU large GEMM shapes approach in a training step (non-GEMM work included; no bubble)
     nvlink_gbps: float = 300.0  # effective collective bandwidth per GPU inside a node, GB/s (NVLink 4: 450 raw)
     internode_gbps: float = 40.0  # effective per-GPU bandwidth between nodes, GB/s (400 Gb/s NIC per GPU = 50 raw)
     reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
     # read + decode + augment + tokenise of one 500x375 JPEG (72 KiB) to 224 px per CPU-second (Pillow): 181 measured
     # by benchmarks/data_loader.py on the 2-core development machine (BENCHMARKS.md "Data loader"), rounded down
     decode_samples_per_core_s: float = 180.0
+    # Latency of one collective call or p2p message (NCCL, small messages): order of magnitude of nccl-tests'
+    # all_reduce of a few bytes on an 8 x H100 NVLink node (~10 us) and across InfiniBand nodes (a few 10 us).
+    nvlink_latency_us: float = 10.0
+    internode_latency_us: float = 25.0
+    # A GEMM dimension of this size halves the MFU of its GEMM (tile and wave quantisation: a 128 x 128 output tile
+    # per SM); 4096 keeps 97%, 416 (8 captions of 52 tokens) 76%, 52 (one caption's attention) 29%.
+    mfu_half_dim: float = 128.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,9 @@ class Training:
     spec: str = "te"  # te: flash attention (no s^2 activations); local: megatron's unfused attention
     itc_chunk_size: int = 0  # the loss's column chunk; 0 = the whole group's logits at once
     itc_batch_accumulation: bool = True  # GBA-ITC: one loss over all micro-batches of a step (one extra forward)
+    sequence_parallel: bool = False  # megatron's --sequence-parallel (TP > 1): activations and collectives change
+    overlap_grad_reduce: bool = True  # the GPU trainer's DDP: first-stage grads in buckets of max(40M, 1M x DP)
+    clip_grad: bool = True  # --clip-grad > 0: the optimizer all-reduces the gradient norm
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,8 @@ class Plan:
     contrastive_batch: int = 0  # pairs each contrastive loss scores against each other (per ITC group)
     extra_forward: float = 0.0  # compute added by batch accumulation's forward-only pass, as a fraction
     cpu_cores_per_gpu: float = 0.0  # data decoding that keeps up with the step (one decode per model replica)
+    stages: tuple = ()  # StageCost per pipeline stage: what the time is made of (format_explain prints it)
+    critical_stage: int = 0  # the stage whose 1F1B slot paces the pipeline
 
     @property
     def samples_per_second(self) -> float:
@@ -94,10 +117,11 @@ class Plan:
 # activations
 
 def layer_activation_bytes(config: M2Config, tokens: int, seq_length: int, tensor_model_parallel_size: int,
-                           bf16: bool, spec: str) -> float:
+                           bf16: bool, spec: str, sequence_parallel: bool = False) -> float:
     """Bytes one layer copy keeps for backward, for `tokens` = micro-batch x seq_length tokens.
 
-    Per token, in the activation dtype (dt): the pre-LN inputs and outputs (4h, replicated over TP), q, k, v and the
+    Per token, in the activation dtype (dt): the pre-LN inputs and outputs (4h, replicated over TP; split over TP
+    with sequence parallelism, which saves the column-parallel GEMMs' inputs before their all-gather), q, k, v and the
     out_proj input (4h/t), the GELU input and the fc2 input (2f/t). Each Sub-LN (models/sub_ln.py, not fused) keeps
     three fp32 tensors of its input size (its fp32 input, the centred input, the normalised output): 12 B x (h + f)/t.
     Flash attention (te spec) keeps its output too, a tensor of its own in bf16 (in fp32 it is the Sub-LN's input).
@@ -106,7 +130,7 @@ def layer_activation_bytes(config: M2Config, tokens: int, seq_length: int, tenso
     """
     h, f, t = config.hidden_size, config.ffn_hidden_size, tensor_model_parallel_size
     dt = 2 if bf16 else 4
-    per_token = dt * (4 * h + 4 * h / t + 2 * f / t) + 12 * (h + f) / t
+    per_token = dt * (4 * h / (t if sequence_parallel else 1) + 4 * h / t + 2 * f / t) + 12 * (h + f) / t
     if spec == "te" and bf16:
         per_token += dt * h / t
     if spec == "local":
@@ -120,9 +144,11 @@ def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bo
     b, h = training.micro_batch_size, config.hidden_size
     dt = 2 if training.bf16 else 4
     s_img, s_txt = config.vision_seq_length, config.max_text_length
+    sp = training.sequence_parallel and tp > 1
+    h = h / tp if sp else h  # the residual stream between layers and stages is split over TP with SP
 
     def copy_bytes(seq: int) -> float:
-        return layer_activation_bytes(config, b * seq, seq, tp, training.bf16, training.spec)
+        return layer_activation_bytes(config, b * seq, seq, tp, training.bf16, training.spec, sp)
 
     layers = [s for s in (s_img, s_txt) for _ in range(backbone_layers)]
     if is_last:
@@ -154,8 +180,97 @@ def itc_bytes(config: M2Config, micro_batch_size: int, itc_group_size: int, chun
 # ---------------------------------------------------------------------------------------------------------------------
 # the plan of one layout
 
+KINDS = ("tp", "pp", "dp", "itc", "data", "other")  # the time and communication columns, besides compute
+
+
 def _bandwidth(hw: Hardware, span: int) -> float:
     return (hw.nvlink_gbps if span <= hw.gpus_per_node else hw.internode_gbps) * 1e9
+
+
+def _latency(hw: Hardware, span: int) -> float:
+    return (hw.nvlink_latency_us if span <= hw.gpus_per_node else hw.internode_latency_us) * 1e-6
+
+
+def collective_seconds(collective: Collective, hardware: Hardware) -> float:
+    """All calls of one collective in a step: each the latency of its domain plus its bytes sent / bandwidth."""
+    span = collective.span
+    return collective.calls * (_latency(hardware, span) + collective.bytes_sent / _bandwidth(hardware, span))
+
+
+def gemm_mfu(gemm: Gemm, hardware: Hardware) -> float:
+    """The fraction of peak a GEMM of this shape reaches: Hardware.mfu, less for each small dimension."""
+    factor = 1.0
+    for dim in (gemm.m, gemm.n, gemm.k):
+        factor *= dim / (dim + hardware.mfu_half_dim)
+    return hardware.mfu * factor
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """What one pipeline stage's GPU spends per step: its forward GEMMs of one micro-batch (with their MFU and
+    seconds) and its collectives (seconds per step)."""
+
+    gemms: tuple[tuple[Gemm, float, float], ...]  # (gemm, mfu, forward seconds per micro-batch)
+    collectives: tuple[tuple[Collective, float], ...]  # (collective, seconds per step)
+    units: int  # forward passes a micro-batch costs in the 1F1B pass: forward + backward (x2) (+ recompute)
+    num_microbatches: int
+    accumulates: bool  # GBA-ITC batch accumulation's forward-only pass runs first
+    layers: int = 0  # layers of each tower on the stage (backbone + VL)
+
+    @property
+    def forward_compute(self) -> float:
+        return sum(seconds for _, _, seconds in self.gemms)
+
+    def comm(self, phase: str, kind: Optional[str] = None) -> float:
+        return sum(t for c, t in self.collectives if c.phase == phase and kind in (None, c.kind))
+
+    def bytes_sent(self, kind: str) -> float:
+        return sum(c.calls * c.bytes_sent for c, _ in self.collectives if c.kind == kind)
+
+    @property
+    def main_slot(self) -> float:
+        """One micro-batch of the 1F1B pass: forward and backward compute, its TP collectives and PP messages."""
+        return self.units * self.forward_compute + self.comm("main") / self.num_microbatches
+
+    @property
+    def forward_slot(self) -> float:
+        """One micro-batch of batch accumulation's forward-only pass (0 without it)."""
+        if not self.accumulates:
+            return 0.0
+        return self.forward_compute + self.comm("forward") / self.num_microbatches
+
+
+def stage_cost(config: M2Config, tp: int, pp: int, dp: int, itc_group_size: int, training: Training,
+               hardware: Hardware, stage: int) -> StageCost:
+    """The GEMMs and collectives of one stage's GPU, costed (training.recompute resolved to True/False)."""
+    gemms = []
+    for gemm in stage_gemms(config, training.micro_batch_size, tp, pp, stage):
+        mfu = gemm_mfu(gemm, hardware)
+        gemms.append((gemm, mfu, gemm.flops / (hardware.peak_tflops * 1e12 * mfu)))
+    collectives = [(c, collective_seconds(c, hardware))
+                   for c in stage_collectives(config, tp, pp, dp, itc_group_size, training, stage)]
+    m = training.global_batch_size // (training.micro_batch_size * dp)
+    layers = layers_per_stage(config, pp)[stage] + (config.num_vl_layers if stage == pp - 1 else 0)
+    return StageCost(tuple(gemms), tuple(collectives), 4 if training.recompute else 3, m,
+                     training.itc_batch_accumulation and m > 1, layers)
+
+
+def _step_time(costs: list[StageCost], m: int, pp: int) -> tuple[dict[str, float], int]:
+    """Seconds per step by column, and the stage that paces the 1F1B pass.
+
+    Each pipelined pass takes M + PP - 1 slots of its slowest stage (its bubble: the PP - 1 extra ones); the
+    once-per-step collectives follow, those of the stage that needs longest for them."""
+    slots = m + pp - 1
+    critical = max(range(pp), key=lambda s: costs[s].main_slot)
+    forward = max(range(pp), key=lambda s: costs[s].forward_slot)
+    last_out = max(range(pp), key=lambda s: costs[s].comm("step"))
+    main, fwd, step = costs[critical], costs[forward], costs[last_out]
+    time = dict(compute=slots * (main.units * main.forward_compute + (fwd.forward_compute if fwd.accumulates
+                                                                      else 0.0)))
+    for kind in KINDS:
+        time[kind] = slots * (main.comm("main", kind) + fwd.comm("forward", kind)) / m + step.comm("step", kind)
+    time["step"] = sum(time.values())
+    return time, critical
 
 
 def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
@@ -211,44 +326,18 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     peak_stage = max(range(pp), key=lambda s: memories[s][0]["total"])
     memory, n_peak = memories[peak_stage]
 
-    # communication, bytes sent per GPU per step, for the busiest stage of each kind
-    s_img, s_txt, h = config.vision_seq_length, config.max_text_length, config.hidden_size
-    ring = lambda size: (size - 1) / size  # noqa: E731 - ring collectives move (n-1)/n of the data per GPU
-    all_reduces_per_layer = 6 if recompute else 4  # 2 forward (+2 again in recompute), 2 backward
-    max_layers = max(layers + (config.num_vl_layers if s == pp - 1 else 0) for s, layers in enumerate(per_stage_layers))
-    all_reduces_per_layer += 2 if accumulate else 0  # batch accumulation's forward-only pass
-    tp_bytes = (m * max_layers * all_reduces_per_layer * 2 * ring(tp) * dt * b * (s_img + s_txt) * h) if tp > 1 else 0.0
-    # activations forward, gradients backward (and the forward-only pass's activations once more)
-    pp_bytes = m * (3 if accumulate else 2) * dt * b * (s_img + s_txt) * h if pp > 1 else 0.0
-    n_max = max(params.per_gpu(tp) for params in stages)
-    if dp == 1:
-        dp_bytes = 0.0
-    elif training.use_distributed_optimizer:
-        dp_bytes = ring(dp) * n_max * (4 + dt)  # reduce-scatter fp32 grads, all-gather updated weights
-    else:
-        dp_bytes = 2 * ring(dp) * n_max * 4  # all-reduce fp32 grads
-    # image + text features: all-gather, reduce-scatter (fp32 in the accumulated loss); the same bytes whether the
-    # step gathers M micro-batches at once or one at a time
-    itc_comm = m * 2 * 2 * (g - 1) * b * config.out_dim * (4 if accumulate else dt)
-    communication = dict(tp=tp_bytes, pp=pp_bytes, dp=dp_bytes, itc=itc_comm)
-
+    training = dataclasses.replace(training, recompute=recompute)
+    costs = [stage_cost(config, tp, pp, dp, g, training, hardware, stage) for stage in range(pp)]
+    communication = {kind: max(c.bytes_sent(kind) for c in costs) for kind in KINDS}
     # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1
     units = 4 if recompute else 3
     extra_forward = 1 / units if accumulate else 0.0
-    flops = model_flops_per_sample(config) * (units / 3) * (1 + extra_forward) * training.global_batch_size
-    compute = flops / num_gpus / (hardware.peak_tflops * 1e12 * hardware.mfu) * (1 + (pp - 1) / m)
-    time = dict(
-        compute=compute,
-        tp=tp_bytes / _bandwidth(hardware, tp),
-        pp=pp_bytes / _bandwidth(hardware, num_gpus),
-        dp=dp_bytes / _bandwidth(hardware, tp * dp),
-        itc=itc_comm / _bandwidth(hardware, tp * g),
-    )
-    time["step"] = sum(time.values())
+    time, critical = _step_time(costs, m, pp)
     return Plan(tp, pp, dp, g, recompute, m, peak_stage, n_peak, memory, communication, time,
                 fits=memory["total"] <= hardware.gpu_memory_gb * GB, contrastive_batch=g * loss_rows,
                 extra_forward=extra_forward, _global_batch=training.global_batch_size,
-                cpu_cores_per_gpu=decode_cores_per_gpu(training.global_batch_size, time["step"], num_gpus, hardware))
+                cpu_cores_per_gpu=decode_cores_per_gpu(training.global_batch_size, time["step"], num_gpus, hardware),
+                stages=tuple(costs), critical_stage=critical)
 
 
 def decode_cores_per_gpu(global_batch_size: int, step_time_s: float, num_gpus: int, hardware: Hardware) -> float:
@@ -282,11 +371,12 @@ def candidate_layouts(config: M2Config, num_gpus: int, gpus_per_node: int) -> li
 
 
 def plan_all(config: M2Config, num_gpus: int, training: Training = Training(), hardware: Hardware = Hardware(),
-             itc_group_size: int = 0, tensor_model_parallel_size: int = 0, pipeline_model_parallel_size: int = 0
-             ) -> tuple[list[Plan], list[str]]:
+             itc_group_size: int = 0, tensor_model_parallel_size: int = 0, pipeline_model_parallel_size: int = 0,
+             itc_batch: int = 0) -> tuple[list[Plan], list[str]]:
     """Plans of every candidate layout (fitting or not), fastest first, and why the others were skipped.
 
     itc_group_size / tensor_model_parallel_size / pipeline_model_parallel_size: 0 = every valid value.
+    itc_batch: only layouts whose contrastive batch (pairs per ITC group and loss) is at least this (0 = any).
     """
     if num_gpus < 1:
         raise ConfigError(f"--num-gpus must be >= 1, got {num_gpus}")
@@ -302,9 +392,15 @@ def plan_all(config: M2Config, num_gpus: int, training: Training = Training(), h
         if itc_group_size and g != itc_group_size:
             continue
         try:
-            plans.append(plan_layout(config, num_gpus, tp, pp, g, training, hardware))
+            plan = plan_layout(config, num_gpus, tp, pp, g, training, hardware)
         except ConfigError as error:
             skipped.append(f"TP={tp} PP={pp} DP={dp} g={g}: {error}")
+            continue
+        if plan.contrastive_batch < itc_batch:
+            skipped.append(f"TP={tp} PP={pp} DP={dp} g={g}: contrastive batch {plan.contrastive_batch} < "
+                           f"--itc-batch {itc_batch}")
+            continue
+        plans.append(plan)
     plans.sort(key=lambda p: (not p.fits, p.time["step"], p.memory["total"]))
     return plans, sorted(set(skipped))
 
@@ -331,3 +427,49 @@ def format_table(plans: Iterable[Plan]) -> str:
             f"{p.contrastive_batch:10d}{100 * p.extra_forward:5.0f}% |{p.cpu_cores_per_gpu:10.1f}"
         )
     return "\n".join(rows)
+
+
+def _domain(collective: Collective, hardware: Hardware) -> str:
+    return "NVLink" if collective.span <= hardware.gpus_per_node else "network"
+
+
+def format_explain(plan: Plan, hardware: Hardware = Hardware()) -> str:
+    """What one layout's predicted step time is made of: the time per column, every stage's 1F1B slot, the GEMMs
+    of the slowest stage with their MFU, and every collective of every stage (calls, bytes, seconds per step)."""
+    t, m, pp = plan.time, plan.num_microbatches, plan.pipeline_model_parallel_size
+    slots = m + pp - 1
+    lines = [f"TP {plan.tensor_model_parallel_size} PP {pp} DP {plan.data_parallel_size} ITC group "
+             f"{plan.itc_group_size}: {m} micro-batches per step, recompute {'on' if plan.recompute else 'off'}, "
+             f"{'batch accumulation (one forward-only pass first)' if plan.extra_forward else 'no forward-only pass'}",
+             f"step {t['step']:.3f} s = " + " + ".join(f"{k} {t[k]:.3f}" for k in ("compute", *KINDS)),
+             f"pipeline: {slots} slots of the slowest stage per pass (M + PP - 1; bubble {(pp - 1) / slots:.1%})",
+             "", "stage  layers/tower  1F1B slot ms (compute + collectives)  forward-only slot ms  once per step ms"]
+    for stage, cost in enumerate(plan.stages):
+        compute = cost.units * cost.forward_compute
+        marker = " <- paces the pipeline" if stage == plan.critical_stage else ""
+        lines.append(f"{stage:5d}  {cost.layers:12d}  {1e3 * cost.main_slot:12.2f} ({1e3 * compute:.2f} + "
+                     f"{1e3 * (cost.main_slot - compute):.2f}){'':12s}{1e3 * cost.forward_slot:12.2f}"
+                     f"{1e3 * cost.comm('step'):18.2f}{marker}")
+    cost = plan.stages[plan.critical_stage]
+    lines += ["", f"GEMMs of stage {plan.critical_stage}, forward, one micro-batch (backward: 2x the FLOPs at the same "
+              f"shapes; MFU = {hardware.mfu:g} x prod d / (d + {hardware.mfu_half_dim:g})):",
+              f"  {'GEMM':28s} {'m x n x k':>22s} {'count':>7s} {'GFLOP':>9s} {'MFU':>6s} {'ms':>8s}"]
+    for gemm, mfu, seconds in cost.gemms:
+        lines.append(f"  {gemm.name:28s} {f'{gemm.m} x {gemm.n} x {gemm.k}':>22s} {gemm.count:7d} "
+                     f"{gemm.flops / 1e9:9.2f} {mfu:6.3f} {1e3 * seconds:8.3f}")
+    flops, seconds = sum(g.flops for g, _, _ in cost.gemms), cost.forward_compute
+    lines.append(f"  {'total':28s} {'':>22s} {'':>7s} {flops / 1e9:9.2f} "
+                 f"{flops / (hardware.peak_tflops * 1e12 * seconds):6.3f} {1e3 * seconds:8.3f}")
+    lines += ["", f"collectives per step (latency NVLink {hardware.nvlink_latency_us:g} us / network "
+              f"{hardware.internode_latency_us:g} us per call; phase: main = 1F1B pass, forward = batch accumulation's "
+              "forward-only pass, step = once per step):",
+              f"  {'stage':>5s} {'kind':5s} {'op':14s} {'group':12s} {'phase':7s} {'calls':>7s} {'MiB/call':>10s} "
+              f"{'s/step':>8s}  what"]
+    for stage, cost in enumerate(plan.stages):
+        for c, seconds in cost.collectives:
+            lines.append(f"  {stage:5d} {c.kind:5s} {c.op:14s} {f'{c.group}{c.group_size} {_domain(c, hardware)}':12s} "
+                         f"{c.phase:7s} {c.calls:7d} {c.bytes / 2**20:10.4f} {seconds:8.4f}  {c.what}")
+        calls = sum(c.calls for c, _ in cost.collectives)
+        lines.append(f"  {stage:5d} total: {calls} calls, {sum(t for _, t in cost.collectives):.3f} s of "
+                     "collectives per step (before pipelining)")
+    return "\n".join(lines)

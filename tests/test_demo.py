@@ -21,6 +21,8 @@ def _eval_flags(data: Path) -> list[str]:
     return ["--zeroshot-data", str(data / "data" / "eval"),
             "--zeroshot-classnames", f"en={data / 'data' / 'classnames_en.txt'}",
             f"zh={data / 'data' / 'classnames_zh.txt'}",
+            "--zeroshot-templates", f"en={data / 'data' / 'templates_en.txt'}",
+            f"zh={data / 'data' / 'templates_zh.txt'}",
             "--retrieval-data", str(data / "data" / "retrieval.jsonl"), "--eval-batch-size", "128"]
 
 

@@ -1,6 +1,7 @@
 """The memory/communication planner (megatron_m2/planner.py) and its CLI (tools/plan.py)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -190,7 +191,11 @@ def test_batch_accumulation_contrastive_batch_and_extra_forward():
     assert (on.contrastive_batch, off.contrastive_batch) == (2 * 4096 // 8, 2 * 8)  # g x global / DP vs g x micro
     assert on.extra_forward == pytest.approx(1 / 3) and full.extra_forward == pytest.approx(1 / 4)
     assert off.extra_forward == 0 and single.extra_forward == 0  # one micro-batch: no second pass
-    assert on.time["compute"] == pytest.approx(off.time["compute"] * 4 / 3)
+    # the forward-only pass adds a third (its slowest stage may differ from the 1F1B pass's: the first one also runs
+    # the patch embedding, the last one the ITC gather per micro-batch without accumulation)
+    assert on.time["compute"] == pytest.approx(off.time["compute"] * 4 / 3, rel=1e-2)
+    stage = on.stages[on.critical_stage]
+    assert stage.forward_slot > 0 and off.stages[0].forward_slot == 0
     # the loss over a rank's whole step: 64 x 8 rows against 2 x 64 x 8 columns, plus the cached embeddings/gradients
     rows, d = 64 * 8, config.out_dim
     assert planner.itc_bytes(config, 8, 2, 0, 64) == 4 * (2 * 2 * rows * d + 4 * rows * 2 * rows + 4 * rows * d)
@@ -203,7 +208,7 @@ def test_10b_example_dry_run_reports_the_global_contrastive_batch():
     result = subprocess.run(["bash", "examples/pretrain_m2_10b.sh", "--dry-run"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 512 micro-batches" in result.stdout
+    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 64 micro-batches" in result.stdout
 
 
 def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
@@ -214,3 +219,89 @@ def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
     # one decode per sample and model replica: the global batch within one step, over all GPUs
     assert plan.cpu_cores_per_gpu == pytest.approx(4096 / (plan.time["step"] * 250.0) / 32)
     assert "cores/GPU" in planner.format_table([plan])
+
+
+def _calls(plan: planner.Plan, stage: int, text: str) -> int:
+    return sum(c.calls for c, _ in plan.stages[stage].collectives if text in c.what)
+
+
+def test_sub_ln_all_reduces_and_per_call_latency_are_counted():
+    config = load_config("10b")
+    training = planner.Training(use_distributed_optimizer=True, recompute=True)
+    plan = planner.plan_layout(config, 32, 8, 4, 0, training)
+    m = plan.num_microbatches
+    assert m == 512
+    # 6 layers x 2 towers per stage; per copy and micro-batch 2 Sub-LNs x (forward + recompute + backward), and the
+    # forward-only pass's forward: the ~49k all-reduces per GPU and step the planner used to miss
+    assert _calls(plan, 1, "Sub-LN") == 12 * 2 * (3 + 1) * m == 49152
+    assert _calls(plan, 1, "out_proj/fc2 outputs") == 12 * 2 * 3 * m
+    assert _calls(plan, 0, "text embedding") == 2 * m and _calls(plan, 1, "text embedding") == 0
+    # every call pays the latency: without it a stage's TP time drops by its calls x 10 us (NVLink)
+    free = planner.plan_layout(config, 32, 8, 4, 0, training, planner.Hardware(nvlink_latency_us=0.0))
+    for phase in ("main", "forward"):
+        tp_calls = sum(c.calls for c, _ in plan.stages[1].collectives if c.kind == "tp" and c.phase == phase)
+        assert plan.stages[1].comm(phase, "tp") - free.stages[1].comm(phase, "tp") == pytest.approx(tp_calls * 10e-6)
+    assert plan.time["tp"] > free.time["tp"] + 0.5
+    # the DP all-gather/reduce-scatter of the distributed optimizer at DP 8 inside a node: latency + bytes / 300 GB/s
+    dp_plan = planner.plan_layout(config, 32, 1, 4, 8, planner.Training(use_distributed_optimizer=True))
+    dp = [(c, t) for c, t in dp_plan.stages[0].collectives if c.kind == "dp"]
+    assert {c.op for c, _ in dp} == {"reduce_scatter", "all_gather"}
+    n = dp_plan.parameters_per_gpu if dp_plan.peak_stage == 0 else planner.stage_parameters(config, 1, 4)[0].per_gpu(1)
+    buckets = -(-n // 40_000_000)
+    for c, seconds in dp:
+        assert c.calls == buckets and c.span == 8
+        assert seconds == pytest.approx(buckets * 10e-6 + c.calls * c.bytes * 7 / 8 / 300e9)
+
+
+def test_sequence_parallelism_splits_collectives_and_activations():
+    config = load_config("10b")
+    training = planner.Training(recompute=False, itc_batch_accumulation=False)
+    plain = planner.plan_layout(config, 32, 8, 4, 0, training)
+    sp = planner.plan_layout(config, 32, 8, 4, 0, dataclasses.replace(training, sequence_parallel=True))
+    ops = lambda plan: {c.op for c, _ in plan.stages[1].collectives if c.kind == "tp"}  # noqa: E731
+    assert ops(plain) == {"all_reduce"}
+    assert ops(sp) == {"all_gather", "reduce_scatter", "all_reduce"}  # the Sub-LN statistics stay all-reduces
+    m, copies = plain.num_microbatches, 12
+    # forward 2 all-gathers + 2 reduce-scatters, backward 4 all-gathers (incl. the saved inputs) + 2 reduce-scatters
+    assert _calls(sp, 1, "all-gather before qkv/fc1") + _calls(sp, 1, "backward all-gathers") == copies * 6 * m
+    # the PP messages and the activations outside the TP regions shrink by TP
+    assert sp.communication["pp"] == pytest.approx(plain.communication["pp"] / 8)
+    h, f, t, tokens, seq = config.hidden_size, config.ffn_hidden_size, 8, 8 * 197, 197
+    saved = planner.layer_activation_bytes(config, tokens, seq, t, True, "te")
+    split = planner.layer_activation_bytes(config, tokens, seq, t, True, "te", sequence_parallel=True)
+    assert saved - split == pytest.approx(tokens * 2 * 4 * h * (1 - 1 / t))
+    assert sp.memory["activations"] < plain.memory["activations"]
+
+
+def test_gemm_mfu_depends_on_the_shape():
+    hardware = planner.Hardware()
+    large = planner.gemm_mfu(arithmetic.Gemm("large", 8192, 8192, 8192), hardware)
+    text = planner.gemm_mfu(arithmetic.Gemm("text fc2 at TP8", 416, 4096, 2048), hardware)
+    assert 0.38 < large < 0.40 and text == pytest.approx(0.4 * 416 / 544 * 4096 / 4224 * 2048 / 2176)
+    assert text < 0.3
+    # the stage's GEMMs are the model's FLOPs: 3 x forward = model_flops_per_sample, split over TP and PP
+    config = load_config("10b")
+    flops = sum(g.flops for stage in range(4) for g in arithmetic.stage_gemms(config, 1, 8, 4, stage))
+    patch = 2 * config.num_patches * config.num_channels * config.patch_size**2 * config.hidden_size
+    assert 3 * ((flops - patch) * 8 + patch) == pytest.approx(arithmetic.model_flops_per_sample(config))
+
+
+def test_cli_filters_by_the_contrastive_batch_and_explains():
+    result = _cli("--model", "10b", "--num-gpus", "32", "--use-distributed-optimizer", "--explain")
+    assert result.returncode == 0, result.stderr
+    assert "contrastive batch >= 4096 pairs (--itc-batch, default: the global batch)" in result.stdout
+    assert "with a smaller contrastive batch left out" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d+\s+\d+\s", line)]
+    assert rows and all(row[-4] == "4096" for row in rows)  # the ITC batch column
+    assert rows[0][:4] == ["1", "4", "8", "8"]
+    assert "TP 1 PP 4 DP 8 ITC group 8" in result.stdout and "paces the pipeline" in result.stdout
+    any_batch = _cli("--model", "10b", "--num-gpus", "32", "--use-distributed-optimizer", "--itc-batch", "0")
+    assert "any contrastive batch (--itc-batch 0)" in any_batch.stdout
+    small = _cli("--model", "10b", "--num-gpus", "32", "--tensor-model-parallel-size", "1",
+                 "--pipeline-model-parallel-size", "4", "--itc-group-size", "1")  # 512 pairs
+    assert small.returncode == 1 and "no layout gives a contrastive batch of 4096 pairs" in small.stderr
+    named = _cli("--model", "10b", "--num-gpus", "32", "--tensor-model-parallel-size", "8",
+                 "--pipeline-model-parallel-size", "4", "--recompute", "full", "--explain")
+    assert named.returncode == 0, named.stderr
+    assert "TP 8 PP 4 DP 1 ITC group 1: 512 micro-batches" in named.stdout
+    assert "Sub-LN statistics" in named.stdout and "GEMMs of stage" in named.stdout

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors shard size, e.g. 2GB, 500MB; bounds the memory held before a flush (default 2GB)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                    help="cast floating tensors (default: keep the checkpoint's dtype)")
+    p.add_argument("--from-master-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="export a bf16 (or fp16) checkpoint's fp32 master weights from its optimizer state (the "
+                   "values training updates) instead of their rounded model copies. Default: on where the checkpoint "
+                   "has them, else the model weights with a note why; --from-master-weights: an error if it has "
+                   "none; --no-from-master-weights: the model weights as stored. The output says which it wrote")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     return p
 
@@ -50,7 +55,7 @@ def convert(args: argparse.Namespace) -> Path:
     import torch
 
     from megatron_m2.hf.convert import (ShardedSafetensorsWriter, count_read_steps, hf_config_from_m2,
-                                        megatron_config_from_checkpoint, megatron_to_hf_tensors)
+                                        megatron_config_from_checkpoint, megatron_to_hf_tensors, select_weights)
     from megatron_m2.hf.export import write_processor, write_remote_code
     from megatron_m2.hf.megatron_io import DistCheckpointReader
     from megatron_m2.progress_line import ProgressLine
@@ -60,11 +65,14 @@ def convert(args: argparse.Namespace) -> Path:
     reader = DistCheckpointReader(args.load, args.iteration)
     config = megatron_config_from_checkpoint(reader, args.model)
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    weight_keys, weights = select_weights(reader, config, args.from_master_weights)
+    print(f"exporting {weights}" + (f", cast to {args.dtype}" if dtype is not None else ""))
     out = Path(args.hf_output)
     writer = ShardedSafetensorsWriter(out, args.max_shard_size)
     with ProgressLine(f"{reader.path} -> {out}: reading", count_read_steps(config), "layers",
                       enabled=not args.no_progress) as progress:
-        for key, tensor in megatron_to_hf_tensors(reader, config, dtype, progress=progress.update):
+        for key, tensor in megatron_to_hf_tensors(reader, config, dtype, progress=progress.update,
+                                                  weight_keys=weight_keys):
             writer.add(key, tensor)
         shards = writer.finish()
     hf_config = hf_config_from_m2(config)
@@ -74,7 +82,7 @@ def convert(args: argparse.Namespace) -> Path:
     write_remote_code(out, hf_config)
     hf_config.save_pretrained(str(out))
     write_processor(out, hf_config, args.tokenizer_model)
-    print(f"wrote {out}: {len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB")
+    print(f"wrote {out}: {len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB of {weights}")
     return out
 
 

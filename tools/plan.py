@@ -2,6 +2,9 @@
 """Which TP/PP/DP/ITC-group layouts of an M2-Encoder preset fit a cluster, with memory, communication and step time.
 
     python tools/plan.py --model 10b --num-gpus 32 --gpu-memory-gb 80 --use-distributed-optimizer
+    python tools/plan.py --model 10b --num-gpus 32 --use-distributed-optimizer --explain   # why the best is fastest
+    python tools/plan.py --model 10b --num-gpus 32 --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4 \
+        --explain                                                                             # ... or this layout
     python tools/plan.py --model 0.4b --no-bf16 --spec local --micro-batch-size 2 --global-batch-size 2 \
         --recompute none --measure      # check the prediction against two real steps on this machine
 
@@ -47,10 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
                    default=tr.itc_batch_accumulation,
                    help="GBA-ITC: one contrastive loss over all micro-batches of a step (the ITC batch column); "
                    "costs one extra forward (the +fwd column) when a step has several micro-batches")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron's sequence parallelism (TP > 1): TP all-reduces become reduce-scatter + "
+                   "all-gather and the activations outside the TP regions are split over TP")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=tr.overlap_grad_reduce,
+                   help="DDP reduces the first stage's gradients in buckets of max(40M, 1M x DP) elements while "
+                   "backward runs (the trainer's GPU default); --no-overlap-grad-reduce: one bucket per stage")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="gradient clipping as the trainer's flag; > 0 adds the gradient-norm all-reduce")
     g = p.add_argument_group("layouts to show")
     g.add_argument("--tensor-model-parallel-size", type=int, default=0, help="only this TP (0 = all)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=0, help="only this PP (0 = all)")
     g.add_argument("--itc-group-size", type=int, default=0, help="only this ITC group size (0 = every divisor of DP)")
+    g.add_argument("--itc-batch", type=int, default=None,
+                   help="only layouts whose contrastive batch (pairs each ITC loss scores against each other, the "
+                   "ITC batch column) is at least this; default: the global batch (GBA-ITC over the whole data-"
+                   "parallel group); 0 = any")
+    g.add_argument("--explain", action="store_true",
+                   help="after the table, the breakdown of the best layout's step time (or of the layout that "
+                   "--tensor-model-parallel-size / --pipeline-model-parallel-size / --itc-group-size name): every "
+                   "stage's pipeline slot, the GEMMs with their MFU, every collective with calls, bytes and seconds")
     g.add_argument("--top", type=int, default=20, help="show at most this many layouts (0 = all)")
     g.add_argument("--all", action="store_true", help="also show layouts that do not fit, and why some were skipped")
     g.add_argument("--measure", action="store_true",
@@ -59,11 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "prediction with the measured peak (GPU: max_memory_allocated; CPU: peak RSS growth)")
     g = p.add_argument_group("hardware assumptions")
     g.add_argument("--peak-tflops", type=float, default=hw.peak_tflops, help="dense bf16 peak per GPU (H100 SXM)")
-    g.add_argument("--mfu", type=float, default=hw.mfu, help="fraction of peak reached in the kernels")
+    g.add_argument("--mfu", type=float, default=hw.mfu,
+                   help="MFU of a large GEMM shape in a training step (the step's non-GEMM work included)")
+    g.add_argument("--mfu-half-dim", type=float, default=hw.mfu_half_dim,
+                   help="a GEMM dimension of this size halves its MFU: each GEMM runs at mfu x prod d / (d + this) "
+                   "over its three dimensions")
     g.add_argument("--nvlink-gbps", type=float, default=hw.nvlink_gbps,
                    help="effective per-GPU collective bandwidth inside a node, GB/s")
     g.add_argument("--internode-gbps", type=float, default=hw.internode_gbps,
                    help="effective per-GPU bandwidth between nodes, GB/s")
+    g.add_argument("--nvlink-latency-us", type=float, default=hw.nvlink_latency_us,
+                   help="latency of one collective call or message inside a node, microseconds")
+    g.add_argument("--internode-latency-us", type=float, default=hw.internode_latency_us,
+                   help="latency of one collective call or message between nodes, microseconds")
     g.add_argument("--reserved-gb", type=float, default=hw.reserved_gb,
                    help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation, GiB")
     return p
@@ -80,6 +107,13 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("gpu_memory_gb", "peak_tflops", "nvlink_gbps", "internode_gbps"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag in ("mfu_half_dim", "nvlink_latency_us", "internode_latency_us"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.itc_batch is None:
+        args.itc_batch = args.global_batch_size
+    if args.itc_batch < 0:
+        raise ConfigError(f"--itc-batch must be >= 0 (0 = any contrastive batch), got {args.itc_batch}")
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu is a fraction of peak in (0, 1], got {args.mfu}")
     if args.tensor_model_parallel_size and args.tensor_model_parallel_size not in planner.TENSOR_PARALLEL_SIZES:
@@ -171,21 +205,32 @@ def _report_measurement(args: argparse.Namespace, config, training: "planner.Tra
     return 0
 
 
+def training_from_args(args: argparse.Namespace) -> "planner.Training":
+    return planner.Training(
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size, bf16=args.bf16,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        recompute={"auto": None, "full": True, "none": False}[args.recompute], spec=args.spec,
+        itc_chunk_size=args.itc_chunk_size, itc_batch_accumulation=args.itc_batch_accumulation,
+        sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce,
+        clip_grad=args.clip_grad > 0)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check(args)
         config = load_config(args.model)
-        hardware = planner.Hardware(args.gpu_memory_gb, args.gpus_per_node, args.peak_tflops, args.mfu,
-                                    args.nvlink_gbps, args.internode_gbps, args.reserved_gb)
-        training = planner.Training(args.micro_batch_size, args.global_batch_size, args.bf16,
-                                    args.use_distributed_optimizer, {"auto": None, "full": True, "none": False}[
-                                        args.recompute], args.spec, args.itc_chunk_size,
-                                    args.itc_batch_accumulation)
+        hardware = planner.Hardware(
+            gpu_memory_gb=args.gpu_memory_gb, gpus_per_node=args.gpus_per_node, peak_tflops=args.peak_tflops,
+            mfu=args.mfu, nvlink_gbps=args.nvlink_gbps, internode_gbps=args.internode_gbps,
+            reserved_gb=args.reserved_gb, nvlink_latency_us=args.nvlink_latency_us,
+            internode_latency_us=args.internode_latency_us, mfu_half_dim=args.mfu_half_dim)
+        training = training_from_args(args)
         if args.measure:
             return _report_measurement(args, config, training)
         plans, skipped = planner.plan_all(config, args.num_gpus, training, hardware, args.itc_group_size,
-                                          args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+                                          args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                          itc_batch=args.itc_batch)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -199,15 +244,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.gpu_memory_gb:g} GiB), micro-batch {args.micro_batch_size}, global batch {args.global_batch_size}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {'distributed' if args.use_distributed_optimizer else 'replicated'} "
           f"optimizer, {args.spec} spec")
-    print(f"assumptions: {args.peak_tflops:g} TFLOP/s peak x MFU {args.mfu:g}; NVLink {args.nvlink_gbps:g} GB/s, "
-          f"inter-node {args.internode_gbps:g} GB/s per GPU; {args.reserved_gb:g} GiB reserved; all communication "
-          "exposed")
-    print(f"{len(fitting)} of {len(plans)} valid layouts fit; showing {len(shown)} (fastest first)")
+    print(f"assumptions: {args.peak_tflops:g} TFLOP/s peak x MFU {args.mfu:g} for large GEMMs (x d / (d + "
+          f"{args.mfu_half_dim:g}) per GEMM dimension); NVLink {args.nvlink_gbps:g} GB/s + {args.nvlink_latency_us:g}"
+          f" us, inter-node {args.internode_gbps:g} GB/s + {args.internode_latency_us:g} us per GPU and call; "
+          f"{args.reserved_gb:g} GiB reserved; all communication exposed")
+    wanted = (f"contrastive batch >= {args.itc_batch} pairs (--itc-batch"
+              + (", default: the global batch)" if args.itc_batch == args.global_batch_size else ")")
+              if args.itc_batch else "any contrastive batch (--itc-batch 0)")
+    narrower = sum(1 for s in skipped if "--itc-batch" in s)
+    print(f"{len(fitting)} of {len(plans)} valid layouts with {wanted} fit"
+          + (f" ({narrower} with a smaller contrastive batch left out)" if narrower else "")
+          + f"; showing {len(shown)} (fastest first)")
     if shown:
         print(planner.format_table(shown))
     if args.all and skipped:
         print("skipped:\n  " + "\n  ".join(skipped))
+    if args.explain and (fitting or plans):
+        print("\n" + planner.format_explain((fitting or plans)[0], hardware))
     if not fitting:
+        if narrower and not plans:
+            print(f"no layout gives a contrastive batch of {args.itc_batch} pairs: lower --itc-batch (0 = any) or "
+                  "drop --itc-group-size", file=sys.stderr)
+            return 1
         print("nothing fits: try --use-distributed-optimizer, --recompute full, a smaller --micro-batch-size or "
               "more GPUs", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --tokenizer-model runs/demo/tokenizer.model \\
         --zeroshot-data runs/demo/data/eval \\
         --zeroshot-classnames en=runs/demo/data/classnames_en.txt zh=runs/demo/data/classnames_zh.txt \\
+        --zeroshot-templates en=runs/demo/data/templates_en.txt zh=runs/demo/data/templates_zh.txt \\
         --retrieval-data runs/demo/data/retrieval.jsonl --output results.json
 
 The model's shape comes from the checkpoint (the trainer and tools/convert_from_hf.py store it), so any layout the
@@ -68,6 +69,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
 
     from megatron_m2 import parallel
     from megatron_m2.data import check_vocab, load_tokenizer
+    from megatron_m2.eval.protocol import resolve_protocol
     from megatron_m2.eval.runner import encode_forward_step, make_eval_fn
     from megatron_m2.models import build_model
     from megatron_m2 import checkpointing
@@ -91,7 +93,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     for name, value in results.items():
         print_rank_0(f"  {name:24s} {value:6.2f}")
     if args.output and dist.get_rank() == 0:
-        Path(args.output).write_text(json.dumps({"load": args.load, "iteration": iteration, **results}, indent=1))
+        protocol = resolve_protocol(args.eval_protocol, config, args.caption_normalization).name
+        Path(args.output).write_text(json.dumps({"load": args.load, "iteration": iteration, "eval_protocol": protocol,
+                                                 **results}, indent=1))
     parallel.destroy_model_parallel()
     return results
 

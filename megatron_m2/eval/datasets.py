@@ -78,8 +78,9 @@ def read_lines_file(path: str, flag: str) -> list[str]:
 class ImageFolderWithClassNames:
     """ImageNet-layout folder; items are (transform(image), label). `class_names[lang]` lists names in label order.
 
-    `template_files` (optional, lang -> file of prompt templates with "{}" for the class name, one a line) sets
-    `templates[lang]`, which evaluate_zero_shot uses instead of the built-in ImageNet templates.
+    `template_files` (optional, lang -> file of prompt templates with "{}" for the class name, one a line: the
+    --zeroshot-templates flag) sets `templates[lang]`, which evaluate_zero_shot uses instead of the built-in ImageNet
+    templates (eval/templates.py).
     """
 
     def __init__(self, root: str, class_name_files: Mapping[str, str], transform: Callable,
@@ -108,12 +109,14 @@ class ImageFolderWithClassNames:
                                   f"{root!r} has {len(self.class_dirs)} class directories; the file needs one name "
                                   "per class directory, in sorted directory order")
             self.class_names[lang] = names
-        self.templates: dict[str, list[str]] = {}
-        for lang, path in (template_files or {}).items():
-            templates = read_lines_file(path, f"--zeroshot-templates {lang}=")
-            if not all("{}" in t for t in templates):
-                raise ConfigError(f"--zeroshot-templates {lang}={path}: every template needs a {{}} for the class name")
-            self.templates[lang] = templates
+        from megatron_m2.eval.templates import read_templates
+
+        unknown = sorted(set(template_files or {}) - set(self.class_names))
+        if unknown:
+            raise ConfigError(f"--zeroshot-templates {unknown[0]}=: no --zeroshot-classnames for language "
+                              f"{unknown[0]!r} (have {sorted(self.class_names)})")
+        self.templates: dict[str, list[str]] = {lang: read_templates(path, f"--zeroshot-templates {lang}=")
+                                                for lang, path in (template_files or {}).items()}
         self.transform = transform
 
     def __len__(self) -> int:

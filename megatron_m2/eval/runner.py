@@ -99,26 +99,35 @@ def parse_classnames(items: list[str]) -> dict[str, str]:
 def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Module, object], dict[str, float]]:
     """The evaluation the flags ask for (zero-shot and/or retrieval): evaluate(forward_step_func, model, tokenizer)."""
     from megatron_m2.eval.datasets import ImageFolderWithClassNames, model_eval_transform
+    from megatron_m2.eval.protocol import resolve_protocol
+    from megatron_m2.parallel import print_rank_0
     from megatron_m2.eval.retrieval import evaluate_retrieval
     from megatron_m2.eval.zeroshot import evaluate_zero_shot
 
     config: M2Config = args.model_config
     transform = model_eval_transform(config)  # the model's saved preprocessing (squash for the release's weights)
+    protocol = resolve_protocol(args.eval_protocol, config, args.caption_normalization)
+    announced = []  # said once, at the first evaluation (the process group exists by then: rank 0 alone prints)
     zeroshot: Optional[ImageFolderWithClassNames] = None
     if args.zeroshot_data:
         zeroshot = ImageFolderWithClassNames(args.zeroshot_data, parse_classnames(args.zeroshot_classnames),
-                                             transform)
+                                             transform, template_files=parse_classnames(args.zeroshot_templates))
 
     def evaluate(forward_step_func: Callable, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+        if not announced:
+            print_rank_0(f"evaluation protocol: {protocol.describe()}")
+            announced.append(True)
         encode_images, encode_texts = make_encoders(forward_step_func, model, tokenizer, config, args.eval_batch_size)
         results: dict[str, float] = {}
         if zeroshot is not None:
             results.update(evaluate_zero_shot(zeroshot, zeroshot.class_names, encode_images, encode_texts,
-                                              batch_size=args.eval_batch_size))
+                                              batch_size=args.eval_batch_size,
+                                              caption_normalization=protocol.caption_normalization))
         if args.retrieval_data:
             scores = evaluate_retrieval(args.retrieval_data, encode_images, encode_texts, transform,
                                         batch_size=args.eval_batch_size, image_root=args.retrieval_image_root,
-                                        caption_normalization=args.caption_normalization)
+                                        caption_normalization=protocol.caption_normalization,
+                                        shared_captions_match=protocol.shared_captions_match)
             results.update({f"retrieval/{k}": v for k, v in scores.items()})
         return results
 

@@ -1,44 +1,34 @@
-"""Prompt templates for zero-shot classification ("{}" is the class name). The digits demo's prompts and captions
-live with its data (megatron_m2/data/digits.py).
+"""Prompt templates for zero-shot classification ("{}" is the class name).
 
-English: a short subset of CLIP's 80 ImageNet templates (Radford et al. 2021, notebooks/Prompt_Engineering);
-Chinese: in the style of Chinese-CLIP's ImageNet-CN templates. Class names are substituted with str.replace, not
-str.format, so a class name or template containing braces cannot break the substitution.
+The defaults are the full published ImageNet sets, shipped as data files in eval/prompts/ (see its README.md for
+the sources): CLIP's 80 English templates (Radford et al. 2021) and Chinese-CLIP's 80 ImageNet-CN templates.
+`--zeroshot-templates LANG=FILE` replaces them per language (the digits demo passes its own, data/digits.py).
+Class names are substituted with str.replace, not str.format, so a class name or template containing braces cannot
+break the substitution.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from megatron_m2.errors import ConfigError
 
-IMAGENET_TEMPLATES: dict[str, list[str]] = {
-    "en": [
-        "a photo of a {}.",
-        "a bad photo of a {}.",
-        "a photo of the large {}.",
-        "a photo of the small {}.",
-        "a cropped photo of a {}.",
-        "a bright photo of a {}.",
-        "a close-up photo of a {}.",
-        "a rendition of a {}.",
-        "itap of a {}.",
-        "a good photo of a {}.",
-        "a drawing of a {}.",
-        "art of the {}.",
-    ],
-    "zh": [
-        "{}的照片。",
-        "一张{}的照片。",
-        "一张{}的图片。",
-        "一张模糊的{}的照片。",
-        "一张清晰的{}的照片。",
-        "一张{}的特写照片。",
-        "一张裁剪过的{}的照片。",
-        "一张小{}的照片。",
-        "一张大{}的照片。",
-        "一幅{}的画。",
-        "{}的艺术作品。",
-        "一张好看的{}的照片。",
-    ],
-}
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+IMAGENET_TEMPLATE_FILES: dict[str, Path] = {lang: PROMPTS_DIR / f"imagenet_{lang}.txt" for lang in ("en", "zh")}
+
+
+def read_templates(path: str, flag: str) -> list[str]:
+    """The templates of a file, one a line, each with a "{}" (ConfigError naming `flag` otherwise)."""
+    from megatron_m2.eval.datasets import read_lines_file
+
+    templates = read_lines_file(str(path), flag)
+    missing = [t for t in templates if "{}" not in t]
+    if missing:
+        raise ConfigError(f"{flag}{path}: every template needs a {{}} for the class name, e.g. {missing[0]!r} has none")
+    return templates
+
+
+IMAGENET_TEMPLATES: dict[str, list[str]] = {lang: read_templates(str(path), f"built-in templates {lang}=")
+                                            for lang, path in IMAGENET_TEMPLATE_FILES.items()}
 
 
 def fill(template: str, class_name: str) -> str:
@@ -47,8 +37,8 @@ def fill(template: str, class_name: str) -> str:
 
 
 def default_templates(lang: str) -> list[str]:
-    """The ImageNet-style templates of a language; ConfigError for a language without built-in templates."""
+    """The ImageNet templates of a language; ConfigError for a language without built-in templates."""
     if lang not in IMAGENET_TEMPLATES:
         raise ConfigError(f"no built-in prompt templates for language {lang!r} (have {sorted(IMAGENET_TEMPLATES)}): "
-                          "use en/zh in --zeroshot-classnames LANG=FILE or pass templates for it")
+                          f"pass --zeroshot-templates {lang}=FILE (one template a line, {{}} = the class name)")
     return list(IMAGENET_TEMPLATES[lang])

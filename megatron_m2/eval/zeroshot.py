@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron_m2.eval.datasets import normalize_caption
 from megatron_m2.eval.templates import default_templates, fill
 from megatron_m2.progress_line import ProgressLine
 
@@ -31,11 +32,13 @@ def encode_in_batches(encode_texts: EncodeTexts, texts: Sequence[str], batch_siz
 
 
 def build_classifier(class_names: list[str], templates: list[str], encode_texts: EncodeTexts,
-                     batch_size: int = 256) -> torch.Tensor:
-    """[C, d]: per class, every template's embedding (normalised), averaged, re-normalised (CLIP ensembling)."""
+                     batch_size: int = 256, caption_normalization: str = "none") -> torch.Tensor:
+    """[C, d]: per class, every template's embedding (normalised), averaged, re-normalised (CLIP ensembling).
+
+    Each prompt goes through the caption normalisation captions get (datasets.normalize_caption)."""
     if not class_names or not templates:
         raise ValueError("build_classifier needs at least one class name and one template")
-    texts = [fill(t, name) for name in class_names for t in templates]
+    texts = [normalize_caption(fill(t, name), caption_normalization) for name in class_names for t in templates]
     embeds = F.normalize(encode_in_batches(encode_texts, texts, batch_size, "zero-shot: encoding the class prompts"),
                          dim=-1)
     return F.normalize(embeds.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
@@ -72,18 +75,19 @@ def encode_dataset_images(dataset, encode_images: EncodeImages, batch_size: int
 def evaluate_zero_shot(dataset, class_names_by_lang: Mapping[str, list[str]], encode_images: EncodeImages,
                        encode_texts: EncodeTexts, batch_size: int = 64,
                        templates_by_lang: Optional[Mapping[str, list[str]]] = None,
-                       topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+                       topk: Sequence[int] = (1, 5), caption_normalization: str = "none") -> dict[str, float]:
     """{"en/top1", "en/top5", "zh/top1", ...}: images encoded once, one classifier per language.
 
-    Templates: `templates_by_lang`, else the dataset's own (`dataset.templates`, e.g. the digits' template files),
-    else the built-in ImageNet-style ones (templates.default_templates).
+    Templates: `templates_by_lang`, else the dataset's own (`dataset.templates`: --zeroshot-templates files, e.g.
+    the digits'), else the built-in ImageNet ones (templates.default_templates). Prompts are normalised like
+    captions (`caption_normalization`, the evaluation protocol's).
     """
     templates_by_lang = templates_by_lang or getattr(dataset, "templates", None) or {}
     image_embeds, labels = encode_dataset_images(dataset, encode_images, batch_size)
     results: dict[str, float] = {}
     for lang, names in class_names_by_lang.items():
         templates = templates_by_lang.get(lang) or default_templates(lang)
-        classifier = build_classifier(names, templates, encode_texts, batch_size)
+        classifier = build_classifier(names, templates, encode_texts, batch_size, caption_normalization)
         for key, value in zero_shot_accuracy(image_embeds, labels, classifier, topk).items():
             results[f"{lang}/{key}"] = value
     return results

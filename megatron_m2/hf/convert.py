@@ -108,9 +108,7 @@ def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 def check_megatron_keys(reader: DistCheckpointReader, config: M2Config) -> None:
     """Every needed tensor present with the config's shapes; no unknown model tensor (error lists them)."""
-    expected = set(megatron_top_keys(config))
-    for tower, n in tower_layers(config).items():
-        expected.update(f"{tower}.layers.{sub}" for sub in megatron_layer_keys() if n)
+    expected = set(_needed_keys(config))
     present = {k for k in reader.shapes if is_megatron_model_key(k)}
     missing, unknown = sorted(expected - present), sorted(present - expected)
     if missing or unknown:
@@ -126,12 +124,58 @@ def check_megatron_keys(reader: DistCheckpointReader, config: M2Config) -> None:
                           f"vocab {config.vocab_size}, hidden {config.hidden_size}")
 
 
+def _needed_keys(config: M2Config) -> list[str]:
+    return list(megatron_top_keys(config)) + [f"{tower}.layers.{sub}" for tower, n in tower_layers(config).items()
+                                              if n for sub in megatron_layer_keys()]
+
+
+def select_weights(reader: DistCheckpointReader, config: M2Config, from_master_weights: Optional[bool] = None
+                   ) -> tuple[dict[str, str], str]:
+    """Which stored tensor to export for each model tensor, and a sentence saying which weights that is.
+
+    from_master_weights: None (the default) = the fp32 master weights where the checkpoint has them (a bf16 run's
+    optimizer state), else the model weights; True = the same, but an error when a reduced-precision checkpoint has
+    no readable master weights; False = the model weights as stored."""
+    needed = _needed_keys(config)
+    dtypes = sorted({str(reader.shapes[k][1]).removeprefix("torch.") for k in needed if k in reader.shapes})
+    stored = "/".join(dtypes)
+    if from_master_weights is False:
+        return {}, f"the checkpoint's {stored} model weights (--no-from-master-weights)"
+    reduced = [k for k in needed if k in reader.shapes and reader.shapes[k][1] != torch.float32]
+    if not reduced:
+        return {}, f"the checkpoint's {stored} model weights (a float32 run: they are the master weights)"
+    masters = reader.master_weight_keys()
+    chosen = {k: masters[k] for k in needed if k in masters}
+    if not chosen:
+        if reader.has_bucketed_optimizer_state:
+            why = ("its fp32 master weights are in the distributed optimizer's bucket buffers (dp_reshardable), "
+                   "which cannot be mapped to tensors without the training layout")
+        else:
+            why = "it holds no fp32 master weights (saved without optimizer state?)"
+        if from_master_weights:
+            raise ConfigError(f"--from-master-weights: checkpoint {reader.path}: {why}; pass --no-from-master-weights "
+                              f"to export its {stored} model weights")
+        return {}, f"the checkpoint's {stored} model weights: {why}"
+    without = [k for k in reduced if k not in chosen]
+    note = (f"; {len(without)} tensor(s) have no master copy (not trained, e.g. --freeze-vision) and keep their "
+            f"{stored} weights: {', '.join(without[:4])}{' ...' if len(without) > 4 else ''}" if without else "")
+    return chosen, f"the fp32 master weights from the optimizer state of this {stored} checkpoint{note}"
+
+
 def megatron_to_hf_tensors(reader: DistCheckpointReader, config: M2Config,
-                           dtype: Optional[torch.dtype] = None, progress: Optional[Callable[[int], None]] = None):
-    """Yield (hf_key, tensor) streaming from the checkpoint; `progress(n)` after each megatron tensor read."""
+                           dtype: Optional[torch.dtype] = None, progress: Optional[Callable[[int], None]] = None,
+                           weight_keys: Optional[dict[str, str]] = None):
+    """Yield (hf_key, tensor) streaming from the checkpoint; `progress(n)` after each megatron tensor read.
+
+    weight_keys: model tensor key -> the stored tensor to read instead (select_weights: its fp32 master copy)."""
     check_megatron_keys(reader, config)
+    weight_keys = weight_keys or {}
+
+    def load(key: str, index: Optional[int] = None) -> torch.Tensor:
+        return reader.load(weight_keys.get(key, key), index=index)
+
     for mkey, hkey in megatron_top_keys(config).items():
-        tensor = reader.load(mkey)
+        tensor = load(mkey)
         if mkey == VOCAB_KEY:
             tensor = tensor[:config.vocab_size]
         yield hkey, _cast(tensor, dtype)
@@ -141,9 +185,9 @@ def megatron_to_hf_tensors(reader: DistCheckpointReader, config: M2Config,
         for i in range(n):
             prefix = f"{tower}.layers.{i}."
             for hsub, msub in MEGATRON_LAYER_KEYS.items():
-                yield prefix + hsub, _cast(reader.load(f"{tower}.layers.{msub}", index=i), dtype)
+                yield prefix + hsub, _cast(load(f"{tower}.layers.{msub}", index=i), dtype)
             for msub, hsubs in QKV_KEYS.items():
-                parts = split_qkv(reader.load(f"{tower}.layers.{msub}", index=i), config.num_attention_heads)
+                parts = split_qkv(load(f"{tower}.layers.{msub}", index=i), config.num_attention_heads)
                 for hsub, part in zip(hsubs, parts):
                     yield prefix + hsub, _cast(part.clone(), dtype)
             if progress:

@@ -188,5 +188,6 @@ def megatron_layer_keys() -> list[str]:
 
 
 def is_megatron_model_key(key: str) -> bool:
-    """Model tensors of a training checkpoint (not optimizer state, not TE's _extra_state objects)."""
-    return not key.startswith("optimizer.") and not key.endswith("_extra_state")
+    """Model tensors of a training checkpoint (not optimizer state, also under a ChainedOptimizer's chained_N.
+    prefix, not TE's _extra_state objects)."""
+    return re.match(r"(chained_\d+\.)?optimizer\.", key) is None and not key.endswith("_extra_state")

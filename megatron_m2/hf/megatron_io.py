@@ -7,6 +7,7 @@ loads one global tensor at a time with torch.distributed.checkpoint, which bound
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -54,6 +55,15 @@ def _slice_planner(offsets: dict[str, tuple[int, ...]]):
     return SlicePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
+# megatron-core's mixed-precision optimizer (Float16OptimizerWithFloat16Params.sharded_state_dict, and the distributed
+# optimizer's model-space formats) saves the fp32 master copy of model tensor K as this prefix + K, sharded like K;
+# a ChainedOptimizer of several optimizers puts chained_N. in front.
+MASTER_WEIGHT_KEY = re.compile(r"(chained_\d+\.)?optimizer\.state\.fp32_param\.(?P<model_key>.+)")
+# the distributed optimizer's dp_reshardable format (the trainer's, checkpointing.DISTRIB_OPTIM_SHARDING_TYPE) keeps
+# its fp32 master weights in flat per-bucket buffers instead
+BUCKETED_OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.distributed\.")
+
+
 class DistCheckpointReader:
     """Global tensors of a megatron-core torch_dist checkpoint, read without process groups.
 
@@ -71,6 +81,20 @@ class DistCheckpointReader:
         metadata = dcp.FileSystemReader(str(self.path)).read_metadata()
         self.shapes = {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
                        if isinstance(m, TensorStorageMetadata)}
+
+    def master_weight_keys(self) -> dict[str, str]:
+        """model tensor key -> the key of its fp32 master copy, for every model tensor the checkpoint has one of."""
+        out = {}
+        for key in self.shapes:
+            match = MASTER_WEIGHT_KEY.fullmatch(key)
+            if match and match["model_key"] in self.shapes:
+                out[match["model_key"]] = key
+        return out
+
+    @property
+    def has_bucketed_optimizer_state(self) -> bool:
+        """The distributed optimizer's dp_reshardable state (master weights in flat buffers, not per tensor)."""
+        return any(BUCKETED_OPTIMIZER_KEY.match(key) for key in self.shapes)
 
     def common(self) -> dict:
         """The non-tensor state saved beside the tensors (iteration, model_config, ...)."""
