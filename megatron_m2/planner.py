@@ -122,16 +122,18 @@ def layer_activation_bytes(config: M2Config, tokens: int, seq_length: int, tenso
 
     Per token, in the activation dtype (dt): the pre-LN inputs and outputs (4h, replicated over TP; split over TP
     with sequence parallelism, which saves the column-parallel GEMMs' inputs before their all-gather), q, k, v and the
-    out_proj input (4h/t), the GELU input and the fc2 input (2f/t). Each Sub-LN (models/sub_ln.py, not fused) keeps
-    three fp32 tensors of its input size (its fp32 input, the centred input, the normalised output): 12 B x (h + f)/t.
-    Flash attention (te spec) keeps its output too, a tensor of its own in bf16 (in fp32 it is the Sub-LN's input).
+    out_proj input (4h/t), the GELU input and the fc2 input (2f/t). The two Sub-LNs (models/sub_ln.py) keep, without
+    TP, their inputs (torch's layer_norm: dt x (h + f)) and a mean and rstd per token (16 B); under TP, their
+    normalised fp32 shards and an rstd per token: 4 B x (h + f)/t + 8 B. Flash attention (te spec) keeps its output,
+    which is the Sub-LN's input: a tensor of its own only under TP in bf16.
     The local spec's unfused attention keeps the softmax probabilities, a x s / t per token: fp32 for the softmax
     backward, plus the bf16 copy that the probs x V matmul keeps when training in bf16.
     """
     h, f, t = config.hidden_size, config.ffn_hidden_size, tensor_model_parallel_size
     dt = 2 if bf16 else 4
-    per_token = dt * (4 * h / (t if sequence_parallel else 1) + 4 * h / t + 2 * f / t) + 12 * (h + f) / t
-    if spec == "te" and bf16:
+    sub_ln = dt * (h + f) + 16 if t == 1 else 4 * (h + f) / t + 8
+    per_token = dt * (4 * h / (t if sequence_parallel else 1) + 4 * h / t + 2 * f / t) + sub_ln
+    if spec == "te" and bf16 and t > 1:
         per_token += dt * h / t
     if spec == "local":
         per_token += (4 + (dt if bf16 else 0)) * config.num_attention_heads * seq_length / t
