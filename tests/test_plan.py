@@ -126,10 +126,10 @@ def test_recompute_is_chosen_only_when_needed():
     roomy = planner.plan_layout(config, 8, 1, 1, training=planner.Training(micro_batch_size=8, global_batch_size=64))
     assert not roomy.recompute and roomy.fits
     tight = planner.plan_layout(config, 8, 1, 1, training=planner.Training(micro_batch_size=64, global_batch_size=512),
-                                hardware=planner.Hardware(gpu_memory_gb=40))
+                                hardware=planner.Hardware(gpu_memory_gb=28))
     assert tight.recompute and tight.fits
     no_recompute = planner.plan_layout(config, 8, 1, 1, training=planner.Training(
-        micro_batch_size=64, global_batch_size=512, recompute=False), hardware=planner.Hardware(gpu_memory_gb=40))
+        micro_batch_size=64, global_batch_size=512, recompute=False), hardware=planner.Hardware(gpu_memory_gb=28))
     assert no_recompute.memory["activations"] > 3 * tight.memory["activations"] and not no_recompute.fits
 
 
