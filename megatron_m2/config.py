@@ -189,10 +189,13 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
         return TransformerConfig(**defaults)
 
 
-def transformer_overrides(recompute_activations: bool = False, bf16: bool = False) -> dict:
-    """The TransformerConfig fields that the trainer's flags set (--recompute-activations, --bf16): one place for the
-    trainer, the planner's measurement and the GPU check."""
+def transformer_overrides(recompute_activations: bool = False, bf16: bool = False,
+                          sequence_parallel: bool = False) -> dict:
+    """The TransformerConfig fields that the trainer's flags set (--recompute-activations, --bf16,
+    --sequence-parallel): one place for the trainer, the planner's measurement and the GPU check."""
     overrides: dict = {}
+    if sequence_parallel:
+        overrides.update(sequence_parallel=True)
     if recompute_activations:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if bf16:
