@@ -1,6 +1,6 @@
 """Real training steps outside the pretraining loop, built from the trainer's own flags and pieces.
 
-What `tools/plan.py --measure` and `benchmarks/gpu_check.py` run: one process (call
+What `tools/plan.py --measure` and `benchmarks/gpu_check/` run: one process (call
 `parallel.initialize_model_parallel(1, 1)` first), the trainer's model, megatron-core DDP, optimizer, schedule and
 `train_step`, on synthetic batches. Nothing here reads data files or a tokenizer.
 """
