@@ -23,9 +23,13 @@ Parts (each one's result, or its error, goes into one JSON; a part that fails do
            the same settings (without its reserved_gb); the check: the peak stays within the prediction plus the
            planner's reserve (what `fits` promises).
   profile  torch.profiler over one 1b step of the speed part: the ten CUDA kernels with the most time.
+  communication  the 10B example's communication flags leave the losses as they are: --overlap-grad-reduce with
+           --overlap-param-gather and the distributed optimizer, bf16, 0.4b (rel 1e-5); --sequence-parallel at TP 2
+           against TP 2 without it (float32, rel 1e-4), which needs two GPUs (skipped on one).
 --dry-run (CPU, CUDA hidden): parity with both runs on CPU, itc at small sizes, bf16 as float32 against float32 on the
 tiny preset (megatron's bf16 optimizer needs CUDA), speed and memory on the tiny preset (memory: torch's CPU
-allocations counted by torch.profiler), no profile.
+allocations counted by torch.profiler), no profile, communication on the tiny preset in float32 (--overlap-grad-reduce
+alone; sequence parallelism at TP 2 with gloo).
 """
 from __future__ import annotations
 

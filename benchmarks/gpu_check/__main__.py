@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import benchmarks.gpu_check as package
+from benchmarks.gpu_check.communication import part_communication
 from benchmarks.gpu_check.context import Context, environment
 from benchmarks.gpu_check.numerics import part_bf16, part_itc, part_parity
 from benchmarks.gpu_check.runner import format_summary, overall_status, run_parts, write_json
@@ -16,7 +17,7 @@ from benchmarks.gpu_check.settings import GPU_MEMORY_GB, PARTS, PEAK_TFLOPS, ROO
 from benchmarks.gpu_check.speed import part_memory, part_profile, part_speed
 
 PART_FUNCTIONS = {"parity": part_parity, "itc": part_itc, "bf16": part_bf16, "speed": part_speed,
-                  "memory": part_memory, "profile": part_profile}
+                  "memory": part_memory, "profile": part_profile, "communication": part_communication}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

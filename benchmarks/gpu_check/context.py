@@ -8,12 +8,13 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from benchmarks.gpu_check.settings import DRY_RUN_SETTINGS, GIB, GPU_SETTINGS, ROOT
+from benchmarks.gpu_check.settings import DRY_RUN_SETTINGS, GIB, GPU_SETTINGS, GRACE_S, ROOT
 
 
 class Context:
@@ -77,6 +78,35 @@ class Context:
 
     def left(self) -> float:
         return self.args.deadline - time.monotonic()
+
+    def start_trainer(self, run_dir: Path, flags: list[str], env: dict, nproc: int = 1
+                      ) -> tuple[subprocess.Popen, Path, Path]:
+        """The trainer (python -m megatron_m2.train; torchrun with `nproc` processes) with `flags` and its metrics in
+        run_dir/metrics.jsonl, its output in run_dir/log.txt; returns (process, run_dir, log)."""
+        run_dir.mkdir(parents=True)
+        log = run_dir / "log.txt"
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+        cmd = [sys.executable, *launcher, "-m", "megatron_m2.train", *flags, "--metrics-file",
+               str(run_dir / "metrics.jsonl")]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return proc, run_dir, log
+
+    def wait_trainers(self, runs) -> None:
+        """Wait for `start_trainer`'s runs within the budget; an error names the run and shows its log's end."""
+        try:
+            for proc, run_dir, log in runs:
+                try:
+                    rc = proc.wait(timeout=max(self.left() - GRACE_S, 5))
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+                if rc != 0:
+                    raise RuntimeError(f"trainer run {run_dir.name} exited {rc}:\n{log.read_text()[-3000:]}")
+        finally:  # a failed, timed-out or interrupted wait leaves no trainer behind
+            for proc, _, _ in runs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 def _trainer_losses(metrics_file: Path) -> dict[int, float]:

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks.gpu_check.context import Context, _trainer_losses
 from benchmarks.gpu_check.runner import check, compare_losses
-from benchmarks.gpu_check.settings import (BF16_FIRST_RTOL, BF16_RTOL, DIST_OPT_RTOL, GRACE_S, PARITY_RTOL,
-                                           PARITY_STEPS, ROOT)
+from benchmarks.gpu_check.settings import BF16_FIRST_RTOL, BF16_RTOL, DIST_OPT_RTOL, PARITY_RTOL, PARITY_STEPS
 
 
 def part_parity(ctx: Context) -> dict:
@@ -33,30 +28,10 @@ def part_parity(ctx: Context) -> dict:
     device_env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0") if ctx.cuda else cpu_env
     device_name = "cuda" if ctx.cuda else "cpu"
 
-    def start(name: str, env: dict, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
-        run_dir = root / name
-        run_dir.mkdir(parents=True)
-        log = run_dir / "log.txt"
-        cmd = [sys.executable, "-m", "megatron_m2.train", *flags, "--metrics-file", str(run_dir / "metrics.jsonl"),
-               *extra]
-        with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        return proc, run_dir, log
+    def start(name: str, env: dict, *extra: str):
+        return ctx.start_trainer(root / name, [*flags, *extra], env)
 
-    def wait(runs) -> None:
-        try:
-            for proc, run_dir, log in runs:
-                try:
-                    rc = proc.wait(timeout=max(ctx.left() - GRACE_S, 5))
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
-                if rc != 0:
-                    raise RuntimeError(f"trainer run {run_dir.name} exited {rc}:\n{log.read_text()[-3000:]}")
-        finally:  # a failed, timed-out or interrupted wait leaves no trainer behind
-            for proc, _, _ in runs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+    wait = ctx.wait_trainers
 
     # All 6 steps on the CPU, saving each; then steps 2..6 on the device from the CPU's checkpoint of step 1 (alone in
     # a directory of its own, so --load takes it). An uninterrupted run and a resumed one give the same losses

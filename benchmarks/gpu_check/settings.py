@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("parity", "itc", "bf16", "speed", "memory", "profile")
+PARTS = ("parity", "itc", "bf16", "speed", "memory", "profile", "communication")
 PEAK_TFLOPS = 790.0  # dense bf16 matmul as measured on the H200 this check is for (not the 989 of the H200 spec sheet)
 GPU_MEMORY_GB = 139.0
 RECOMPUTE_FLOPS = 4 / 3  # full recompute runs every layer's forward twice: 4 forward-equivalents instead of 3
@@ -17,7 +17,8 @@ DIST_OPT_RTOL = 1e-3
 MEMORY_HEADROOM = 0.9  # size the speed part's micro-batch to 90% of the GPU (the planner's estimate may be low)
 MICRO_BATCH_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # rough seconds each part needs on the GPU machine; a part is skipped when less than this is left of the budget
-ESTIMATE_S = {"parity": 60, "itc": 20, "bf16": 60, "speed": 60, "memory": 1, "profile": 15}
+ESTIMATE_S = {"parity": 60, "itc": 20, "bf16": 60, "speed": 60, "memory": 1, "profile": 15,
+              "communication": 60}
 GRACE_S = 10  # kept back from each part's time limit to write the JSON
 GIB = 1024**3
 
