@@ -151,6 +151,12 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisibl
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def padded_length(length: int, sequence_parallel_size: int) -> int:
+    """A token stream's length under sequence parallelism: rounded up to a multiple of the TP size that splits it
+    (1: no sequence parallelism); the padding is masked out of attention (models/sequence_parallel.py)."""
+    return -(-length // sequence_parallel_size) * sequence_parallel_size
+
+
 def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                        num_layers: Optional[int] = None, **kwargs: Any):
     """megatron-core TransformerConfig for one tower (or the VL layers) of this model."""

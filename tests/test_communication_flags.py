@@ -141,8 +141,9 @@ def test_the_gloo_reduce_scatter_sums_each_block_on_its_rank(async_op):
 
 
 def test_padding_and_the_packed_length():
+    from megatron_m2.config import padded_length
     from megatron_m2.models.m2_model import packed_sequence_length
-    from megatron_m2.models.sequence_parallel import padded_key_mask, padded_length
+    from megatron_m2.models.sequence_parallel import padded_key_mask
 
     assert [padded_length(197, tp) for tp in (1, 2, 4, 8)] == [197, 198, 200, 200]
     assert padded_length(52, 8) == 56 and padded_length(52, 4) == 52

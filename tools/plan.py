@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=tr.itc_batch_accumulation,
                    help="GBA-ITC: one contrastive loss over all micro-batches of a step (the ITC batch column); "
                    "costs one extra forward (the +fwd column) when a step has several micro-batches")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="sequence parallelism at TP > 1: the activations outside attention and MLP split over TP")
     g = p.add_argument_group("layouts to show")
     g.add_argument("--tensor-model-parallel-size", type=int, default=0, help="only this TP (0 = all)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=0, help="only this PP (0 = all)")
@@ -181,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         training = planner.Training(args.micro_batch_size, args.global_batch_size, args.bf16,
                                     args.use_distributed_optimizer, {"auto": None, "full": True, "none": False}[
                                         args.recompute], args.spec, args.itc_chunk_size,
-                                    args.itc_batch_accumulation)
+                                    args.itc_batch_accumulation, sequence_parallel=args.sequence_parallel)
         if args.measure:
             return _report_measurement(args, config, training)
         plans, skipped = planner.plan_all(config, args.num_gpus, training, hardware, args.itc_group_size,

@@ -21,9 +21,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_m2.config import M2Config, layers_per_stage, transformer_config, validate_parallel_shapes
+from megatron_m2.config import (M2Config, layers_per_stage, padded_length, transformer_config,
+                                validate_parallel_shapes)
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
-from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, padded_length, scatter_sequence
+from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
 from megatron_m2.models.text import TextEmbedding
 from megatron_m2.models.vision import VisionEmbedding
 

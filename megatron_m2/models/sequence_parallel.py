@@ -7,7 +7,7 @@ same bytes as with TP alone (an all-reduce is a reduce-scatter plus an all-gathe
 activations.
 
 M2's streams have lengths TP does not always divide (197 image tokens, never; 52 text tokens at TP 8), so each
-stream is padded at its end to a multiple of TP before it is split (`padded_length`), and the padding is masked
+stream is padded at its end to a multiple of TP before it is split (config.padded_length), and the padding is masked
 out of attention as keys (`padded_key_mask`). A padded token attends to the real ones and goes through the layers
 like any other, but no real token attends to it and nothing reads it: the CLS token (position 0) that the heads
 use, every real token and every gradient are those of the unpadded stream (tests/test_sequence_parallel.py). The
@@ -28,10 +28,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
                                                     scatter_to_sequence_parallel_region)
 
-
-def padded_length(length: int, sequence_parallel_size: int) -> int:
-    """`length` rounded up to a multiple of the TP size that splits the sequence (1: no sequence parallelism)."""
-    return -(-length // sequence_parallel_size) * sequence_parallel_size
+from megatron_m2.config import padded_length
 
 
 def scatter_sequence(hidden: torch.Tensor, sequence_parallel_size: int) -> torch.Tensor:
