@@ -16,12 +16,14 @@ all of them), and with `async_save=True` the tensors are written by a background
 the done marker, rename and tracker update then run in the request's finalize step (`finalize_async_saves`), so an
 interrupted async save stays an `iter_N.tmp` that is never loaded. The writer is megatron-core's persistent one on a
 GPU (`persistent_worker=True`: spawned once per rank; it copies the tensors to host memory itself, while the
-trainer waits, then writes them while training goes on), and a process forked for each save on CPU: the persistent
-worker calls torch.cuda.set_device and receives the state through a spawn queue, which shares CPU tensors instead
-of copying them, so a CPU writer would write tensors the optimizer is already changing; a fork copies them on write.
+trainer waits, then writes them while training goes on), and a process forked for each save on CPU. The persistent
+worker cannot run without CUDA: it calls torch.cuda.set_device(rank % device_count) (tried on CPU: the writer dies
+of a ZeroDivisionError and the trainer waits forever for its copy), and its spawn queue would share CPU tensors
+instead of copying them, so it would write tensors the optimizer is already changing; a fork copies them on write.
 """
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -143,6 +145,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
     request.add_finalize_fn(lambda: publish(root, iteration) if dist.get_rank() == 0 else None)
     if _ASYNC_QUEUE is None:
         _ASYNC_QUEUE = AsyncCallsQueue(persistent=persistent_worker)
+        if persistent_worker:
+            atexit.register(_abort_persistent_writer)
     _ASYNC_QUEUE.schedule_async_request(request)
     _ASYNC_PENDING.append(iteration)
     return final
@@ -158,6 +162,14 @@ def finalize_async_saves(blocking: bool = False) -> list[int]:
         return []
     finalized = _ASYNC_QUEUE.maybe_finalize_async_calls(blocking=blocking)
     return [_ASYNC_PENDING.pop(0) for _ in finalized]
+
+
+def _abort_persistent_writer() -> None:
+    """At exit after an error (every normal path calls `close_async_saves`): kill the persistent writer, a
+    non-daemonic process that would otherwise keep the interpreter waiting for it forever; the checkpoint it was
+    writing stays an iter_N.tmp, never loaded."""
+    if _ASYNC_QUEUE is not None:
+        _ASYNC_QUEUE.close(abort=True)
 
 
 def close_async_saves() -> None:

@@ -80,6 +80,15 @@ def test_sample_based_training_and_the_ramp_set_the_iterations():
     assert (iteration_based.train_iters, iteration_based.lr_warmup_iters) == (100, 10)  # the defaults
 
 
+def test_the_persistent_checkpoint_writer_is_the_default_with_cuda_only(monkeypatch):
+    import torch
+
+    assert _parse("--save", "ckpt", "--async-save").use_persistent_ckpt_worker is False  # this CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _parse("--save", "ckpt", "--async-save").use_persistent_ckpt_worker is True
+    assert _parse("--no-use-persistent-ckpt-worker").use_persistent_ckpt_worker is False
+
+
 def test_dry_run_skips_runtime_checks():
     # --dry-run plans a GPU job on any machine: no data, tokenizer or GPU needed
     args = parse_args(["--model", "10b", "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",

@@ -286,6 +286,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 raise ConfigError("--use-persistent-ckpt-worker needs CUDA (megatron-core's persistent writer sets "
                                   "a CUDA device and takes the tensors through CUDA IPC); drop it on CPU, where "
                                   "--async-save forks a writer for each save")
+        if args.use_persistent_ckpt_worker is None:
+            args.use_persistent_ckpt_worker = torch.cuda.is_available()
         if not args.data_path:
             raise ConfigError("--data-path is required (webdataset tar shards); see tools/make_shards.py")
         if not args.tokenizer_model:

@@ -63,13 +63,6 @@ def _next_step_config(args: argparse.Namespace, consumed_samples: int, current: 
     return step_config_from_args(args)
 
 
-def persistent_ckpt_worker(args: argparse.Namespace) -> bool:
-    """--use-persistent-ckpt-worker, by default on with CUDA (see its --help)."""
-    if args.use_persistent_ckpt_worker is None:
-        return torch.cuda.is_available()
-    return args.use_persistent_ckpt_worker
-
-
 def freeze_vision_tower(model: torch.nn.Module) -> int:
     """LiT: no gradients for the vision tower; returns the number of frozen parameters."""
     frozen = 0
@@ -159,7 +152,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
             path = checkpointing.save_checkpoint(
                 args.save, step, model, optimizer, scheduler, rank_state,
                 common={"model_config": config.to_dict(), "consumed_train_samples": consumed_samples},
-                async_save=args.async_save, persistent_worker=persistent_ckpt_worker(args))
+                async_save=args.async_save, persistent_worker=bool(args.use_persistent_ckpt_worker))
         if args.async_save:
             print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
         else:
