@@ -6,7 +6,8 @@ gradient reduction. The tiny preset with 15 text tokens, so both streams need th
 the trainer's own pieces (megatron DDP, finalize_model_grads, the GBA-ITC step over 2 micro-batches, the grouped ITC
 loss) from the same weights, with and without the flag: the same loss and the same gradient for every parameter of
 every rank (the sequence-parallel LayerNorm gradients are all-reduced over TP by megatron's finalize_model_grads;
-the test fails without that, and without the padding mask).
+the test fails without that, and without the padding mask), and the same embeddings from the evaluation's encoder
+after the step.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def _step_with_and_without(tp: int, pp: int, flag: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_m2.config import transformer_overrides
+    from megatron_m2.eval.runner import make_encoders
     from megatron_m2.models import build_model
     from megatron_m2.models.state_dict import canonical_state_dict, load_canonical_state_dict
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
@@ -78,11 +80,15 @@ def _step_with_and_without(tp: int, pp: int, flag: str) -> dict:
         ddp.zero_grad_buffer()
         metrics = forward_backward(forward_step, iter(_microbatches(config, ps.get_data_parallel_rank())), ddp,
                                    step_config_from_args(args))
+        # the evaluation's encoder: forward-only schedule, odd count (a padded last micro-batch)
+        encode_images, _ = make_encoders(forward_step, model, None, config, MICRO_BATCH)
+        encoded = encode_images(torch.randn(3, config.num_channels, config.image_size, config.image_size,
+                                            generator=torch.Generator().manual_seed(9)))
         out[with_flag] = dict(
             loss=reduce_metrics(metrics)["itc_loss"] if ps.is_pipeline_last_stage() else None,
             grads={name: p.main_grad.detach().clone() for name, p in model.named_parameters()},
             marked=sorted(name for name, p in model.named_parameters() if getattr(p, "sequence_parallel", False)),
-            overlap=ddp.ddp_config.overlap_grad_reduce)
+            overlap=ddp.ddp_config.overlap_grad_reduce, encoded=encoded)
         out["rank"] = (tp_rank, pp_rank, ps.get_data_parallel_rank())
     return out
 
@@ -99,6 +105,7 @@ def _check_same_step(results, tp: int, pp: int) -> None:
         assert sorted(with_flag) == sorted(without)
         for name, want in without.items():
             torch.testing.assert_close(with_flag[name], want, **TOL, msg=lambda m: f"{r['rank']} {name}: {m}")
+        torch.testing.assert_close(r[True]["encoded"], r[False]["encoded"], **TOL)
 
 
 @pytest.mark.parametrize("pp", [1, 2], ids=["tp2xdp2", "tp2xpp2"])
