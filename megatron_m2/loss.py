@@ -51,8 +51,9 @@ def _account(numel: int, element_size: int, group_size: int) -> None:
 
 
 def _gather_rows(local: torch.Tensor, group: dist.ProcessGroup, timers=None) -> torch.Tensor:
-    """All-gather along dim 0 in `group`; the backward is a SUM reduce-scatter (on gloo, parallel.py's all-to-all
-    form, which moves the bytes of a ring reduce-scatter). Counts both directions in `comm_bytes_sent`."""
+    """All-gather along dim 0 in `group`; the backward is a SUM reduce-scatter. Counts both directions in
+    `comm_bytes_sent`. On CPU this relies on parallel.initialize_distributed's patches of megatron's mappings (their
+    buffers on the CPU, and a reduce-scatter that moves a ring's bytes over gloo)."""
     size = dist.get_world_size(group)
     if timers is not None:
         timers("itc-gather", log_level=2).start()
