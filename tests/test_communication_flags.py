@@ -11,8 +11,6 @@ after the step.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import pytest
 import torch
 
@@ -25,14 +23,14 @@ TEXT_LENGTH = 15  # not a multiple of TP 2: the text stream is padded too
 TOL = dict(rtol=1e-5, atol=1e-5)  # as tests/test_step.py: float32 sums in another order
 
 
-def _args(tp: int, pp: int, flag: Optional[str]):
+def _args(tp: int, pp: int, flags: list[str]):
     from megatron_m2.training.arguments import build_parser, validate_args
     from megatron_m2.training.batch_schedule import configure_microbatches
 
     dp = WORLD // (tp * pp)
     flags = ["--model", "tiny", "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
              "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(dp * MICRO_BATCH * NUM_MICROBATCHES),
-             "--dry-run", *([flag] if flag else [])]
+             "--dry-run", *flags]
     args = build_parser().parse_args(flags)
     args.model_config = load_config("tiny", max_text_length=TEXT_LENGTH)
     args.layout = validate_args(args, world_size=WORLD)
@@ -53,8 +51,8 @@ def _microbatches(config, dp_rank: int) -> list[dict]:
     return batches
 
 
-def _step_with_and_without(tp: int, pp: int, flag: str) -> dict:
-    """On every rank: (loss, gradients) of one step at TP x PP, without and with `flag`."""
+def _step_with_and_without(tp: int, pp: int, flag: str, common: tuple[str, ...] = ()) -> dict:
+    """On every rank: (loss, gradients) of one step at TP x PP with the `common` flags, without and with `flag`."""
     from megatron.core import parallel_state as ps
 
     from megatron_m2.config import transformer_overrides
@@ -70,9 +68,10 @@ def _step_with_and_without(tp: int, pp: int, flag: str) -> dict:
     weights = canonical_state_dict(build_model(config, spec="local"), config)
     out: dict = {}
     for with_flag in (False, True):
-        args = _args(tp, pp, flag if with_flag else None)
+        args = _args(tp, pp, [*common, *([flag] if with_flag else [])])
         parallel.initialize_model_parallel(tp, pp)
-        model = build_model(config, spec="local", **transformer_overrides(sequence_parallel=args.sequence_parallel))
+        model = build_model(config, spec="local", **transformer_overrides(args.recompute_activations,
+                                                                          sequence_parallel=args.sequence_parallel))
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         load_canonical_state_dict(model, weights, config, tp_rank, tp, pp_rank, pp)
         ddp = wrap_ddp(model, args)
@@ -108,9 +107,10 @@ def _check_same_step(results, tp: int, pp: int) -> None:
         torch.testing.assert_close(r[True]["encoded"], r[False]["encoded"], **TOL)
 
 
-@pytest.mark.parametrize("pp", [1, 2], ids=["tp2xdp2", "tp2xpp2"])
-def test_sequence_parallel_step_equals_tensor_parallel_step(pp):
-    results = run_distributed(WORLD, _step_with_and_without, 2, pp, "--sequence-parallel")
+@pytest.mark.parametrize("pp,common", [(1, ()), (2, ()), (2, ("--recompute-activations",))],
+                         ids=["tp2xdp2", "tp2xpp2", "tp2xpp2-recompute"])  # the last: the 10B example's flags
+def test_sequence_parallel_step_equals_tensor_parallel_step(pp, common):
+    results = run_distributed(WORLD, _step_with_and_without, 2, pp, "--sequence-parallel", common)
     _check_same_step(results, 2, pp)
     for r in results:
         # the replicated norms and the row-parallel biases run on split sequences and are reduced over TP

@@ -10,9 +10,14 @@ M2's streams have lengths TP does not always divide (197 image tokens, never; 52
 stream is padded at its end to a multiple of TP before it is split (config.padded_length), and the padding is masked
 out of attention as keys (`padded_key_mask`). A padded token attends to the real ones and goes through the layers
 like any other, but no real token attends to it and nothing reads it: the CLS token (position 0) that the heads
-use, every real token and every gradient are those of the unpadded stream (tests/test_sequence_parallel.py). The
-cost is the padded tokens' compute: 1.5% more image tokens at TP 2, 1.5% at TP 4 and 8 (200 tokens), text 7.7%
+use, every real token and every gradient are those of the unpadded stream (tests/test_communication_flags.py). The
+cost is the padded tokens' compute: 0.5% more image tokens at TP 2 (198), 1.5% at TP 4 and 8 (200), text 7.7%
 more at TP 8 (56 tokens).
+
+The LayerNorms on the split sequence are the pre-LNs and the final LNs, with weights replicated over TP: their
+gradients are partial sums, all-reduced over TP by megatron's finalize_model_grads (layer_spec.TorchNorm marks them;
+TE's norms mark themselves). The Sub-LNs (sub_ln.py) sit between the column- and the row-parallel linear, where the
+sequence is whole again and the hidden dimension is split: sequence parallelism leaves them as they are.
 
 Each stream is split on its own (the packed activation between pipeline stages holds the two local parts, image
 then text), because each runs through its own tower and its all-gathers must rebuild that stream alone. The heads
