@@ -24,6 +24,7 @@ MICRO_BATCH, NUM_MICROBATCHES = 8, 4
 def _args(tp: int, pp: int, world: int, accumulate: bool):
     from megatron_m2.config import load_config
     from megatron_m2.training.arguments import build_parser, validate_args
+    from megatron_m2.training.batch_schedule import configure_microbatches
 
     flags = ["--model", "tiny", "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
              "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(MICRO_BATCH * NUM_MICROBATCHES),
@@ -31,6 +32,7 @@ def _args(tp: int, pp: int, world: int, accumulate: bool):
     args = build_parser().parse_args(flags)
     args.model_config = load_config("tiny")
     args.layout = validate_args(args, world_size=world)
+    configure_microbatches(args, args.layout)
     return args
 
 

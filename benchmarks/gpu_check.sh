@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issue 15), one command that fits in 8 minutes: writes ${OUT:-gpu_check_out}/gpu_check.json and prints
-# a summary table (benchmarks/gpu_check.py says what each part measures).
+# a summary table (benchmarks/gpu_check/__init__.py says what each part measures).
 #
 #   make gpu-wheels                        # once, on a machine with network: fills .gpu_wheels/
 #   bash benchmarks/gpu_check.sh           # on the GPU machine (carry .gpu_wheels there)

@@ -9,7 +9,7 @@
 RUN_NAME=m2_0.4b
 MODEL_ARGS=(--model 0.4b --spec auto --bf16)
 PARALLEL_ARGS=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --use-distributed-optimizer
-               --itc-group-size ${ITC_GROUP_SIZE:-0})
+               --overlap-grad-reduce --overlap-param-gather --itc-group-size ${ITC_GROUP_SIZE:-0})
 TRAIN_ARGS=(--micro-batch-size 128 --global-batch-size ${GLOBAL_BATCH_SIZE:-8192} --train-iters ${TRAIN_ITERS:-200000}
             --lr 5e-4 --min-lr 1e-6 --lr-warmup-iters 2000 --weight-decay 0.05 --clip-grad 1.0
             --log-interval 10 --save-interval 1000)

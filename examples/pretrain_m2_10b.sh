@@ -10,7 +10,7 @@ RUN_NAME=m2_10b
 NNODES=${NNODES:-4}
 MODEL_ARGS=(--model 10b --spec auto --bf16)
 PARALLEL_ARGS=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 4 --use-distributed-optimizer
-               --itc-group-size ${ITC_GROUP_SIZE:-0})
+               --overlap-grad-reduce --overlap-param-gather --itc-group-size ${ITC_GROUP_SIZE:-0})
 TRAIN_ARGS=(--micro-batch-size 8 --global-batch-size ${GLOBAL_BATCH_SIZE:-4096} --train-iters ${TRAIN_ITERS:-500000}
             --lr 1e-4 --min-lr 1e-6 --lr-warmup-iters 2000 --weight-decay 0.05 --clip-grad 1.0
             --log-interval 10 --save-interval 1000)

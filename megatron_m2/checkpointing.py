@@ -12,12 +12,18 @@ same streams.
 
 At scale (as Megatron-LM by default): the save is spread over the data-parallel ranks (megatron-core's
 FullyParallelSaveStrategyWrapper: each DP replica writes 1/DP of the replicated tensors instead of DP rank 0 writing
-all of them), and with `async_save=True` the tensors are written by a forked process while training goes on; the
-done marker, rename and tracker update then run in the request's finalize step (`finalize_async_saves`), so an
-interrupted async save stays an `iter_N.tmp` that is never loaded.
+all of them), and with `async_save=True` the tensors are written by a background process while training goes on;
+the done marker, rename and tracker update then run in the request's finalize step (`finalize_async_saves`), so an
+interrupted async save stays an `iter_N.tmp` that is never loaded. The writer is megatron-core's persistent one on a
+GPU (`persistent_worker=True`: spawned once per rank; it copies the tensors to host memory itself, while the
+trainer waits, then writes them while training goes on), and a process forked for each save on CPU. The persistent
+worker cannot run without CUDA: it calls torch.cuda.set_device(rank % device_count) (tried on CPU: the writer dies
+of a ZeroDivisionError and the trainer waits forever for its copy), and its spawn queue would share CPU tensors
+instead of copying them, so it would write tensors the optimizer is already changing; a fork copies them on write.
 """
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,7 +41,7 @@ from megatron_m2.checkpoint_layout import (DONE, TRACKER, checkpoint_dir, latest
 from megatron_m2.errors import ConfigError
 
 __all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "finalize_async_saves",
-           "load_checkpoint", "load_model_subset", "check_schedule"]
+           "close_async_saves", "load_checkpoint", "load_model_subset", "check_schedule"]
 
 # The distributed optimizer's checkpoint format, named: without it megatron-core 0.16.1 falls back to
 # 'fully_sharded_model_space', which it lists as deprecated. 'dp_reshardable' is Megatron-LM's default: each DP rank
@@ -44,7 +50,7 @@ __all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkp
 DISTRIB_OPTIM_SHARDING_TYPE = "dp_reshardable"
 LAYOUT_KEY = "parallel_layout"  # in the common state: the TP/PP the checkpoint was written at
 
-_ASYNC_QUEUE: Optional[AsyncCallsQueue] = None
+_ASYNC_QUEUE: Optional[AsyncCallsQueue] = None  # one per process; persistent or not as the first async save asks
 _ASYNC_PENDING: list[int] = []  # iterations of scheduled async saves, oldest first
 
 
@@ -101,11 +107,12 @@ def _load_strategy(path: Path):
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank_state: dict,
-                    common: Optional[dict] = None, async_save: bool = False) -> Path:
+                    common: Optional[dict] = None, async_save: bool = False, persistent_worker: bool = False) -> Path:
     """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker.
 
-    async_save: return once the tensors are handed to a writer process (on CPU: forked, so it sees the state as of
-    this call); the rename and tracker update happen in `finalize_async_saves`, which the loop calls every step.
+    async_save: return once the tensors are handed to a writer process (forked for this save, so it sees the state as
+    of this call; or, with persistent_worker (CUDA only), megatron-core's persistent writer, once it has copied them
+    to host memory); the rename and tracker update happen in `finalize_async_saves`, which the loop calls every step.
     Returns the directory the checkpoint has (or will have, once finalized).
     """
     global _ASYNC_QUEUE
@@ -137,7 +144,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
     # file above, before scheduling, so it is in place too.
     request.add_finalize_fn(lambda: publish(root, iteration) if dist.get_rank() == 0 else None)
     if _ASYNC_QUEUE is None:
-        _ASYNC_QUEUE = AsyncCallsQueue()  # non-persistent: a forked writer per save (a spawned one needs CUDA)
+        _ASYNC_QUEUE = AsyncCallsQueue(persistent=persistent_worker)
+        if persistent_worker:
+            atexit.register(_abort_persistent_writer)
     _ASYNC_QUEUE.schedule_async_request(request)
     _ASYNC_PENDING.append(iteration)
     return final
@@ -153,6 +162,24 @@ def finalize_async_saves(blocking: bool = False) -> list[int]:
         return []
     finalized = _ASYNC_QUEUE.maybe_finalize_async_calls(blocking=blocking)
     return [_ASYNC_PENDING.pop(0) for _ in finalized]
+
+
+def _abort_persistent_writer() -> None:
+    """At exit after an error (every normal path calls `close_async_saves`): kill the persistent writer, a
+    non-daemonic process that would otherwise keep the interpreter waiting for it forever; the checkpoint it was
+    writing stays an iter_N.tmp, never loaded."""
+    if _ASYNC_QUEUE is not None:
+        _ASYNC_QUEUE.close(abort=True)
+
+
+def close_async_saves() -> None:
+    """Finish pending async saves (collective, like `finalize_async_saves`) and stop the persistent writer."""
+    global _ASYNC_QUEUE
+    if _ASYNC_QUEUE is None:
+        return
+    finalize_async_saves(blocking=True)
+    _ASYNC_QUEUE.close()
+    _ASYNC_QUEUE = None
 
 
 def check_schedule(root: str, flags_schedule: dict) -> None:

@@ -151,6 +151,12 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisibl
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def padded_length(length: int, sequence_parallel_size: int) -> int:
+    """A token stream's length under sequence parallelism: rounded up to a multiple of the TP size that splits it
+    (1: no sequence parallelism); the padding is masked out of attention (models/sequence_parallel.py)."""
+    return -(-length // sequence_parallel_size) * sequence_parallel_size
+
+
 def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                        num_layers: Optional[int] = None, **kwargs: Any):
     """megatron-core TransformerConfig for one tower (or the VL layers) of this model."""
@@ -189,10 +195,13 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
         return TransformerConfig(**defaults)
 
 
-def transformer_overrides(recompute_activations: bool = False, bf16: bool = False) -> dict:
-    """The TransformerConfig fields that the trainer's flags set (--recompute-activations, --bf16): one place for the
-    trainer, the planner's measurement and the GPU check."""
+def transformer_overrides(recompute_activations: bool = False, bf16: bool = False,
+                          sequence_parallel: bool = False) -> dict:
+    """The TransformerConfig fields that the trainer's flags set (--recompute-activations, --bf16,
+    --sequence-parallel): one place for the trainer, the planner's measurement and the GPU check."""
     overrides: dict = {}
+    if sequence_parallel:
+        overrides.update(sequence_parallel=True)
     if recompute_activations:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if bf16:

@@ -9,8 +9,9 @@ diagonal of the group batch.
 Why the gradient scaling is right (notation: N = g*b, x_s = the features of rank s, l_r = this module's loss on rank
 r = mean over its b rows of (CE_i2t + CE_t2i)/2):
   * The CLIP loss of group G is L_G = (1/N) sum over its N rows = (1/g) sum_{r in G} l_r.
-  * The gather's backward is a SUM reduce-scatter, so the feature gradient that rank s backpropagates into its model
-    is  grad_s = sum_{r in G} dl_r/dx_s = g * dL_G/dx_s.
+  * The gather is megatron-core's gather_from_sequence_parallel_region over the ITC group: all-gather along dim 0,
+    its backward a SUM reduce-scatter, so the feature gradient that rank s backpropagates into its model is
+    grad_s = sum_{r in G} dl_r/dx_s = g * dL_G/dx_s.
   * megatron-core's DDP averages parameter gradients over the DP group (1/DP), so the update is
     (1/DP) sum_s grad_s dx_s/dtheta = d/dtheta [(1/DP) sum_r l_r] = d/dtheta [mean over groups of L_G].
     With one group (g = DP) that is exactly the CLIP loss of the global batch; the pipeline schedule's
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from megatron_m2.errors import ConfigError
 
@@ -48,35 +50,20 @@ def _account(numel: int, element_size: int, group_size: int) -> None:
     comm_bytes_sent += (group_size - 1) * numel * element_size
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 (forward) / SUM reduce-scatter (backward)."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        size = dist.get_world_size(group)
-        local = local.contiguous()
-        out = local.new_empty((size * local.shape[0],) + tuple(local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=group)
-        _account(local.numel(), local.element_size(), size)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        group = ctx.group
-        size = dist.get_world_size(group)
-        grad = grad.contiguous()
-        rows = grad.shape[0] // size
-        if dist.get_backend(group) == dist.Backend.GLOO:
-            # gloo has no reduce-scatter; an all-to-all of the row blocks then a local sum moves the same bytes.
-            received = torch.empty_like(grad)
-            dist.all_to_all_single(received, grad, group=group)
-            out = received.view(size, rows, *grad.shape[1:]).sum(0)
-        else:
-            out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
-        _account(out.numel(), out.element_size(), size)
-        return out, None
+def _gather_rows(local: torch.Tensor, group: dist.ProcessGroup, timers=None) -> torch.Tensor:
+    """All-gather along dim 0 in `group`; the backward is a SUM reduce-scatter. Counts both directions in
+    `comm_bytes_sent`. On CPU this relies on parallel.initialize_distributed's patches of megatron's mappings (their
+    buffers on the CPU, and a reduce-scatter that moves a ring's bytes over gloo)."""
+    size = dist.get_world_size(group)
+    if timers is not None:
+        timers("itc-gather", log_level=2).start()
+    gathered = gather_from_sequence_parallel_region(local, tensor_parallel_output_grad=True, group=group)
+    if timers is not None:
+        timers("itc-gather").stop()
+    _account(local.numel(), local.element_size(), size)
+    if gathered.requires_grad:
+        gathered.register_hook(lambda grad: _account(grad.numel() // size, grad.element_size(), size))
+    return gathered
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
@@ -162,6 +149,7 @@ def itc_loss(
     group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     local_loss: bool = True,
+    timers=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's symmetric InfoNCE loss over its rows of the group logits, and detached metrics.
 
@@ -170,6 +158,7 @@ def itc_loss(
     `parallel.get_itc_group()`); None or a group of size 1 gives the local CLIP loss of these rows.
     chunk_size: tile the softmax over this many columns.
     local_loss=False: every rank builds the full group logits and returns the group loss (same gradients).
+    timers: megatron-core Timers (the model config's `timers`); the gather is timed as `itc-gather` (log level 2).
     """
     _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss)
     scale = logit_scale.clamp(max=MAX_LOG_SCALE).exp()
@@ -180,7 +169,7 @@ def itc_loss(
     else:
         rank = dist.get_rank(group)
         # one collective for both modalities
-        gathered = _GatherRows.apply(torch.cat([image_embeds, text_embeds], dim=1), group)
+        gathered = _gather_rows(torch.cat([image_embeds, text_embeds], dim=1), group, timers)
         all_image, all_text = gathered.split(image_embeds.shape[1], dim=1)
     if local_loss:
         rows_image, rows_text = image_embeds, text_embeds

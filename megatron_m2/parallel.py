@@ -190,12 +190,17 @@ def _make_megatron_cpu_safe() -> None:
 
     Why each patch: p2p communication, DDP buffers (param_and_grad_buffer), GlobalMemoryBuffer (megatron `utils`)
     and the dist-checkpoint savers (state_dict_saver's failure check, filesystem_async's preload, the fully parallel
-    wrapper, the async caller's all-reduce) allocate on `torch.cuda.current_device()` or call
+    wrapper, the async caller's all-reduce), the tensor-parallel mappings and linear layers (sequence parallelism's
+    gathers and reduce-scatters) and megatron's Timers allocate on `torch.cuda.current_device()` or call
     `torch.cuda.synchronize()`; the pipeline schedules, the optimizer and grad clipping allocate `device="cuda"`
     scalars; the RNG tracker (used by DotProductAttention and model_parallel_cuda_manual_seed) reads and writes CUDA
     generator states; grad clipping asserts grads are `torch.cuda.FloatTensor`; the local multi-tensor l2 norm
     returns a CUDA tensor. We map the device to CPU and the tracked generator to the CPU one by replacing the `torch`
     name of those modules only (so `torch.cuda` of the process stays untouched), and change no layer.
+    gloo's reduce_scatter_tensor is an all-reduce of the whole input, twice the bytes of a ring reduce-scatter
+    (measured: 6.0 MiB sent per rank for a 4 MiB tensor at world 4; 3.0 MiB with the all-to-all), so the
+    reduce-scatter of the mappings and linear layers (sequence parallelism; the backward of loss.py's ITC gather) is
+    `_reduce_scatter_by_all_to_all`: CPU runs move, and benchmarks/itc_loss.py counts, what nccl moves.
     Found by tracing every torch.cuda.current_device/synchronize call from a megatron module during
     tests/test_parallel.py and TP/PP/DP training, save and resume on CPU (megatron-core 0.16.1); async and fully
     parallel saves run too (on a CPU build of torch an unpatched call raises "Torch not compiled with CUDA").
@@ -203,6 +208,7 @@ def _make_megatron_cpu_safe() -> None:
     global _CPU_PATCHED
     if _CPU_PATCHED or torch.cuda.is_available():
         return
+    from megatron.core import timers as megatron_timers
     from megatron.core import utils as megatron_utils
     from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, fully_parallel
     from megatron.core.dist_checkpointing.strategies import state_dict_saver
@@ -210,6 +216,8 @@ def _make_megatron_cpu_safe() -> None:
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import layers as tp_layers
+    from megatron.core.tensor_parallel import mappings as tp_mappings
     from megatron.core.tensor_parallel import random as megatron_random
 
     # a CUDA tuning hint that megatron's layers print on every rank; it has no meaning on CPU
@@ -217,8 +225,11 @@ def _make_megatron_cpu_safe() -> None:
 
     cpu_torch = _TorchWithCudaOnCpu()
     for module in (schedules, p2p_communication, megatron_random, megatron_optimizer, clip_grads, megatron_utils,
-                   param_and_grad_buffer, state_dict_saver, filesystem_async, fully_parallel, async_utils):
+                   param_and_grad_buffer, state_dict_saver, filesystem_async, fully_parallel, async_utils,
+                   tp_mappings, tp_layers, megatron_timers):
         module.torch = cpu_torch
+    for module in (tp_mappings, tp_layers):
+        module.dist_reduce_scatter_func = _reduce_scatter_by_all_to_all
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
@@ -234,6 +245,38 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
         for param in params:
             if getattr(param, attr, None) is not None:
                 getattr(param, attr).detach().mul_(clip_coeff)
+
+
+def _reduce_scatter_by_all_to_all(output: torch.Tensor, input: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
+                                  async_op: bool = False):
+    """`dist.reduce_scatter_tensor` (SUM, equal blocks along dim 0) as an all-to-all of the blocks and a local sum."""
+    if op != dist.ReduceOp.SUM:
+        raise NotImplementedError(f"the gloo reduce-scatter of parallel.py sums; got {op}")
+    size = dist.get_world_size(group)
+    received = torch.empty_like(input)
+    work = dist.all_to_all_single(received, input.contiguous(), group=group, async_op=async_op)
+
+    def finish() -> None:
+        torch.sum(received.view(size, *output.shape), dim=0, out=output)
+
+    if not async_op:
+        finish()
+        return None
+    return _SumWhenDone(work, finish)
+
+
+class _SumWhenDone:
+    """The handle of an asynchronous `_reduce_scatter_by_all_to_all`: wait() also does the local sum."""
+
+    def __init__(self, work, finish):
+        self._work, self._finish = work, finish
+
+    def wait(self, *args, **kwargs) -> bool:
+        self._work.wait(*args, **kwargs)
+        if self._finish is not None:
+            self._finish()
+            self._finish = None
+        return True
 
 
 class _CudaOnCpu(types.SimpleNamespace):

@@ -7,9 +7,9 @@ measured peaks. Sizes are in bytes, communication in bytes sent per GPU per opti
 Model of a training step (megatron-core as the trainer configures it, training/optimizer.py):
 - weights in bf16 (2 B) or fp32 (4 B); gradients in an fp32 grad buffer (grad_reduce_in_fp32); Adam keeps fp32
   master weights (bf16 only) and two fp32 moments, sharded over data-parallel ranks by the distributed optimizer.
-- activations per transformer layer and token: see `layer_activation_bytes`; with sequence parallelism the tensors
-  outside the TP regions (LayerNorm inputs/outputs, the residual stream, a stage's input) are split over TP
-  (Korthikanti et al. 2022). 1F1B keeps up to PP - stage micro-batches in flight on a stage; with full recompute a
+- activations per transformer layer and token: see `layer_activation_bytes`; --sequence-parallel (TP > 1) splits the
+  replicated part (the LayerNorm inputs and outputs, the residual stream, a stage's input) over TP and pads each
+  token stream to a multiple of TP (models/sequence_parallel.py; Korthikanti et al. 2022). 1F1B keeps up to PP - stage micro-batches in flight on a stage; with full recompute a
   layer keeps only its input, plus one layer's working set during its recompute.
 - rank order tp-dp-pp (megatron-core's): a TP group is on one node; a DP or ITC group spans tp x size ranks; a PP group
   spans the whole job. A group whose span fits in one node uses NVLink, otherwise the inter-node network.
@@ -37,7 +37,7 @@ from typing import Iterable, Optional
 
 from megatron_m2.arithmetic import Gemm, stage_gemms, stage_parameters
 from megatron_m2.collectives import Collective, stage_collectives
-from megatron_m2.config import M2Config, layers_per_stage, validate_parallel_shapes
+from megatron_m2.config import M2Config, layers_per_stage, padded_length, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 
 GB = 1024**3
@@ -79,8 +79,8 @@ class Training:
     spec: str = "te"  # te: flash attention (no s^2 activations); local: megatron's unfused attention
     itc_chunk_size: int = 0  # the loss's column chunk; 0 = the whole group's logits at once
     itc_batch_accumulation: bool = True  # GBA-ITC: one loss over all micro-batches of a step (one extra forward)
-    sequence_parallel: bool = False  # megatron's --sequence-parallel (TP > 1): activations and collectives change
-    overlap_grad_reduce: bool = True  # the GPU trainer's DDP: first-stage grads in buckets of max(40M, 1M x DP)
+    sequence_parallel: bool = False  # --sequence-parallel (TP > 1): activations and collectives change
+    overlap_grad_reduce: bool = False  # --overlap-grad-reduce: first-stage grads in buckets of max(40M, 1M x DP)
     clip_grad: bool = True  # --clip-grad > 0: the optimizer all-reduces the gradient norm
 
 
@@ -145,22 +145,21 @@ def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bo
     """(bytes kept per in-flight micro-batch, bytes of the one-layer working set) for one stage."""
     b, h = training.micro_batch_size, config.hidden_size
     dt = 2 if training.bf16 else 4
-    s_img, s_txt = config.vision_seq_length, config.max_text_length
-    sp = training.sequence_parallel and tp > 1
-    h = h / tp if sp else h  # the residual stream between layers and stages is split over TP with SP
+    split = tp if training.sequence_parallel and tp > 1 else 1  # the ranks a token stream is split over
+    s_img, s_txt = padded_length(config.vision_seq_length, split), padded_length(config.max_text_length, split)
 
     def copy_bytes(seq: int) -> float:
-        return layer_activation_bytes(config, b * seq, seq, tp, training.bf16, training.spec, sp)
+        return layer_activation_bytes(config, b * seq, seq, tp, training.bf16, training.spec, split > 1)
 
     layers = [s for s in (s_img, s_txt) for _ in range(backbone_layers)]
     if is_last:
         layers += [s for s in (s_img, s_txt) for _ in range(config.num_vl_layers)]
     full = sum(copy_bytes(seq) for seq in layers)
-    boundary = dt * b * (s_img + s_txt) * h  # the stage's input (received or embedded), kept for backward
+    boundary = dt * b * (s_img + s_txt) * h / split  # the stage's input (received or embedded), kept for backward
     if is_first:
         boundary += dt * b * config.num_channels * config.image_size**2
     if recompute:
-        kept = boundary + sum(dt * b * seq * h for seq in layers)
+        kept = boundary + sum(dt * b * seq * h / split for seq in layers)
         working = max((copy_bytes(seq) for seq in layers), default=0.0)
         return kept, working
     return boundary + full, 0.0

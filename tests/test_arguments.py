@@ -33,6 +33,20 @@ def _parse(*extra, world=1, monkeypatch=None):
         (["--num-workers", "-1"], 1, "--num-workers must be >= 0"),
         (["--prefetch-factor", "0"], 1, "--prefetch-factor must be >= 1"),
         (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], 1, "exclude each other"),
+        (["--sequence-parallel"], 1, "--sequence-parallel splits sequences .* needs --tensor-model-parallel-size > 1"),
+        (["--overlap-param-gather", "--overlap-grad-reduce"], 1, "needs --use-distributed-optimizer"),
+        (["--overlap-param-gather", "--use-distributed-optimizer"], 1, "needs --overlap-grad-reduce"),
+        (["--use-persistent-ckpt-worker"], 1, "--use-persistent-ckpt-worker needs CUDA"),
+        (["--straggler-minmax-count", "0"], 1, "--straggler-minmax-count must be >= 1"),
+        (["--rampup-batch-size", "4", "4", "64"], 1, "--rampup-batch-size needs sample-based training"),
+        (["--train-samples", "64", "--train-iters", "5"], 1, "--train-iters and --train-samples exclude each other"),
+        (["--train-samples", "64", "--lr-warmup-iters", "5"], 1, "use --lr-warmup-samples"),
+        (["--lr-warmup-samples", "8"], 1, "go with --train-samples"),
+        (["--train-samples", "8"], 1, "--train-samples 8 is less than one global batch"),
+        (["--train-samples", "64", "--rampup-batch-size", "16", "4", "32"], 1, "smaller than --global-batch-size 16"),
+        (["--train-samples", "64", "--rampup-batch-size", "4", "5", "32"], 1, "not a multiple of the increment 5"),
+        (["--train-samples", "64", "--micro-batch-size", "4", "--rampup-batch-size", "4", "4", "32"], 2,
+         r"global batch sizes \[4, 12\] of the ramp are not multiples of --micro-batch-size 4 x data-parallel size 2"),
     ],
 )
 def test_bad_flags_raise_config_error_naming_the_flag(flags, world, message):
@@ -53,6 +67,26 @@ def test_valid_layout_and_derived_values():
     assert args.layout.data_parallel_size == 2
     assert args.layout.itc_group_size == 2
     assert args.lr_decay_iters == 7
+
+
+def test_sample_based_training_and_the_ramp_set_the_iterations():
+    # as Megatron-LM's update_train_iters: the ramp 4 -> 16 by 4 over 24 samples (8 samples per increment) takes the
+    # steps 4, 4, 8, 12 (28 samples, the batch at 0, 4, 8 and 16 consumed samples); the remaining 72 samples give 4
+    # more steps of 16
+    args = _parse("--train-samples", "100", "--rampup-batch-size", "4", "4", "24", "--micro-batch-size", "4")
+    assert args.train_iters == 4 + 4
+    assert _parse("--train-samples", "100").train_iters == 100 // 16
+    iteration_based = _parse()
+    assert (iteration_based.train_iters, iteration_based.lr_warmup_iters) == (100, 10)  # the defaults
+
+
+def test_the_persistent_checkpoint_writer_is_the_default_with_cuda_only(monkeypatch):
+    import torch
+
+    assert _parse("--save", "ckpt", "--async-save").use_persistent_ckpt_worker is False  # this CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _parse("--save", "ckpt", "--async-save").use_persistent_ckpt_worker is True
+    assert _parse("--no-use-persistent-ckpt-worker").use_persistent_ckpt_worker is False
 
 
 def test_dry_run_skips_runtime_checks():

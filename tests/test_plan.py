@@ -121,6 +121,22 @@ def test_grouped_itc_memory_and_communication_grow_with_the_group():
     assert chunked.memory["itc"] < by_group[64].memory["itc"]
 
 
+def test_sequence_parallel_splits_the_replicated_activations_over_tp():
+    config = load_config("10b")
+    h, dt, t = config.hidden_size, 2, 8
+    plain = planner.layer_activation_bytes(config, 100, 200, t, True, "te")
+    split = planner.layer_activation_bytes(config, 100, 200, t, True, "te", sequence_parallel=True)
+    assert plain - split == pytest.approx(100 * dt * 4 * h * (1 - 1 / t))  # the pre-LN inputs and outputs
+    for recompute in (False, True):
+        def activations(tp: int, sequence_parallel: bool) -> float:
+            return planner.plan_layout(config, 32, tp, 4, training=planner.Training(
+                micro_batch_size=8, global_batch_size=512, recompute=recompute,
+                sequence_parallel=sequence_parallel)).memory["activations"]
+
+        assert activations(8, True) < activations(8, False)
+        assert activations(1, True) == activations(1, False)  # no TP, nothing to split
+
+
 def test_recompute_is_chosen_only_when_needed():
     config = load_config("1b")
     roomy = planner.plan_layout(config, 8, 1, 1, training=planner.Training(micro_batch_size=8, global_batch_size=64))

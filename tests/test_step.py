@@ -62,12 +62,14 @@ def _reference_objective(image, text, log_scale, group_size: int, accumulate: bo
 
 def _trainer_args(extra: list[str]):
     from megatron_m2.training.arguments import build_parser, validate_args
+    from megatron_m2.training.batch_schedule import configure_microbatches
 
     args = build_parser().parse_args(
         ["--model", "tiny", "--tensor-model-parallel-size", str(TP), "--pipeline-model-parallel-size", str(PP),
          "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(GLOBAL_BATCH), "--dry-run", *extra])
     args.model_config = load_config("tiny")
     args.layout = validate_args(args, world_size=WORLD)
+    configure_microbatches(args, args.layout)
     return args
 
 
@@ -114,7 +116,8 @@ def _step_vs_reference(extra: list[str], freeze_vision: bool = False):
 
     parallel.initialize_model_parallel(TP, PP, args.layout.itc_group_size)
     torch.manual_seed(1)  # a different init: every weight must come from the reference's copy
-    model = build_model(config, spec="local", **transformer_overrides(args.recompute_activations))
+    model = build_model(config, spec="local", **transformer_overrides(args.recompute_activations,
+                                                                      sequence_parallel=args.sequence_parallel))
     tp_rank, pp_rank, dp_rank = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                                  ps.get_data_parallel_rank())
     load_canonical_state_dict(model, full, config, tp_rank, TP, pp_rank, PP)

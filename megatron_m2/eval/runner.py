@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2.config import M2Config
 from megatron_m2.data.device import to_device
-from megatron_m2.models.m2_model import packed_sequence_length
+from megatron_m2.models.m2_model import stage_sequence_length
 
 
 def encode_forward_step(data_iterator, model: torch.nn.Module, **_):
@@ -41,7 +41,7 @@ def _encode(forward_step_func: Callable, model: torch.nn.Module, config: M2Confi
             data_iterator=iter(batches),
             model=model,
             num_microbatches=len(batches),
-            seq_length=packed_sequence_length(config, with_images, with_text),
+            seq_length=stage_sequence_length(model, with_images, with_text),
             micro_batch_size=micro_batch_size,
             forward_only=True,
             collect_non_loss_data=True,

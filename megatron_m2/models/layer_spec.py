@@ -9,6 +9,9 @@ LayerNorm+Linear for the pre-LNs, whose input is not TP-sharded; the Sub-LNs sta
 """
 from __future__ import annotations
 
+import copy
+
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -50,16 +53,32 @@ def resolve_spec(spec: str) -> str:
     return spec
 
 
+class TorchNorm:
+    """megatron-core's WrappedTorchNorm (a torch.nn.LayerNorm, the same state dict) that also runs under sequence
+    parallelism: there each rank normalises its own tokens with replicated weights, so their gradients are partial
+    sums over the sequence; the weights are marked `sequence_parallel`, and megatron's finalize_model_grads
+    all-reduces such gradients over the TP group (what its FusedLayerNorm and TENorm do). WrappedTorchNorm refuses
+    sequence parallelism only because it does not mark them."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> torch.nn.Module:
+        plain = copy.copy(config)  # the same fields, without running TransformerConfig's checks again
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def _sub_ln_linear(linear_cls: type) -> ModuleSpec:
     return ModuleSpec(module=SubLNRowParallelLinear, params={"linear_cls": linear_cls})
 
 
 def get_local_layer_spec() -> ModuleSpec:
-    """Pure PyTorch layer: torch LayerNorm, megatron's Column/RowParallelLinear and DotProductAttention."""
+    """Pure PyTorch layer: torch LayerNorm (sequence-parallel capable), megatron's Column/RowParallelLinear and DotProductAttention."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=TorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.padding},
@@ -72,7 +91,7 @@ def get_local_layer_spec() -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=TorchNorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
@@ -133,4 +152,4 @@ def get_final_norm_spec(spec: str = "auto") -> type:
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return WrappedTorchNorm
+    return TorchNorm

@@ -4,7 +4,8 @@ Each stage holds a contiguous slice of BOTH towers (vision = official multiway c
 on the first stage; the towers' final LayerNorms, the shared VL layers (official backbone_vl, A weights, applied to
 each modality separately), the VL final LayerNorm, the bias-free heads and logit_scale on the last stage.
 Between stages the two streams travel packed in one tensor [S_img + S_txt, b, h] so megatron-core's schedules can send
-them; either modality may be absent (S = 0).
+them; either modality may be absent (S = 0). With sequence parallelism each stream is padded to a multiple of TP and
+split over the TP ranks, and the packed tensor holds this rank's parts of both (models/sequence_parallel.py).
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_m2.config import M2Config, layers_per_stage, transformer_config, validate_parallel_shapes
+from megatron_m2.config import (M2Config, layers_per_stage, padded_length, transformer_config,
+                                validate_parallel_shapes)
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
+from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
 from megatron_m2.models.text import TextEmbedding
 from megatron_m2.models.vision import VisionEmbedding
 
@@ -31,9 +34,19 @@ VISION_MODULES = ("vision_embed", "vision_encoder", "image_projection", "backbon
 TEXT_MODULES = ("text_embed", "text_encoder", "text_projection", "backbone_text_projection")
 
 
-def packed_sequence_length(config: M2Config, with_images: bool = True, with_text: bool = True) -> int:
-    """Length of the packed [image tokens; text tokens] activation that travels between pipeline stages."""
-    return config.vision_seq_length * with_images + config.max_text_length * with_text
+def packed_sequence_length(config: M2Config, with_images: bool = True, with_text: bool = True,
+                           sequence_parallel_size: int = 1) -> int:
+    """Length of the packed [image tokens; text tokens] activation that travels between pipeline stages, before the
+    split over `sequence_parallel_size` ranks (the TP size with --sequence-parallel; each stream padded to a
+    multiple of it). megatron-core's schedules take this and divide it by TP under sequence parallelism."""
+    return (padded_length(config.vision_seq_length, sequence_parallel_size) * with_images
+            + padded_length(config.max_text_length, sequence_parallel_size) * with_text)
+
+
+def stage_sequence_length(model: torch.nn.Module, with_images: bool = True, with_text: bool = True) -> int:
+    """`packed_sequence_length` for this stage's model (DDP-wrapped or not), sequence parallelism as it is built."""
+    stage = getattr(model, "module", model)
+    return packed_sequence_length(stage.m2_config, with_images, with_text, stage.sequence_parallel_size)
 
 
 def _has_module(name: str, modules: tuple[str, ...]) -> bool:
@@ -81,6 +94,8 @@ class M2PipelineStage(MegatronModule):
         self.spec = resolve_spec(spec)
         self.input_tensor: Optional[torch.Tensor] = None
         tc = transformer_config
+        # the ranks each stream's sequence is split over (1 = no sequence parallelism)
+        self.sequence_parallel_size = tc.tensor_model_parallel_size if tc.sequence_parallel else 1
 
         pp = tc.pipeline_model_parallel_size
         stage_layers = layers_per_stage(config, pp)
@@ -150,22 +165,35 @@ class M2PipelineStage(MegatronModule):
     # -- forward -------------------------------------------------------------------------------------------------
     def _attention_mask(self, padding_mask: Optional[torch.Tensor], batch: int, length: int, device
                         ) -> Optional[torch.Tensor]:
-        """[b, 1, 1, L] key-padding mask, True = masked. Images need none with the local attention; TE's padding
-        attention wants an explicit mask, so it gets an all-False one."""
-        if padding_mask is not None:
-            return padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        """[b, 1, 1, L] key-padding mask of a stream of `length` tokens, True = masked, with the sequence-parallel
+        padding (L = padded length). Unpadded images need none with the local attention; TE's padding attention
+        wants an explicit mask, so it gets an all-False one."""
+        mask = padded_key_mask(padding_mask, batch, length, self.sequence_parallel_size, device)
+        if mask is not None:
+            return mask[:, None, None, :]
         if self.spec == "te":
             return torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)
         return None
+
+    def _split(self, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """An embedded stream [S, b, h] -> this rank's part of it under sequence parallelism."""
+        if hidden is None or self.sequence_parallel_size == 1:
+            return hidden
+        return scatter_sequence(hidden, self.sequence_parallel_size)
+
+    def _first_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[0] if self.sequence_parallel_size == 1 else first_token(hidden)
 
     def forward(self, images: Optional[torch.Tensor], text_ids: Optional[torch.Tensor],
                 text_padding_mask: Optional[torch.Tensor] = None):
         if images is None and text_ids is None:
             raise ValueError("M2PipelineStage.forward needs images, text_ids or both")
-        s_img = self.m2_config.vision_seq_length if images is not None else 0
+        # this rank's image tokens in the packed activation
+        s_img = padded_length(self.m2_config.vision_seq_length, self.sequence_parallel_size) // \
+            self.sequence_parallel_size if images is not None else 0
         if self.pre_process:
-            image_h = self.vision_embed(images) if images is not None else None
-            text_h = self.text_embed(text_ids) if text_ids is not None else None
+            image_h = self._split(self.vision_embed(images)) if images is not None else None
+            text_h = self._split(self.text_embed(text_ids)) if text_ids is not None else None
         else:
             packed = self.input_tensor
             image_h = packed[:s_img] if s_img else None
@@ -173,10 +201,10 @@ class M2PipelineStage(MegatronModule):
 
         batch = (images if images is not None else text_ids).shape[0]
         if image_h is not None:
-            image_mask = self._attention_mask(None, batch, image_h.shape[0], image_h.device)
+            image_mask = self._attention_mask(None, batch, self.m2_config.vision_seq_length, image_h.device)
             image_h = self.vision_encoder(image_h, image_mask)
         if text_h is not None:
-            text_mask = self._attention_mask(text_padding_mask, batch, text_h.shape[0], text_h.device)
+            text_mask = self._attention_mask(text_padding_mask, batch, text_ids.shape[1], text_h.device)
             text_h = self.text_encoder(text_h, text_mask)
         if not self.post_process:
             return torch.cat([h for h in (image_h, text_h) if h is not None], dim=0)
@@ -195,11 +223,10 @@ class M2PipelineStage(MegatronModule):
             return None
         return self._project(self.vl_encoder(hidden, mask), head)
 
-    @staticmethod
-    def _project(hidden: Optional[torch.Tensor], head: torch.nn.Linear) -> Optional[torch.Tensor]:
+    def _project(self, hidden: Optional[torch.Tensor], head: torch.nn.Linear) -> Optional[torch.Tensor]:
         if hidden is None:
             return None
-        return F.normalize(head(hidden[0]), dim=-1)
+        return F.normalize(head(self._first_token(hidden)), dim=-1)
 
 
 def build_model(config: M2Config, spec: str = "auto", **transformer_config_overrides) -> M2PipelineStage:

@@ -9,6 +9,7 @@ from megatron_m2.config import PRESETS, M2Config, load_config, validate_parallel
 from megatron_m2.errors import ConfigError
 from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
 from megatron_m2.parallel import Layout, validate_layout
+from megatron_m2.training.batch_schedule import resolve_training_length
 from megatron_m2.training.wandb_run import check_wandb_arguments
 
 
@@ -43,18 +44,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch with the default group), exact, at the cost of one extra forward pass when a step has "
                    "more than one micro-batch; --no-itc-batch-accumulation: one loss per micro-batch (each "
                    "contrastive batch is itc-group-size x micro-batch-size pairs)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron-LM's sequence parallelism (needs TP > 1): the LayerNorms, residuals and dropout "
+                   "of every layer run on 1/TP of the tokens, so their activations take 1/TP of the memory; the "
+                   "TP all-reduces become reduce-scatter + all-gather pairs (the same bytes). Each token stream is "
+                   "padded at its end to a multiple of TP (197 image tokens -> 198 at TP 2, 200 at TP 4 and 8), "
+                   "the padding masked out of attention: the results are those without the flag")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient all-reduce (reduce-scatter with "
+                   "--use-distributed-optimizer) with the backward pass, bucket by bucket (megatron-core DDP)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer and --overlap-grad-reduce: overlap the all-gather of the "
+                   "updated parameters with the next forward pass, bucket by bucket, instead of gathering them "
+                   "at the end of the optimizer step")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=4, help="samples per micro-batch per data-parallel rank")
     g.add_argument("--global-batch-size", type=int, default=16,
                    help="samples per optimizer step over all data-parallel ranks; a multiple of "
                    "micro-batch-size x data-parallel size (the quotient is the number of micro-batches)")
-    g.add_argument("--train-iters", type=int, default=100, help="optimizer steps to train for")
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="optimizer steps to train for (default 100; exclusive with --train-samples)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    g.add_argument("--lr-warmup-iters", type=int, default=10, help="linear warmup steps")
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="linear warmup steps (default 10; with --train-samples use --lr-warmup-samples)")
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="steps of cosine decay after which lr stays at --min-lr (default: --train-iters)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="sample-based training, as Megatron-LM: train over this many samples (instead of "
+                   "--train-iters; the iterations follow from the batch sizes, --rampup-batch-size included), and "
+                   "the learning-rate schedule counts samples (--lr-warmup-samples, --lr-decay-samples)")
+    g.add_argument("--lr-warmup-samples", type=int, default=0,
+                   help="with --train-samples: samples of linear learning-rate warmup")
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="with --train-samples: samples of cosine decay, after which lr stays at --min-lr "
+                   "(default: --train-samples)")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
+                   metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="ramp the global batch size up from START by INCREMENT to --global-batch-size over SAMPLES "
+                   "samples (megatron-core's num_microbatches_calculator; needs --train-samples, as in "
+                   "Megatron-LM), e.g. 16 8 300000 with --global-batch-size 1024: (1024 - 16) / 8 = 126 increments "
+                   "of about 2380 samples each. Every step's micro-batches form its contrastive batch, so that "
+                   "follows the ramp too; every batch size must be a multiple of micro-batch-size x "
+                   "data-parallel size")
     g.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW weight decay; never applied to biases, norms, the logit scale and the CLS token")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
@@ -114,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoints in a background process while training continues (megatron-core async "
                    "save); a checkpoint becomes the latest only once every rank has finished writing it, and the "
                    "trainer waits for a pending save before the next one and before exiting")
+    g.add_argument("--use-persistent-ckpt-worker", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --async-save: one persistent writer process per rank (megatron-core's "
+                   "PersistentAsyncCaller, spawned once, which copies the tensors off the GPU itself) instead of "
+                   "a process forked for every save; default: on with CUDA, off on CPU (the spawned writer needs "
+                   "CUDA; a forked one snapshots CPU tensors by copy-on-write)")
     g.add_argument("--exit-interval", type=int, default=0,
                    help="save (with --save) and exit after the first iteration divisible by N, e.g. to stop a run "
                    "mid-schedule and continue it later, maybe at another TP/PP layout (0 = off)")
@@ -149,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-step-end", type=int, default=12,
                    help="stop profiling once this many iterations are completed")
     g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="global ranks to profile")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=range(0, 3),
+                   help="megatron-core Timers printed at --log-interval (ms per iteration, min and max over ranks), "
+                   "as Megatron-LM: 0 = none beyond the iteration time (no overhead); 1 = once-per-step phases: "
+                   "forward-backward, optimizer (and its parts), all-grads-sync, GBA-ITC's passes "
+                   "(itc-embeddings-forward, itc-loss); 2 = also per-micro-batch ones: batch-generator (data "
+                   "wait), forward-compute, backward-compute, pipeline send/recv, itc-gather. Levels 1 and 2 "
+                   "synchronise the device around each timer and may slow the step")
+    g.add_argument("--timing-log-option", default="minmax", choices=["max", "minmax", "all"],
+                   help="timings over ranks: max, min and max, or every rank")
+    g.add_argument("--no-barrier-with-L1-time", dest="barrier_with_L1_time", action="store_false",
+                   help="no barrier over the ranks before the level-1 timers start and stop (the barrier makes "
+                   "their times comparable across ranks)")
+    g.add_argument("--log-straggler", action="store_true",
+                   help="megatron-core's straggler detector: every --log-interval, rank 0 logs the slowest and "
+                   "fastest ranks by forward time, data wait and estimated TFLOP/s, with GPU power, temperature, "
+                   "utilisation and clock (CUDA events and NVML: needs nvidia-ml-py; off on CPU)")
+    g.add_argument("--disable-straggler-on-startup", action="store_true",
+                   help="with --log-straggler: start with the detector off; toggle it at run time through "
+                   "--straggler-ctrlr-port (e.g. curl localhost:PORT on rank 0's node)")
+    g.add_argument("--straggler-ctrlr-port", type=int, default=65535,
+                   help="with --log-straggler: rank 0's TCP port that toggles the detector on and off")
+    g.add_argument("--straggler-minmax-count", type=int, default=1,
+                   help="with --log-straggler: how many of the slowest and fastest ranks to list")
 
     g = p.add_argument_group("launch")
     g.add_argument("--dry-run", action="store_true",
@@ -158,6 +219,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --dry-run only: the number of processes to plan for (default: $WORLD_SIZE or 1)")
     g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="for --dry-run: memory per GPU to check against")
     return p
+
+
+def check_communication_flags(args: argparse.Namespace) -> None:
+    """--sequence-parallel and the DDP overlap flags, under Megatron-LM's rules."""
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise ConfigError("--sequence-parallel splits sequences over the tensor-parallel ranks: it needs "
+                          "--tensor-model-parallel-size > 1 (drop it at TP 1)")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: it "
+                          "needs --use-distributed-optimizer")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+
+
+def check_monitoring_flags(args: argparse.Namespace) -> None:
+    """The straggler detector's flags (training/monitoring.py)."""
+    import torch
+
+    if args.straggler_minmax_count < 1:
+        raise ConfigError(f"--straggler-minmax-count must be >= 1, got {args.straggler_minmax_count}")
+    if not 0 < args.straggler_ctrlr_port < 65536:
+        raise ConfigError(f"--straggler-ctrlr-port must be a TCP port (1-65535), got {args.straggler_ctrlr_port}")
+    if args.log_straggler and not args.dry_run and torch.cuda.is_available():
+        try:
+            import pynvml  # noqa: F401  (torch.cuda.power_draw and friends read NVML through it)
+        except ImportError:
+            raise ConfigError("--log-straggler reads GPU power, temperature and clocks through NVML: "
+                              "pip install nvidia-ml-py, or drop the flag") from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -175,8 +264,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     layout = validate_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                              args.itc_group_size or None)
     validate_parallel_shapes(config, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    check_communication_flags(args)
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     per_step = args.micro_batch_size * layout.data_parallel_size
     if args.global_batch_size % per_step:
@@ -185,6 +275,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             f"{args.micro_batch_size} x data-parallel size {layout.data_parallel_size} = {per_step}; "
             f"use e.g. --global-batch-size {max(per_step, args.global_batch_size // per_step * per_step)}"
         )
+    resolve_training_length(args, layout)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.min_lr > args.lr:
@@ -203,6 +294,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError("--save-interval needs --save DIR")
     if args.async_save and not args.save:
         raise ConfigError("--async-save needs --save DIR")
+    check_monitoring_flags(args)
     if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):
         raise ConfigError("--eval-interval needs --zeroshot-data and/or --retrieval-data")
     check_eval_data_arguments(args)
@@ -222,6 +314,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 raise ConfigError("--use-distributed-optimizer needs nccl (gloo has no reduce-scatter); drop it on CPU")
             if args.spec == "te":
                 raise ConfigError("--spec te needs TransformerEngine on a GPU; use --spec local or auto on CPU")
+            if args.use_persistent_ckpt_worker:
+                raise ConfigError("--use-persistent-ckpt-worker needs CUDA (megatron-core's persistent writer sets "
+                                  "a CUDA device and takes the tensors through CUDA IPC); drop it on CPU, where "
+                                  "--async-save forks a writer for each save")
+        if args.use_persistent_ckpt_worker is None:
+            args.use_persistent_ckpt_worker = torch.cuda.is_available()
         if not args.data_path:
             raise ConfigError("--data-path is required (webdataset tar shards); see tools/make_shards.py")
         if not args.tokenizer_model:

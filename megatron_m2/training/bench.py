@@ -1,6 +1,6 @@
 """Real training steps outside the pretraining loop, built from the trainer's own flags and pieces.
 
-What `tools/plan.py --measure` and `benchmarks/gpu_check.py` run: one process (call
+What `tools/plan.py --measure` and `benchmarks/gpu_check/` run: one process (call
 `parallel.initialize_model_parallel(1, 1)` first), the trainer's model, megatron-core DDP, optimizer, schedule and
 `train_step`, on synthetic batches. Nothing here reads data files or a tokenizer.
 """
@@ -59,11 +59,13 @@ def build_training(args: argparse.Namespace, state_dict: Optional[dict] = None) 
     of a float32 model, cast on load) is loaded before the optimizer copies the weights into its master copy."""
     from megatron_m2.config import transformer_overrides
     from megatron_m2.models import build_model
+    from megatron_m2.training.batch_schedule import configure_microbatches
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
     from megatron_m2.training.step import step_config_from_args
 
+    configure_microbatches(args, args.layout)
     model = build_model(args.model_config, spec=args.spec,
-                        **transformer_overrides(args.recompute_activations, args.bf16))
+                        **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel))
     if state_dict is not None:
         model.load_state_dict(state_dict)
     ddp = wrap_ddp(model, args)

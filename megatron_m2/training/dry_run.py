@@ -12,7 +12,8 @@ def dry_run(args: argparse.Namespace) -> None:
                         bf16=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
                         recompute=args.recompute_activations,
                         spec="local" if args.spec == "local" else "te", itc_chunk_size=args.itc_chunk_size,
-                        itc_batch_accumulation=args.itc_batch_accumulation, clip_grad=args.clip_grad > 0)
+                        itc_batch_accumulation=args.itc_batch_accumulation, clip_grad=args.clip_grad > 0,
+                        sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce)
     plan = plan_layout(args.model_config, layout.world_size, layout.tensor_model_parallel_size,
                        layout.pipeline_model_parallel_size, layout.itc_group_size, training,
                        Hardware(gpu_memory_gb=args.gpu_memory_gb))

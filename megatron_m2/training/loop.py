@@ -9,14 +9,18 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_current_global_batch_size, update_num_microbatches
 
 from megatron_m2 import parallel
 from megatron_m2.arithmetic import model_flops_per_sample
 from megatron_m2.config import transformer_overrides
 from megatron_m2.parallel import print_rank_0
 from megatron_m2 import checkpointing
-from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
 from megatron_m2.data.filters import sample_filter_from_args
+from megatron_m2.training.batch_schedule import configure_microbatches
+from megatron_m2.training.monitoring import (attach_timers, log_timers, report_stragglers,
+                                             start_straggler_detector)
+from megatron_m2.training.optimizer import build_optimizer, parameters_synced, schedule, wrap_ddp
 from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
 from megatron_m2.training.wandb_run import RUN_ID_KEY, build_wandb_run
@@ -47,6 +51,19 @@ def _accumulation_note(step_config: StepConfig) -> str:
     if step_config.num_microbatches > 1:
         return "--no-itc-batch-accumulation: one loss per micro-batch"
     return "one micro-batch per step"
+
+
+def _next_step_config(args: argparse.Namespace, consumed_samples: int, current: StepConfig) -> StepConfig:
+    """megatron-core's calculator at `consumed_samples` (the batch ramp-up) and the step config it gives; says when
+    the global batch grows."""
+    before = get_current_global_batch_size()
+    update_num_microbatches(consumed_samples, consistency_check=True)
+    if get_current_global_batch_size() == before:
+        return current
+    print_rank_0(f"ramping up the global batch from {before} to {get_current_global_batch_size()} samples at "
+                 f"{consumed_samples} consumed samples (contrastive batch "
+                 f"{contrastive_batch_size(args, get_current_global_batch_size())} pairs per ITC group)")
+    return step_config_from_args(args)
 
 
 def freeze_vision_tower(model: torch.nn.Module) -> int:
@@ -80,12 +97,16 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
 
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed)
-    model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16))
+    configure_microbatches(args, layout)
+    model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16,
+                                                                        args.sequence_parallel))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
-          f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
+          f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters, ITC group ranks "
+          f"{parallel.get_itc_group_ranks()}", flush=True)
+    timers = attach_timers(model, args)
 
-    iteration, rank_state, saved_common = 0, None, {}
+    iteration, rank_state, saved_common, consumed_samples = 0, None, {}, 0
     if not resume:
         for root, tower in ((args.load_vision, "vision"), (args.load_text, "text")):
             if root:
@@ -99,6 +120,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if resume:
         iteration, rank_state, saved_common = checkpointing.load_checkpoint(
             args.load, model, None if args.no_load_optim else optimizer, scheduler)
+        # checkpoints from before the batch ramp-up existed trained with a constant batch
+        consumed_samples = saved_common.get("consumed_train_samples", iteration * args.global_batch_size)
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
 
     # one rank per model replica reads and decodes (worker processes, prefetch) and broadcasts to its TP/PP peers
@@ -123,15 +146,21 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                            dist.get_world_size(), torch.cuda.is_available(), args.metrics_file, wandb_run=wandb_run)
     profiler = build_profiler(args, dist.get_rank())
     sigterm = SigtermFlag()
+    update_num_microbatches(consumed_samples, consistency_check=False)
     step_config = step_config_from_args(args)
+    stragglers = start_straggler_detector(args)
+    window_iterations, window_flops = 0, 0.0  # since the last log line (timers and straggler report)
 
     def save(step: int) -> None:
         finalize_saves(blocking=True)  # one save at a time: an --async-save still being written finishes first
         rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state()}
         start = time.perf_counter()
-        path = checkpointing.save_checkpoint(args.save, step, model, optimizer, scheduler, rank_state,
-                                             common={"model_config": config.to_dict(), RUN_ID_KEY: wandb_run_id},
-                                             async_save=args.async_save)
+        with parameters_synced(ddp):
+            path = checkpointing.save_checkpoint(
+                args.save, step, model, optimizer, scheduler, rank_state,
+                common={"model_config": config.to_dict(), "consumed_train_samples": consumed_samples,
+                        RUN_ID_KEY: wandb_run_id},
+                async_save=args.async_save, persistent_worker=bool(args.use_persistent_ckpt_worker))
         if args.async_save:
             print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
         else:
@@ -145,13 +174,20 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     print_rank_0(f"training {args.model} ({model.spec} layer spec, {'bf16' if args.bf16 else 'fp32'}) for "
                  f"{args.train_iters} iterations: TP {layout.tensor_model_parallel_size} "
                  f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} ITC group "
-                 f"{layout.itc_group_size}, global batch {args.global_batch_size} = {step_config.num_microbatches} "
-                 f"micro-batches of {args.micro_batch_size} per data-parallel rank; contrastive batch "
-                 f"{contrastive_batch_size(args)} pairs per ITC group ({_accumulation_note(step_config)})")
+                 f"{layout.itc_group_size}, global batch {get_current_global_batch_size()} = "
+                 f"{step_config.num_microbatches} micro-batches of {args.micro_batch_size} per data-parallel rank; "
+                 f"contrastive batch {contrastive_batch_size(args, get_current_global_batch_size())} pairs per ITC "
+                 f"group ({_accumulation_note(step_config)})")
+    if args.rampup_batch_size:
+        start, increment, samples = args.rampup_batch_size
+        print_rank_0(f"batch size ramp-up: global batch {start} to {args.global_batch_size} by {increment} over "
+                     f"{samples} samples (contrastive batch up to {contrastive_batch_size(args)} pairs per ITC "
+                     f"group), {args.train_samples} samples in {args.train_iters} iterations")
 
     def evaluate(step: int) -> None:
         start = time.perf_counter()
-        results = eval_fn(forward_step_func, model, tokenizer)
+        with parameters_synced(ddp):
+            results = eval_fn(forward_step_func, model, tokenizer)
         logger.scalars("eval", results, step)
         print_rank_0(f" eval at iteration {step} ({time.perf_counter() - start:.1f} s): " +
                      ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
@@ -159,18 +195,25 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if eval_fn is not None and args.eval_at_start and iteration == 0:
         evaluate(0)
     while iteration < args.train_iters:
+        step_config = _next_step_config(args, consumed_samples, step_config)
+        batch_size = get_current_global_batch_size()
         if profiler is not None:
             profiler.before_step(iteration)
         metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
         iteration += 1
         if profiler is not None:
             profiler.after_step(iteration)
+        consumed_samples += batch_size
+        window_iterations, window_flops = window_iterations + 1, window_flops + batch_size * logger.flops_per_sample
         finalize_saves(blocking=False)
         print_line = iteration % args.log_interval == 0 or iteration == args.train_iters
         if print_line:  # per-source sample and skip counts of the whole job (readers count, the others add 0)
             metrics.update(reduce_stats(data.stats, group=dist.group.WORLD))
-        logger.step(iteration, iteration * args.global_batch_size, args.global_batch_size, metrics,
-                    print_line=print_line)
+        logger.step(iteration, consumed_samples, batch_size, metrics, print_line=print_line)
+        if print_line:
+            log_timers(timers, window_iterations)
+            report_stragglers(stragglers, window_flops, window_iterations)
+            window_iterations, window_flops = 0, 0.0
         if eval_fn is not None and args.eval_interval and (
                 iteration % args.eval_interval == 0 or iteration == args.train_iters):
             evaluate(iteration)
@@ -187,6 +230,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     finalize_saves(blocking=True)  # a checkpoint still being written must be complete before the process exits
     if profiler is not None:
         profiler.stop()  # training ended inside the profiled range
+    checkpointing.close_async_saves()
     logger.close()
     stats = data.stats
     data.close()

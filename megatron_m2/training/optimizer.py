@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import Iterator
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -17,26 +19,52 @@ NO_WEIGHT_DECAY = ParamKey(
 
 
 def wrap_ddp(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDataParallel:
+    """megatron-core DDP; --overlap-grad-reduce and --overlap-param-gather as in Megatron-LM (off by default there
+    too). align_param_gather stays off: it lets the interleaved schedule launch the parameter all-gathers, and our
+    1F1B schedule is not interleaved, so the forward pre-hooks launch them bucket by bucket."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=torch.cuda.is_available(),
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        bucket_size=None if torch.cuda.is_available() else 0,
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+@contextlib.contextmanager
+def parameters_synced(model: DistributedDataParallel) -> Iterator[None]:
+    """The model's parameters up to date inside the block (for a checkpoint save or an evaluation).
+
+    With --overlap-param-gather the distributed optimizer's step leaves the all-gather of the updated parameters to
+    the next forward's pre-hooks; Megatron-LM gathers them before saving or evaluating (disable_forward_pre_hook,
+    which forces the sync) and turns the hooks back on after. A no-op otherwise.
+    """
+    if not getattr(model, "use_forward_hook", False):
+        yield
+        return
+    model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()
+
+
 def schedule(args: argparse.Namespace) -> dict:
-    """Warmup + cosine learning rate and constant weight decay, in the names megatron-core's scheduler saves."""
+    """Warmup + cosine learning rate and constant weight decay, in the names megatron-core's scheduler saves; in
+    iterations, or in samples with --train-samples (training/batch_schedule.py)."""
+    if args.train_samples is not None:
+        warmup, decay, total = args.lr_warmup_samples, args.lr_decay_samples or args.train_samples, args.train_samples
+    else:
+        warmup, decay, total = args.lr_warmup_iters, args.lr_decay_iters, args.train_iters
     return dict(
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=max(args.lr_decay_iters, args.lr_warmup_iters + 1),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style="cosine",
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        wd_incr_steps=total,
         wd_incr_style="constant",
     )
 
@@ -44,6 +72,7 @@ def schedule(args: argparse.Namespace) -> dict:
 def build_optimizer(
     model: DistributedDataParallel, args: argparse.Namespace
 ) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    """AdamW and its schedule; megatron-core's optimizer times its phases with the model config's `timers`."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
@@ -56,6 +85,8 @@ def build_optimizer(
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        timers=model.config.timers,
+        barrier_with_L1_time=model.config.barrier_with_L1_time,
     )
     optimizer = get_megatron_optimizer(
         config, [model], config_overrides={NO_WEIGHT_DECAY: ParamGroupOverride(wd_mult=0.0)}

@@ -14,6 +14,7 @@ micro-batches once, moves them to the device and either
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Optional
@@ -21,7 +22,9 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_current_global_batch_size, get_num_microbatches
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import StragglerDetector
 
 from megatron_m2 import parallel
 from megatron_m2.data.device import to_device
@@ -30,8 +33,11 @@ from megatron_m2.models.m2_model import packed_sequence_length
 from megatron_m2.training.profiling import DATA_WAIT, FORWARD_BACKWARD, ITC_LOSS, OPTIMIZER, PASS1_FORWARD, phase
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
                                                      surrogate_loss)
+from megatron_m2.training.batch_schedule import scheduler_increment
 
 ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
+# megatron-core's straggler detector (training/monitoring.py configures it; until then its start/stop do nothing)
+stimer = StragglerDetector()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,7 +56,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
                  itc_group: Optional[dist.ProcessGroup] = None, itc_chunk_size: Optional[int] = None):
     """One micro-batch through this stage; on the last stage, the loss function (see the module docstring)."""
     batch = next(data_iterator)
-    output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
+    with stimer:
+        output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
 
     def loss_func(output_tensor, non_loss_data: bool = False):
         image_embeds, text_embeds = output_tensor[:2]
@@ -61,7 +68,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
         if cached is not None:
             return surrogate_loss(image_embeds, text_embeds, logit_scale, cached), {}
         with phase(ITC_LOSS):
-            return itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group, chunk_size=itc_chunk_size)
+            return itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group, chunk_size=itc_chunk_size,
+                            timers=unwrap(model).config.timers)
 
     return output, loss_func
 
@@ -75,6 +83,7 @@ class StepConfig:
     seq_length: int
     itc_batch_accumulation: bool = True
     itc_chunk_size: Optional[int] = None
+    scheduler_increment: int = 1  # what the step adds to the learning-rate schedule's count (batch_schedule.py)
 
     @property
     def accumulates(self) -> bool:
@@ -83,23 +92,42 @@ class StepConfig:
 
 
 def step_config_from_args(args: argparse.Namespace) -> StepConfig:
+    """The next step's config: its micro-batches from megatron-core's num_microbatches_calculator (configured by
+    batch_schedule.configure_microbatches, updated by the loop before each step)."""
     layout = args.layout
     return StepConfig(
-        num_microbatches=args.global_batch_size // (args.micro_batch_size * layout.data_parallel_size),
+        num_microbatches=get_num_microbatches(),
         micro_batch_size=args.micro_batch_size,
-        seq_length=packed_sequence_length(args.model_config),
+        seq_length=packed_sequence_length(
+            args.model_config, sequence_parallel_size=layout.tensor_model_parallel_size if args.sequence_parallel
+            else 1),
         itc_batch_accumulation=args.itc_batch_accumulation,
         itc_chunk_size=args.itc_chunk_size or None,
+        scheduler_increment=scheduler_increment(args, get_current_global_batch_size()),
     )
 
 
-def contrastive_batch_size(args: argparse.Namespace) -> int:
-    """Pairs each contrastive loss of a step scores against each other (per ITC group)."""
+def contrastive_batch_size(args: argparse.Namespace, global_batch_size: Optional[int] = None) -> int:
+    """Pairs each contrastive loss of a step scores against each other (per ITC group), for a step of
+    `global_batch_size` samples (default --global-batch-size)."""
     layout = args.layout
-    per_rank = args.global_batch_size // layout.data_parallel_size
+    per_rank = (global_batch_size or args.global_batch_size) // layout.data_parallel_size
     if not (args.itc_batch_accumulation or per_rank == args.micro_batch_size):
         per_rank = args.micro_batch_size
     return layout.itc_group_size * per_rank
+
+
+@contextmanager
+def _timed(timers, name: str, log_level: int, barrier: bool = False) -> Iterator[None]:
+    """A megatron-core timer around the block (nothing without Timers: --timing-log-level 0)."""
+    if timers is None:
+        yield
+        return
+    timers(name, log_level=log_level).start(barrier=barrier)
+    try:
+        yield
+    finally:
+        timers(name).stop(barrier=barrier)
 
 
 def reduce_metrics(metrics: list[dict]) -> dict[str, float]:
@@ -119,7 +147,8 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
     """Gradients of the step's loss in the model's grad buffers (DP-reduced by the schedule's finalize); returns the
     last stage's per-micro-batch metrics (one entry for the whole step with batch accumulation)."""
     device, dtype = model_device(model), model_dtype(model)
-    with phase(DATA_WAIT):
+    timers = unwrap(model).config.timers
+    with phase(DATA_WAIT), _timed(timers, "batch-generator", 2), stimer(bdata=True):
         batches = [to_device(next(data_iterator), device, dtype) for _ in range(config.num_microbatches)]
     itc_group = parallel.get_itc_group()
     step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
@@ -129,12 +158,13 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
         with phase(FORWARD_BACKWARD):
             return schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
 
-    with phase(PASS1_FORWARD):
+    with phase(PASS1_FORWARD), _timed(timers, "itc-embeddings-forward", 1):
         embeddings = embed_microbatches(step_func, batches, model, config.seq_length, config.micro_batch_size)
     metrics: dict = {}
     if embeddings is not None:  # the last stage
-        with phase(ITC_LOSS):
-            metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size)
+        with phase(ITC_LOSS), _timed(timers, "itc-loss", 1):
+            metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size,
+                                            timers)
         batches = [dict(batch, **{ITC_GRADIENT: gradient}) for batch, gradient in zip(batches, cached)]
     with phase(FORWARD_BACKWARD):
         schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
@@ -151,9 +181,10 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(forward_step_func, data_iterator, model, config)
-    with phase(OPTIMIZER):
+    with phase(OPTIMIZER), _timed(unwrap(model).config.timers, "optimizer", 1,
+                                  barrier=unwrap(model).config.barrier_with_L1_time):
         update_ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+    scheduler.step(increment=config.scheduler_increment)
     metrics = reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     if grad_norm is not None:
