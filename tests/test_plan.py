@@ -259,7 +259,8 @@ def test_sub_ln_all_reduces_and_per_call_latency_are_counted():
         assert plan.stages[1].comm(phase, "tp") - free.stages[1].comm(phase, "tp") == pytest.approx(tp_calls * 10e-6)
     assert plan.time["tp"] > free.time["tp"] + 0.5
     # the DP all-gather/reduce-scatter of the distributed optimizer at DP 8 inside a node: latency + bytes / 300 GB/s
-    dp_plan = planner.plan_layout(config, 32, 1, 4, 8, planner.Training(use_distributed_optimizer=True))
+    dp_plan = planner.plan_layout(config, 32, 1, 4, 8, planner.Training(use_distributed_optimizer=True,
+                                                                        overlap_grad_reduce=True))
     dp = [(c, t) for c, t in dp_plan.stages[0].collectives if c.kind == "dp"]
     assert {c.op for c, _ in dp} == {"reduce_scatter", "all_gather"}
     n = dp_plan.parameters_per_gpu if dp_plan.peak_stage == 0 else planner.stage_parameters(config, 1, 4)[0].per_gpu(1)
