@@ -80,15 +80,24 @@ class _Recorder:
         import torch.distributed as dist
         import torch.distributed.distributed_c10d as c10d
 
+        from megatron.core.tensor_parallel import layers, mappings
+
+        wrappers = {}
         for name in WRAPPED:
             original = getattr(c10d, name, None) or getattr(dist, name, None)
             if original is None:
                 continue
-            wrapper = self._wrap(name, original)
+            wrapper = wrappers[original] = self._wrap(name, original)
             for module in (dist, c10d):
                 if getattr(module, name, None) is original:
                     self._saved.append((module, name, original))
                     setattr(module, name, wrapper)
+        # megatron's mappings bind some at import (dist_all_gather_func = all_gather_into_tensor: the ITC gather)
+        for module in (mappings, layers):
+            for name, value in list(vars(module).items()):
+                if callable(value) and value in wrappers:
+                    self._saved.append((module, name, value))
+                    setattr(module, name, wrappers[value])
         return self
 
     def _wrap(self, name: str, original):
@@ -152,12 +161,14 @@ def _count_one_step(extra: list[str]):
     from megatron_m2 import parallel
     from megatron_m2.config import transformer_overrides
     from megatron_m2.models import build_model
+    from megatron_m2.training.batch_schedule import configure_microbatches
     from megatron_m2.training.loop import SigtermFlag
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
     from megatron_m2.training.step import forward_step, step_config_from_args, train_step
 
     args = _trainer_args(extra)
     parallel.initialize_model_parallel(TP, PP, args.layout.itc_group_size)
+    configure_microbatches(args, args.layout)
     model = build_model(args.model_config, spec="local", **transformer_overrides(args.recompute_activations))
     ddp = wrap_ddp(model, args)
     optimizer, scheduler = build_optimizer(ddp, args)
