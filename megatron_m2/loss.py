@@ -166,8 +166,9 @@ def itc_loss(
     """This rank's symmetric InfoNCE loss over its rows of the group logits, and detached metrics.
 
     image_embeds, text_embeds: [b, d], already L2-normalised, any float dtype (the math runs in float32).
-    logit_scale: the learnable LOG scale (0-dim); the logits use exp(min(logit_scale, log 100)) as in CLIP. group: the ITC group to gather over (the trainer passes
-    `parallel.get_itc_group()`); None or a group of size 1 gives the local CLIP loss of these rows.
+    logit_scale: the learnable LOG scale (0-dim); the logits use exp(min(logit_scale, log 100)) as in CLIP.
+    group: the ITC group to gather over (the trainer passes `parallel.get_itc_group()`); None or a group of size 1
+    gives the local CLIP loss of these rows.
     chunk_size: tile the softmax over this many columns.
     local_loss=False: every rank builds the full group logits and returns the group loss (same gradients).
     """
