@@ -120,6 +120,13 @@ class M2PipelineStage(MegatronModule):
                 self.backbone_text_projection = self._head()
                 self.backbone_logit_scale = torch.nn.Parameter(
                     torch.tensor(config.logit_scale_init, dtype=tc.params_dtype))
+                # Frozen: no training loss uses this second pair of heads (the release's get_backbone_features
+                # output). Trainable, they would get no gradient, which megatron's DDP rejects on the next step with
+                # overlap_grad_reduce (a bucket waits for every parameter), and weight decay would shrink them every
+                # step. Frozen, DDP and the optimizer leave them out; checkpoints and converters still carry them.
+                for head in (self.backbone_image_projection.weight, self.backbone_text_projection.weight,
+                             self.backbone_logit_scale):
+                    head.requires_grad_(False)
 
     def _head(self) -> torch.nn.Linear:
         """Bias-free projection to out_dim, replicated over TP (it is small)."""
