@@ -225,6 +225,10 @@ def build_model(config: M2Config, spec: str = "auto", **transformer_config_overr
     tc = transformer_config(config, tp, pp, **overrides)
     model = M2PipelineStage(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage(), spec=spec)
+    # Every parameter in params_dtype, as Megatron-LM's Float16Module casts them: megatron's torch LayerNorm (local
+    # spec) is built in float32 whatever params_dtype says, and float32 parameters in a bf16 model break the
+    # mixed-precision optimizer's checkpoint (its sharded_state_dict numbers the 16-bit parameters only).
+    model.to(dtype=tc.params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -83,7 +83,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
 
     iteration, rank_state = 0, None
-    if not resume:
+    if not resume:  # before the optimizer exists: its fp32 master weights (bf16) are cloned from these
         for root, tower in ((args.load_vision, "vision"), (args.load_text, "text")):
             if root:
                 keep = model.is_vision_parameter if tower == "vision" else model.is_text_parameter
@@ -95,7 +95,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     optimizer, scheduler = build_optimizer(ddp, args)
     if resume:
         iteration, rank_state, _ = checkpointing.load_checkpoint(
-            args.load, model, None if args.no_load_optim else optimizer, scheduler)
+            args.load, model, optimizer, scheduler, load_optimizer_state=not args.no_load_optim)
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
 
     # one rank per model replica reads and decodes (worker processes, prefetch) and broadcasts to its TP/PP peers
