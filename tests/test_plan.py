@@ -214,3 +214,16 @@ def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
     # one decode per sample and model replica: the global batch within one step, over all GPUs
     assert plan.cpu_cores_per_gpu == pytest.approx(4096 / (plan.time["step"] * 250.0) / 32)
     assert "cores/GPU" in planner.format_table([plan])
+
+
+def test_the_step_s_micro_batches_are_counted_as_held_uint8_images_in_every_mode():
+    # a step holds its m micro-batches on the device as uint8 images (first stage) and token ids, with or without
+    # batch accumulation; only the micro-batch in its forward is normalised (counted in the stage's input term)
+    config = load_config("1b")
+    per_sample = 3 * config.image_size ** 2 + 9 * config.max_text_length
+    for accumulate in (True, False):
+        few, many = (planner.plan_layout(config, 1, 1, 1, 0, planner.Training(
+            micro_batch_size=8, global_batch_size=8 * m, recompute=False, itc_batch_accumulation=accumulate))
+            for m in (2, 16))
+        grown = many.memory["activations"] - few.memory["activations"]
+        assert grown == pytest.approx(14 * 8 * per_sample), accumulate

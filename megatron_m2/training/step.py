@@ -6,7 +6,8 @@ or, when the batch carries a cached embedding gradient (GBA-ITC batch accumulati
 surrogate loss; with `non_loss_data=True` it returns the embeddings (pass 1 and evaluation).
 
 `train_step(forward_step_func, data_iterator, model, optimizer, scheduler, step_config)` reads the step's M
-micro-batches once, moves them to the device and either
+micro-batches once, moves them to the device (images stay uint8 there; `forward_step` normalises each micro-batch
+when it runs) and either
 - runs megatron's forward-backward schedule with the per-micro-batch loss (M = 1, or --no-itc-batch-accumulation), or
 - computes one ITC loss over all M micro-batches (pass 1: forward-only schedule for the embeddings; pass 2: loss and
   embedding gradients; pass 3: the forward-backward schedule with the surrogate loss), replaying the same batches.
@@ -24,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2 import parallel
-from megatron_m2.data.device import to_device
+from megatron_m2.data.device import model_images, to_device
 from megatron_m2.loss import itc_loss
 from megatron_m2.models.m2_model import packed_sequence_length
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
@@ -49,7 +50,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
                  itc_group: Optional[dist.ProcessGroup] = None, itc_chunk_size: Optional[int] = None):
     """One micro-batch through this stage; on the last stage, the loss function (see the module docstring)."""
     batch = next(data_iterator)
-    output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
+    # the step holds its micro-batches as uint8 (train_step): this one is normalised now, and freed after its forward
+    output = model(model_images(batch["images"], model_dtype(model)), batch["text_ids"], batch["text_padding_mask"])
 
     def loss_func(output_tensor, non_loss_data: bool = False):
         image_embeds, text_embeds = output_tensor[:2]
@@ -116,8 +118,8 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
                      config: StepConfig) -> list[dict]:
     """Gradients of the step's loss in the model's grad buffers (DP-reduced by the schedule's finalize); returns the
     last stage's per-micro-batch metrics (one entry for the whole step with batch accumulation)."""
-    device, dtype = model_device(model), model_dtype(model)
-    batches = [to_device(next(data_iterator), device, dtype) for _ in range(config.num_microbatches)]
+    # the step's M micro-batches on the device as they came (uint8 images), read once: batch accumulation replays them
+    batches = [to_device(next(data_iterator), model_device(model), dtype=None) for _ in range(config.num_microbatches)]
     itc_group = parallel.get_itc_group()
     step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
     schedule = partial(get_forward_backward_func(), model=model, num_microbatches=config.num_microbatches,
