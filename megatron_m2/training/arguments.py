@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.98, help="AdamW beta2")
     g.add_argument("--adam-eps", type=float, default=1e-6, help="AdamW epsilon")
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every step's loss and gradients for NaN/Inf (all ranks agree in one all-reduce) and "
+                   "skip the update of a step that has one: no weight or schedule change, counted in the log's "
+                   "skipped and nan iterations")
+    g.add_argument("--max-consecutive-nan-iterations", type=int, default=3,
+                   help="with --check-for-nan-in-loss-and-grad: stop with an error at the (N+1)-th non-finite step "
+                   "in a row (a diverged run); 0 = at the first one, as Megatron-LM's check does")
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations with fp32 master weights (GPU)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (ZeRO-1; GPU/nccl)")
@@ -166,6 +173,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError(f"--prefetch-factor must be >= 1, got {args.prefetch_factor}")
     if args.itc_chunk_size < 0:
         raise ConfigError("--itc-chunk-size must be >= 0")
+    if args.max_consecutive_nan_iterations < 0:
+        raise ConfigError(f"--max-consecutive-nan-iterations must be >= 0, got {args.max_consecutive_nan_iterations}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     if args.exit_interval < 0:

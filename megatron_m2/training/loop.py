@@ -15,6 +15,7 @@ from megatron_m2.arithmetic import model_flops_per_sample
 from megatron_m2.config import transformer_overrides
 from megatron_m2.parallel import print_rank_0
 from megatron_m2 import checkpointing
+from megatron_m2.training.nan_guard import NanGuard
 from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
 from megatron_m2.training.progress import MetricsLogger
 from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, step_config_from_args,
@@ -107,9 +108,12 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
                                     hflip=args.hflip)
+    nan_guard = NanGuard(args.max_consecutive_nan_iterations) if args.check_for_nan_in_loss_and_grad else None
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
+        if nan_guard is not None:
+            nan_guard.load_state_dict(rank_state.get("nan_guard", {}))
     elif resume:
         print_rank_0("data-parallel size changed since the checkpoint: data streams restart from the beginning")
 
@@ -120,7 +124,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
 
     def save(step: int) -> None:
         finalize_saves(blocking=True)  # one save at a time: an --async-save still being written finishes first
-        rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state()}
+        rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state(),
+                      "nan_guard": nan_guard.state_dict() if nan_guard is not None else {}}
         start = time.perf_counter()
         path = checkpointing.save_checkpoint(args.save, step, model, optimizer, scheduler, rank_state,
                                              common={"model_config": config.to_dict()}, async_save=args.async_save)
@@ -151,7 +156,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if eval_fn is not None and args.eval_at_start and iteration == 0:
         evaluate(0)
     while iteration < args.train_iters:
-        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
+        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config, nan_guard=nan_guard)
         iteration += 1
         finalize_saves(blocking=False)
         print_line = iteration % args.log_interval == 0 or iteration == args.train_iters

@@ -30,6 +30,7 @@ from megatron_m2.loss import itc_loss
 from megatron_m2.models.m2_model import packed_sequence_length
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
                                                      surrogate_loss)
+from megatron_m2.training.nan_guard import NanGuard
 
 ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
 
@@ -137,17 +138,24 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
 
 
 def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module, optimizer,
-               scheduler, config: StepConfig) -> dict[str, float]:
+               scheduler, config: StepConfig, nan_guard: Optional[NanGuard] = None) -> dict[str, float]:
     """Zero the gradients, forward-backward the step's micro-batches, update; returns the logged metrics.
 
     forward_step_func(data_iterator, model, itc_group=..., itc_chunk_size=...) has `forward_step`'s contract: its
     loss function computes the ITC loss in that group, the surrogate when the batch carries ITC_GRADIENT, and the
-    embeddings when called with non_loss_data=True (pass 1)."""
+    embeddings when called with non_loss_data=True (pass 1). nan_guard: skip the update of a step whose loss or
+    gradients are not finite (training/nan_guard.py); a skipped step (here or megatron's found-inf) does not advance
+    the learning-rate schedule, as in Megatron-LM."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(forward_step_func, data_iterator, model, config)
-    update_ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+    if nan_guard is not None and nan_guard.skip_step(
+            model, [value for metrics in losses for value in metrics.values() if isinstance(value, torch.Tensor)]):
+        update_ok, grad_norm = False, None
+    else:
+        update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
     metrics = reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     if grad_norm is not None:
