@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="PP: stages; must divide num_layers + num_vl_layers of the model")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of every collective (process groups of torch.distributed and megatron-core): a rank "
+                   "that waits longer for a peer that failed or hung raises instead of waiting (torch's default "
+                   "is 30 minutes)")
     g.add_argument("--itc-group-size", type=int, default=0,
                    help="data-parallel ranks whose features the contrastive loss aggregates (M2-Encoder's grouped "
                    "aggregation); 0 = the whole data-parallel group (exact CLIP loss)")
@@ -90,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "process; default: CPU cores per local rank - 1, at most 16. Batches are the same for any value")
     g.add_argument("--prefetch-factor", type=int, default=2,
                    help="micro-batches each data worker prepares ahead")
+    g.add_argument("--dataloader-timeout", type=float, default=300.0,
+                   help="seconds the reading rank waits for a micro-batch from its data workers before it stops "
+                   "with an error (a hung worker: a stuck file system, a pathological image) and exits, so the "
+                   "launcher ends the job; 0 = wait forever. Keep it below --distributed-timeout-minutes, which "
+                   "ends the peers waiting for this rank")
     g.add_argument("--no-hflip", dest="hflip", action="store_false",
                    help="no random horizontal flip in the train augmentation (for images where a mirror changes the "
                    "meaning: digits, text)")
@@ -171,6 +180,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError(f"--num-workers must be >= 0 (0 = decode in the training process), got {args.num_workers}")
     if args.prefetch_factor < 1:
         raise ConfigError(f"--prefetch-factor must be >= 1, got {args.prefetch_factor}")
+    if args.dataloader_timeout < 0:
+        raise ConfigError(f"--dataloader-timeout must be >= 0 seconds (0 = no timeout), got {args.dataloader_timeout}")
+    if args.distributed_timeout_minutes < 1:
+        raise ConfigError(f"--distributed-timeout-minutes must be >= 1, got {args.distributed_timeout_minutes}")
     if args.itc_chunk_size < 0:
         raise ConfigError("--itc-chunk-size must be >= 0")
     if args.max_consecutive_nan_iterations < 0:

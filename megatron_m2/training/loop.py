@@ -77,7 +77,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         checkpointing.check_schedule(args.load, schedule(args))
 
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                                       layout.itc_group_size, seed=args.seed)
+                                       layout.itc_group_size, seed=args.seed,
+                                       distributed_timeout_minutes=args.distributed_timeout_minutes)
     model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
@@ -107,7 +108,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         torch.set_num_threads(max(1, cores_per_local_rank() - num_workers))
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
-                                    hflip=args.hflip)
+                                    hflip=args.hflip, timeout=args.dataloader_timeout)
     nan_guard = NanGuard(args.max_consecutive_nan_iterations) if args.check_for_nan_in_loss_and_grad else None
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
