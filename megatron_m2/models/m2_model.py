@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_m2.config import M2Config, layers_per_stage, transformer_config, validate_parallel_shapes
+from megatron_m2.models.init import initialize_weights
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
 from megatron_m2.models.text import TextEmbedding
 from megatron_m2.models.vision import VisionEmbedding
@@ -209,9 +210,13 @@ class M2PipelineStage(MegatronModule):
         return F.normalize(head(hidden[0]), dim=-1)
 
 
-def build_model(config: M2Config, spec: str = "auto", **transformer_config_overrides) -> M2PipelineStage:
+def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None,
+                **transformer_config_overrides) -> M2PipelineStage:
     """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
 
+    The initial weights are a function of `seed` alone, the same at every TP x PP layout (models/init.py); the
+    trainer passes --seed. seed=None draws one from torch's default generator, so `torch.manual_seed(k)` before the
+    call picks the weights (the same on every rank that seeded alike).
     Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
     Layout errors are raised before anything is allocated.
     """
@@ -231,4 +236,7 @@ def build_model(config: M2Config, spec: str = "auto", **transformer_config_overr
     model.to(dtype=tc.params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if seed is None:
+        seed = int(torch.randint(2**62, ()).item())
+    initialize_weights(model, seed)
     return model

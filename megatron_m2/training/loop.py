@@ -79,7 +79,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed,
                                        distributed_timeout_minutes=args.distributed_timeout_minutes)
-    model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16))
+    model = build_model(config, spec=args.spec, seed=args.seed,
+                        **transformer_overrides(args.recompute_activations, args.bf16))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
