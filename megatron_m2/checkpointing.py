@@ -35,7 +35,7 @@ from megatron_m2.checkpoint_layout import (DONE, TRACKER, checkpoint_dir, latest
 from megatron_m2.errors import ConfigError
 
 __all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "finalize_async_saves",
-           "load_checkpoint", "load_model_subset", "check_schedule"]
+           "load_checkpoint", "load_model_subset", "load_rank_states", "check_schedule"]
 
 # The distributed optimizer's checkpoint format, named: without it megatron-core 0.16.1 falls back to
 # 'fully_sharded_model_space', which it lists as deprecated. 'dp_reshardable' is Megatron-LM's default: each DP rank
@@ -213,6 +213,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration:
         rank_state = torch.load(extra_file, weights_only=False)
     common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "content_metadata")}
     return iteration, rank_state, common
+
+
+def load_rank_states(root: str, iteration: int) -> list[dict]:
+    """Every data-parallel rank's extra state in the checkpoint of `iteration`, in DP-rank order (to continue the
+    data of a run resumed at another data-parallel size)."""
+    files = sorted((checkpoint_dir(root, iteration) / "extra").glob("rank_*.pt"))
+    return [torch.load(path, weights_only=False) for path in files]
 
 
 def check_optimizer_resharding(root: str, metadata: Optional[dict], saved_layout: Optional[dict],

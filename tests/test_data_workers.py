@@ -413,7 +413,8 @@ def test_a_single_source_blend_reads_what_the_plain_source_reads(tmp_path, token
     from megatron_m2.data.shards import ShardStream
 
     many = make_dataset(tmp_path / "many", 8, 1)
-    assert ShardStream(many, seed=1).plan(0)[0] == np.random.default_rng([1, 0]).permutation(8).tolist()
-    assert ShardStream(many, seed=1, source=1).plan(0)[0] != ShardStream(many, seed=1).plan(0)[0]
+    order = [piece.shard for piece in ShardStream(many, seed=1).plan(0)]
+    assert order == np.random.default_rng([1, 0]).permutation(8).tolist()
+    assert [piece.shard for piece in ShardStream(many, seed=1, source=1).plan(0)] != order
     sample = next(ShardStream(many, seed=1))
     assert sample.rng_key(1) == [1, 0, sample.shard, sample.index]

@@ -236,7 +236,6 @@ def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None
     model.to(dtype=tc.params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    if seed is None:
-        seed = int(torch.randint(2**62, ()).item())
-    initialize_weights(model, seed)
+    if tc.perform_initialization:
+        initialize_weights(model, int(torch.randint(2**62, (), device="cpu")) if seed is None else seed)
     return model

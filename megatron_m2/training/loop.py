@@ -57,6 +57,23 @@ def freeze_vision_tower(model: torch.nn.Module) -> int:
     return frozen
 
 
+def _continue_data(data, root: str, iteration: int) -> None:
+    """A resume at another data-parallel size: each reading rank continues the epochs where the old ranks left them
+    (data/reshard.py: no sample they read comes again before those epochs end)."""
+    from megatron_m2.data.reshard import reshard_loader_states
+
+    if not data.is_reader:
+        return
+    old = [state["data"] for state in checkpointing.load_rank_states(root, iteration)]
+    state = reshard_loader_states(old, parallel_state.get_data_parallel_rank(),
+                                  parallel_state.get_data_parallel_world_size())
+    if state is not None:
+        data.load_state_dict(state)
+    print_rank_0(f"data-parallel size {len(old)} in the checkpoint, {parallel_state.get_data_parallel_world_size()} "
+                 "now: " + ("the data continues the old ranks' epochs" if state is not None else "the data position "
+                            "predates blending and cannot be continued: the data streams restart from the beginning"))
+
+
 def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_step,
              eval_fn: Optional[Callable] = None) -> dict[str, Any]:
     """Train as the flags say with `forward_step_func` (training/step.py's shape); `eval_fn(forward_step_func, model,
@@ -117,7 +134,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         if nan_guard is not None:
             nan_guard.load_state_dict(rank_state.get("nan_guard", {}))
     elif resume:
-        print_rank_0("data-parallel size changed since the checkpoint: data streams restart from the beginning")
+        _continue_data(data, args.load, iteration)
 
     logger = MetricsLogger(args.tensorboard_dir, args.train_iters, model_flops_per_sample(config),
                            dist.get_world_size(), torch.cuda.is_available(), args.metrics_file)
