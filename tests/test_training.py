@@ -230,3 +230,18 @@ def test_blended_data_path_trains_and_resumes_exactly(demo_data, tmp_path):
     last = [r for r in records if r["kind"] == "train"][-1]
     per_source = {k: v for k, v in last.items() if k.startswith("data/") and k.endswith("/samples") and k.count("/") == 2}
     assert sum(per_source.values()) == 6 * 16 and sorted(per_source.values()) == [29, 67], per_source
+
+
+def test_a_resume_at_another_data_parallel_size_continues_the_data(demo_data, tmp_path):
+    # DP 2 to iteration 3, then DP 1 (tests/test_data_reshard.py proves the data continues without a replay; here the
+    # trainer takes that path: every old rank's position from the checkpoint, the job's sample counts going on)
+    ckpt = tmp_path / "ckpt"
+    flags = _flags(demo_data, tmp_path, 1, 1, "--train-iters", "6", "--save", str(ckpt), "--load", str(ckpt))
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+          "megatron_m2.train", *flags, "--exit-interval", "3"])
+    resumed = _run([sys.executable, "-m", "megatron_m2.train", *flags])
+    assert "data-parallel size 2 in the checkpoint, 1 now: the data continues the old ranks' epochs" in resumed.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == list(range(1, 7))
+    assert train[-1]["data/samples"] == 6 * 16  # the job's total, not the resumed run's alone
