@@ -7,7 +7,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 from megatron_m2.data.blend import BlendedStream
 from megatron_m2.data.loader import ImageTextBatches
@@ -86,7 +85,8 @@ def _blend(sources, rank, size):
 
 
 def test_a_blend_resumed_at_another_size_keeps_its_mix_and_reads_nothing_twice(tmp_path):
-    sources = [("zh", 0.7, dataset_with_bad_samples(tmp_path / "zh", 4, 7)), ("en", 0.3, make_dataset(tmp_path / "en", 2, 5))]
+    sources = [("zh", 0.7, dataset_with_bad_samples(tmp_path / "zh", 4, 7)),
+               ("en", 0.3, make_dataset(tmp_path / "en", 2, 5))]
     read, states = Counter(), []
     for rank in range(2):  # DP 2, three steps of five samples
         blend = _blend(sources, rank, 2)

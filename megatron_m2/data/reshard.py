@@ -49,7 +49,8 @@ def _deal(per_rank: Sequence[list[Piece]], dp_size: int) -> list[list[Piece]]:
               for pieces in per_rank if row < len(pieces) for piece in [pieces[row]]]
     if pieces and len(pieces) < dp_size:
         parts = math.ceil(dp_size / len(pieces))  # slot % (stride * parts) == phase + j * stride, j < parts
-        pieces = [Piece(p.shard, p.stride * parts, p.phase + j * p.stride, p.start) for p in pieces for j in range(parts)]
+        pieces = [Piece(p.shard, p.stride * parts, p.phase + j * p.stride, p.start)
+                  for p in pieces for j in range(parts)]
     return [pieces[rank::dp_size] for rank in range(dp_size)]
 
 

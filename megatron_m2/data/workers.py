@@ -29,7 +29,8 @@ class DataTimeoutError(RuntimeError):
 
 def worker_init(parent: int, worker_id: int) -> None:
     """DataLoader worker_init_fn (with functools.partial(worker_init, os.getpid())); see the module docstring."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)  # inherited blocked from `starting`; here for other start methods
+    # already blocked when forked inside `starting`; blocked here for other start methods
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM)
     try:
         import ctypes
 
