@@ -41,7 +41,7 @@ from megatron_m2.checkpoint_layout import (DONE, TRACKER, checkpoint_dir, latest
 from megatron_m2.errors import ConfigError
 
 __all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "finalize_async_saves",
-           "close_async_saves", "load_checkpoint", "load_model_subset", "check_schedule"]
+           "close_async_saves", "load_checkpoint", "load_model_subset", "load_rank_states", "check_schedule"]
 
 # The distributed optimizer's checkpoint format, named: without it megatron-core 0.16.1 falls back to
 # 'fully_sharded_model_space', which it lists as deprecated. 'dp_reshardable' is Megatron-LM's default: each DP rank
@@ -199,10 +199,15 @@ def check_schedule(root: str, flags_schedule: dict) -> None:
         )
 
 
-def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
-                    iteration: Optional[int] = None) -> tuple[int, Optional[dict], dict]:
+def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration: Optional[int] = None,
+                    load_optimizer_state: bool = True) -> tuple[int, Optional[dict], dict]:
     """Load the latest (or given) complete checkpoint into model/optimizer/scheduler, in place.
 
+    optimizer: the optimizer built on `model`, if any. Its state is loaded when `load_optimizer_state` (False:
+    --no-load-optim) and the checkpoint has one (converted checkpoints hold the model only); otherwise it re-reads
+    the loaded weights (`reload_model_params`): a mixed-precision optimizer cloned its fp32 master weights when it
+    was built, before this load, and its first step would write those back. One path for every case, so a caller
+    cannot load the weights and forget the masters.
     Returns (iteration, this DP rank's extra state or None if the DP size changed, the common state).
     """
     if iteration is None:
@@ -211,18 +216,21 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
         raise FileNotFoundError(f"no complete checkpoint in {root}")
     path = checkpoint_dir(root, iteration)
     saved_common = dist_checkpointing.load_common_state_dict(str(path))
+    optimizer_to_load = optimizer if load_optimizer_state else None
     if saved_common.get("converted_from_hf"):
-        optimizer = scheduler = None  # tools/convert_from_hf.py writes model weights only
+        optimizer_to_load = scheduler = None  # tools/convert_from_hf.py writes model weights only
     # The format the checkpoint was written in (None for checkpoints older than content_metadata: megatron's default)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=saved_common)
-    if optimizer is not None:
+    if optimizer_to_load is not None:
         check_optimizer_resharding(root, metadata, saved_common.get(LAYOUT_KEY), _current_layout())
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, iteration, is_loading=True,
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer_to_load, scheduler, iteration, is_loading=True,
                                                     metadata=metadata), str(path),
                                      sharded_strategy=_load_strategy(path))
     model.load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+    if optimizer_to_load is not None:
+        optimizer.load_state_dict(loaded["optimizer"])  # the fp32 masters come with it
+    elif optimizer is not None:
+        optimizer.reload_model_params()
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     extra_file = path / "extra" / f"rank_{parallel_state.get_data_parallel_rank():05d}.pt"
@@ -232,6 +240,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
         rank_state = torch.load(extra_file, weights_only=False)
     common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "content_metadata")}
     return iteration, rank_state, common
+
+
+def load_rank_states(root: str, iteration: int) -> list[dict]:
+    """Every data-parallel rank's extra state in the checkpoint of `iteration`, in DP-rank order (to continue the
+    data of a run resumed at another data-parallel size)."""
+    files = sorted((checkpoint_dir(root, iteration) / "extra").glob("rank_*.pt"))
+    return [torch.load(path, weights_only=False) for path in files]
 
 
 def check_optimizer_resharding(root: str, metadata: Optional[dict], saved_layout: Optional[dict],

@@ -182,7 +182,7 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
             b * config.num_channels * config.image_size**2)
     if last:
         loss_calls, rows = (1, m * b) if accumulate else (m, b)
-        features = g * rows * 2 * config.out_dim * (4 if accumulate else dt)
+        features = g * rows * 2 * config.out_dim * 4  # the loss gathers float32 features in every mode
         add("itc", "gather of the [image; text] features", "all_gather", "itc", "step" if accumulate else "main",
             loss_calls, features)
         add("itc", "backward reduce-scatter of their gradients", "reduce_scatter", "itc",

@@ -153,14 +153,19 @@ def itc_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's symmetric InfoNCE loss over its rows of the group logits, and detached metrics.
 
-    image_embeds, text_embeds: [b, d], already L2-normalised. logit_scale: the learnable LOG scale (0-dim); the
-    logits use exp(min(logit_scale, log 100)) as in CLIP. group: the ITC group to gather over (the trainer passes
-    `parallel.get_itc_group()`); None or a group of size 1 gives the local CLIP loss of these rows.
+    image_embeds, text_embeds: [b, d], already L2-normalised, any float dtype (the math runs in float32).
+    logit_scale: the learnable LOG scale (0-dim); the logits use exp(min(logit_scale, log 100)) as in CLIP.
+    group: the ITC group to gather over (the trainer passes `parallel.get_itc_group()`); None or a group of size 1
+    gives the local CLIP loss of these rows.
     chunk_size: tile the softmax over this many columns.
     local_loss=False: every rank builds the full group logits and returns the group loss (same gradients).
     timers: megatron-core Timers (the model config's `timers`); the gather is timed as `itc-gather` (log level 2).
     """
     _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss)
+    # float32 whatever the model's dtype, in every mode (batch accumulation's pass 2 upcasts too): the logits of a
+    # large contrastive batch and their softmax lose the positives' margin in bf16; the embeddings are small, so the
+    # gather and its reduce-scatter move float32 too. The gradients flow back in the inputs' dtype.
+    image_embeds, text_embeds, logit_scale = image_embeds.float(), text_embeds.float(), logit_scale.float()
     scale = logit_scale.clamp(max=MAX_LOG_SCALE).exp()
     b = image_embeds.shape[0]
     if group is None or dist.get_world_size(group) == 1:

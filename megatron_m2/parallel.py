@@ -101,16 +101,19 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     itc_group_size: Optional[int] = None,
     seed: int = 1234,
+    distributed_timeout_minutes: int = 30,
 ) -> Layout:
     """Build megatron-core's TP/PP/DP groups and the ITC sub-groups; replaces any earlier layout.
 
     megatron-core's rank order is tp-cp-ep-dp-pp: TP ranks are adjacent (same node), then DP, then PP.
     The ITC sub-groups split each DP group into contiguous runs of `itc_group_size` DP ranks.
+    distributed_timeout_minutes: the timeout of the default process group (if this call creates it) and of every
+    group created here (--distributed-timeout-minutes; 30 is torch's and megatron-core's default).
     """
     global _ITC_GROUP, _ITC_GROUP_RANKS, _LAYOUT
     from megatron.core import parallel_state, tensor_parallel
 
-    initialize_distributed()
+    initialize_distributed(timeout_minutes=distributed_timeout_minutes)
     layout = validate_layout(
         dist.get_world_size(), tensor_model_parallel_size, pipeline_model_parallel_size, itc_group_size
     )
@@ -118,6 +121,7 @@ def initialize_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        distributed_timeout_minutes=distributed_timeout_minutes,
     )
     # Every rank must create every sub-group in the same order, so enumerate all DP groups first.
     own_dp_ranks = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
@@ -126,7 +130,7 @@ def initialize_model_parallel(
     for dp_ranks in sorted({tuple(r) for r in all_dp_groups}):
         for start in range(0, len(dp_ranks), layout.itc_group_size):
             ranks = list(dp_ranks[start : start + layout.itc_group_size])
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timedelta(minutes=distributed_timeout_minutes))
             if dist.get_rank() in ranks:
                 _ITC_GROUP, _ITC_GROUP_RANKS = group, ranks
     _LAYOUT = layout

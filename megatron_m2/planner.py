@@ -26,8 +26,9 @@ Model of a training step (megatron-core as the trainer configures it, training/o
   that needs the longest for them.
 - GBA-ITC batch accumulation (training/batch_accumulation.py), with more than one micro-batch per step: one more
   forward pass (+1/3 of compute, +1/4 with full recompute), its TP all-reduces and PP sends, the loss over the rank's
-  whole step (M x b rows against g x M x b columns), the cached embeddings and gradients, and the step's micro-batches
-  kept on the first stage for the replay.
+  whole step (M x b rows against g x M x b columns), the cached embeddings and gradients.
+- inputs: a step holds its M micro-batches on the device (uint8 images on the first stage, token ids everywhere); each
+  micro-batch's normalised images exist only while its forward needs them.
 """
 from __future__ import annotations
 
@@ -316,9 +317,9 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
             params=float(n * dt),
             grads=float(n * 4),
             optimizer=n * optimizer_bytes / (dp if training.use_distributed_optimizer else 1),
-            # batch accumulation replays the step's micro-batches: the first stage keeps them (uint8 images + text)
-            activations=kept * in_flight + working + (m * b * _batch_bytes(config) if accumulate and stage == 0
-                                                      else 0.0),
+            # the step reads its m micro-batches before its schedule runs (batch accumulation replays them) and holds
+            # them on the device as they came: uint8 images on the first stage, token ids and padding masks on all
+            activations=kept * in_flight + working + m * b * _batch_bytes(config, images=stage == 0),
             itc=itc_bytes(config, b, g, training.itc_chunk_size, m if accumulate else 1) if stage == pp - 1 else 0.0,
             reserved=hardware.reserved_gb * GB,
         )
@@ -348,9 +349,9 @@ def decode_cores_per_gpu(global_batch_size: int, step_time_s: float, num_gpus: i
     return global_batch_size / (step_time_s * hardware.decode_samples_per_core_s) / num_gpus
 
 
-def _batch_bytes(config: M2Config) -> float:
-    """One training sample on the device: uint8 image, int64 token ids, bool padding mask."""
-    return config.num_channels * config.image_size**2 + 9 * config.max_text_length
+def _batch_bytes(config: M2Config, images: bool = True) -> float:
+    """One training sample on the device: uint8 image (first stage only), int64 token ids, bool padding mask."""
+    return config.num_channels * config.image_size**2 * images + 9 * config.max_text_length
 
 
 def candidate_layouts(config: M2Config, num_gpus: int, gpus_per_node: int) -> list[tuple[int, int, int]]:

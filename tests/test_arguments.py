@@ -102,3 +102,18 @@ def test_help_explains_every_flag():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_timeout_flags_are_checked():
+    from megatron_m2.config import load_config
+    from megatron_m2.errors import ConfigError
+    from megatron_m2.training.arguments import build_parser, validate_args
+
+    for flags, message in ((["--dataloader-timeout", "-1"], "--dataloader-timeout must be >= 0"),
+                           (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be >= 1")):
+        args = build_parser().parse_args([*flags, "--dry-run"])
+        args.model_config = load_config("tiny")
+        with pytest.raises(ConfigError, match=message):
+            validate_args(args, world_size=1)
+    args = build_parser().parse_args([])
+    assert (args.dataloader_timeout, args.distributed_timeout_minutes) == (300.0, 10)

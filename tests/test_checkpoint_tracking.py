@@ -234,3 +234,67 @@ def test_dp_reshardable_optimizer_refuses_a_layout_change():
     ckpt.check_optimizer_resharding("ck", named, None, same)  # written before the layout was recorded
     with pytest.raises(ConfigError, match=r"tensor_model_parallel_size 2 -> 1.*--no-load-optim"):
         ckpt.check_optimizer_resharding("ck", named, same, {**same, "tensor_model_parallel_size": 1})
+
+
+# -- loading into a mixed-precision optimizer's model ------------------------------------------------------------
+
+def _bf16_training_state(seed: int):
+    """The tiny model in bf16 under megatron's DDP and its real mixed-precision optimizer (fp32 master copies).
+
+    megatron-core builds Float16OptimizerWithFloat16Params only for CUDA tensors (a `param.type()` check); every
+    other step of it runs on CPU, so the check alone is bypassed while the optimizer is built."""
+    from megatron_m2.config import load_config, transformer_overrides
+    from megatron_m2.models import build_model
+    from megatron_m2.training.arguments import build_parser
+    from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
+
+    torch.manual_seed(seed)
+    model = build_model(load_config("tiny"), spec="local", **transformer_overrides(bf16=True))
+    args = build_parser().parse_args(["--bf16", "--weight-decay", "0", "--lr-warmup-iters", "0"])
+    args.lr_decay_iters = args.train_iters
+    ddp = wrap_ddp(model, args)
+    tensor_type = torch.Tensor.type
+    torch.Tensor.type = lambda self, *a, **k: tensor_type(self, *a, **k) if a or k else \
+        tensor_type(self).replace("torch.", "torch.cuda.")
+    try:
+        optimizer, scheduler = build_optimizer(ddp, args)
+    finally:
+        torch.Tensor.type = tensor_type
+    return model, optimizer, scheduler
+
+
+def _weights_after_loading_into_bf16_optimizer(root: str, how: str):
+    """Save model A, load it into a fresh model B whose optimizer exists already (as in the trainer), take one
+    optimizer step that changes nothing (zero gradients, no weight decay): B must still hold A's weights."""
+    from megatron_m2 import parallel
+
+    parallel.initialize_model_parallel(1, 1)
+    model, optimizer, scheduler = _bf16_training_state(seed=0)
+    optimizer.step()  # zero gradients: the weights stay, Adam's state exists (as in any checkpoint of a run)
+    saved = {name: param.detach().clone() for name, param in model.named_parameters()}
+    common = {"converted_from_hf": True} if how == "model-only checkpoint" else None
+    import multiprocessing
+
+    process = multiprocessing.current_process()
+    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
+    try:
+        ckpt.save_checkpoint(root, 1, model, None if common else optimizer, None if common else scheduler, {},
+                             common=common)
+    finally:
+        process.daemon = daemon
+    model, optimizer, scheduler = _bf16_training_state(seed=1)
+    ckpt.load_checkpoint(root, model, optimizer, scheduler, load_optimizer_state=how != "--no-load-optim")
+    optimizer.step()
+    return {name: bool(torch.equal(param, saved[name])) for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("how", ["--no-load-optim", "model-only checkpoint", "full resume"])
+def test_loaded_weights_survive_the_first_step_of_a_mixed_precision_optimizer(tmp_path, how):
+    # bf16 keeps fp32 master copies of the weights in the optimizer, cloned when it is built, i.e. before the trainer
+    # loads a checkpoint. Unless the optimizer's own state (with its masters) is loaded too, the load must refresh
+    # them (reload_model_params), or the first step writes the initial weights back.
+    from megatron_m2.testing import run_distributed
+
+    same = run_distributed(2, _weights_after_loading_into_bf16_optimizer, str(tmp_path), how)
+    for rank_result in same:
+        assert rank_result and all(rank_result.values()), [n for n, ok in rank_result.items() if not ok]

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -51,9 +52,9 @@ def assert_same(a, b):
             assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
 
 
-def loader(paths, tokenizer, num_workers, batch=4, prefetch_factor=2, transform=None, seed=2):
+def loader(paths, tokenizer, num_workers, batch=4, prefetch_factor=2, transform=None, seed=2, timeout=0):
     return ImageTextBatches(paths, tokenizer, transform or train_transform(8), batch, seed=seed, shuffle_window=3,
-                            num_workers=num_workers, prefetch_factor=prefetch_factor)
+                            num_workers=num_workers, prefetch_factor=prefetch_factor, timeout=timeout)
 
 
 # -- workers --------------------------------------------------------------------------------------------------
@@ -127,6 +128,21 @@ class RaiseInWorker:
         raise ValueError("a bug in the transform")
 
 
+class BlockInWorker:
+    """The train transform, but in a worker process it blocks forever while the file `flag` exists (a hung decode:
+    a stuck network file system, a pathological image)."""
+
+    takes_rng = True
+
+    def __init__(self, flag):
+        self.parent, self.flag = os.getpid(), flag
+
+    def __call__(self, image, rng=None):
+        if os.getpid() != self.parent and os.path.exists(self.flag):
+            threading.Event().wait()
+        return train_transform(8)(image, rng=rng)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -177,6 +193,68 @@ def test_an_exception_in_a_worker_is_raised_and_the_workers_stop(tmp_path, token
         pids = batches.worker_pids
         assert len(pids) == 2 and all(_alive(p) for p in pids)
     assert _wait_gone(pids, 5) == []
+
+
+def test_sigterm_from_outside_does_not_kill_the_workers(tmp_path, tokenizer):
+    # Slurm signals every process of a job step, the data workers too. A worker that died of it made the trainer
+    # raise ("DataLoader worker ... killed by signal") instead of saving. Workers now end only by their own
+    # trainer: its shutdown (SIGTERM from the parent, as torch's does), its death, or a kill.
+    paths = make_dataset(tmp_path / "d", 2, 4)
+    with loader(paths, tokenizer, 0) as reference:
+        expected = take(reference, 10)
+    with loader(paths, tokenizer, 2) as batches:
+        got = take(batches, 2)
+        pids = batches.worker_pids
+        # from another process, as slurmstepd's (SIGTERM from the trainer itself is its shutdown)
+        subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)
+        got += take(batches, 8)
+        assert batches.worker_pids == pids and all(_alive(p) for p in pids)
+    assert_same(got, expected)
+    assert _wait_gone(pids, 15) == []  # and the loader's own shutdown still ends them
+
+
+def test_a_hung_worker_ends_in_a_clear_error_after_the_timeout(tmp_path, tokenizer):
+    paths = make_dataset(tmp_path / "d", 2, 4)
+    with loader(paths, tokenizer, 0) as reference:
+        expected = take(reference, 8)
+    flag = tmp_path / "hang"
+    batches = loader(paths, tokenizer, 2, transform=BlockInWorker(str(flag)), timeout=2)
+    got = take(batches, 2)
+    pids = batches.worker_pids
+    flag.touch()  # from now on a worker blocks forever on its next sample
+    with pytest.raises(RuntimeError, match=r"no micro-batch from a data worker in 2 s \(--dataloader-timeout\)"):
+        for _ in range(10):  # what was prefetched before the flag still comes out
+            before = batches.state_dict()
+            got.append(next(batches))
+    assert batches.state_dict() == before and batches.worker_pids == []
+    assert _wait_gone(pids, 15) == []  # the hung worker is gone too (killed: it ignores a SIGTERM not from its trainer)
+    flag.unlink()
+    got += take(batches, 2)  # new workers, from exactly the batch after the last one returned
+    batches.close()
+    assert_same(got, expected[:len(got)])
+
+
+_HUNG = """
+import sys
+sys.path.insert(0, {root!r})
+from megatron_m2.data.loader import ImageTextBatches
+from megatron_m2.data.tokenizer import GLMTokenizer
+from tests.test_data_workers import BlockInWorker
+open({flag!r}, "w").close()
+batches = ImageTextBatches({paths!r}, GLMTokenizer({model!r}, 8), BlockInWorker({flag!r}), 2, num_workers=2,
+                           timeout=1)
+next(batches)
+"""
+
+
+def test_a_process_whose_worker_hangs_exits_non_zero(tmp_path, tokenizer):
+    # so that torchrun tears the job down: the error must not end in a hang at interpreter exit (multiprocessing joins
+    # its children there, and a hung worker ignores a SIGTERM that is not from its trainer)
+    paths = make_dataset(tmp_path / "d", 2, 4)
+    script = _HUNG.format(root=str(ROOT), paths=paths, model=tokenizer.model_path, flag=str(tmp_path / "hang"))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and "--dataloader-timeout" in result.stderr, result.stderr[-2000:]
 
 
 _SCRIPT = """
@@ -336,7 +414,8 @@ def test_a_single_source_blend_reads_what_the_plain_source_reads(tmp_path, token
     from megatron_m2.data.shards import ShardStream
 
     many = make_dataset(tmp_path / "many", 8, 1)
-    assert ShardStream(many, seed=1).plan(0)[0] == np.random.default_rng([1, 0]).permutation(8).tolist()
-    assert ShardStream(many, seed=1, source=1).plan(0)[0] != ShardStream(many, seed=1).plan(0)[0]
+    order = [piece.shard for piece in ShardStream(many, seed=1).plan(0)]
+    assert order == np.random.default_rng([1, 0]).permutation(8).tolist()
+    assert [piece.shard for piece in ShardStream(many, seed=1, source=1).plan(0)] != order
     sample = next(ShardStream(many, seed=1))
     assert sample.rng_key(1) == [1, 0, sample.shard, sample.index]

@@ -182,3 +182,17 @@ def test_bad_arguments_raise_config_error():
         itc_loss(image, text[:3], torch.tensor(LOG_SCALE))
     with pytest.raises(ConfigError, match="chunk"):
         itc_loss(image, text, torch.tensor(LOG_SCALE), chunk_size=2, local_loss=False)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_loss_math_is_float32_for_bf16_embeddings(chunk_size):
+    # a bf16 model's embeddings (and logit scale) in: logits, softmax and cross-entropy run in float32 in every mode,
+    # as batch accumulation's pass 2 always did; the gradients go back in the inputs' dtype
+    image, text = (t.bfloat16().requires_grad_(True) for t in _features(6))
+    log_scale = torch.tensor(LOG_SCALE, dtype=torch.bfloat16, requires_grad=True)
+    loss, metrics = itc_loss(image, text, log_scale, chunk_size=chunk_size)
+    want, _ = itc_loss(image.detach().float(), text.detach().float(), log_scale.detach().float(), chunk_size=chunk_size)
+    assert loss.dtype == torch.float32 and metrics["itc_loss"].dtype == torch.float32
+    assert loss.item() == want.item()  # bit for bit: the same float32 math on the same (bf16-representable) values
+    loss.backward()
+    assert image.grad.dtype == text.grad.dtype == log_scale.grad.dtype == torch.bfloat16

@@ -448,3 +448,56 @@ def test_megatron_layer_offsets_follow_layers_per_stage(preset):
             if count:
                 assert get_transformer_layer_offset(block_config, None, rank) == sum(stages[:rank]), (pp, rank)
                 assert get_num_layers_to_build(block_config, None, rank) == count, (pp, rank)
+
+
+def _train_with_backbone_heads(steps: int = 3):
+    """An imported official model (backbone heads on) trains a few steps on megatron's DDP with overlapped gradient
+    reduction (the GPU default) and weight decay: what happens to the heads no loss uses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_m2.models import build_model
+    from megatron_m2.models.m2_model import packed_sequence_length
+    from megatron_m2.training.arguments import build_parser
+    from megatron_m2.training.optimizer import build_optimizer
+    from megatron_m2.training.step import StepConfig, forward_step, train_step
+
+    config = dataclasses.replace(load_config("tiny"), backbone_heads=True)
+    parallel.initialize_model_parallel(1, 1)  # DP 4: every rank fails alike before the fix (no peer left waiting)
+    torch.manual_seed(0)
+    model = build_model(config, spec="local")
+    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=None))
+    args = build_parser().parse_args(["--weight-decay", "0.1", "--lr", "1e-2", "--lr-warmup-iters", "0"])
+    args.lr_decay_iters = args.train_iters
+    optimizer, scheduler = build_optimizer(ddp, args)
+    heads = {name: param.detach().clone() for name, param in model.named_parameters() if "backbone_" in name}
+    others = {name: param.detach().clone() for name, param in model.named_parameters() if "backbone_" not in name}
+    step_config = StepConfig(num_microbatches=2, micro_batch_size=BATCH, seq_length=packed_sequence_length(config))
+    g = torch.Generator().manual_seed(ps.get_data_parallel_rank())
+    for _ in range(steps):
+        batches = iter([dict(images=torch.randint(0, 256, (BATCH, 3, config.image_size, config.image_size),
+                                                  dtype=torch.uint8, generator=g),
+                             text_ids=torch.randint(0, config.vocab_size, (BATCH, config.max_text_length), generator=g),
+                             text_padding_mask=_batch(config)[2]) for _ in range(2)])
+        train_step(forward_step, batches, ddp, optimizer, scheduler, step_config)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = dict(model.named_parameters())
+    return dict(
+        heads_unchanged={name: torch.equal(params[name], value) for name, value in heads.items()},
+        heads_in_optimizer=[name for name in heads if id(params[name]) in optimized],
+        heads_trainable=[name for name in heads if params[name].requires_grad],
+        others_changed=all(not torch.equal(params[name], value) for name, value in others.items()
+                           if params[name].requires_grad and not name.endswith("bias")))
+
+
+def test_backbone_heads_are_frozen_no_gradient_no_decay_no_bucket_error():
+    # The official release's second pair of heads (backbone_image/text_projection, backbone_logit_scale) is carried
+    # for get_backbone_features; no training loss uses it. Trainable, it got no gradient, which trips megatron's
+    # bucket check on step 2 with overlap_grad_reduce, and weight decay shrank it every step. Frozen: neither.
+    results = run_distributed(4, _train_with_backbone_heads, timeout_s=120)
+    for r in results:
+        assert sorted(r["heads_unchanged"]) == ["backbone_image_projection.weight", "backbone_logit_scale",
+                                                "backbone_text_projection.weight"]
+        assert all(r["heads_unchanged"].values()) and not r["heads_in_optimizer"] and not r["heads_trainable"]
+    assert all(r["others_changed"] for r in results)

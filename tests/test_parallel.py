@@ -198,3 +198,19 @@ def test_cpu_patches_stay_inside_megatron_modules():
     for process_wide, patched in [(r[:2], r[2]) for r in run_distributed(2, _cuda_names_after_init)]:
         assert process_wide == ("torch.cuda", "torch.cuda")
         assert patched == {name: ("cpu", None) for name in patched}
+
+
+def _group_timeouts(minutes: int) -> list[float]:
+    from megatron.core import parallel_state as ps
+
+    parallel.initialize_model_parallel(2, 2, distributed_timeout_minutes=minutes)
+    groups = (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+              ps.get_data_parallel_group(), ps.get_model_parallel_group(), parallel.get_itc_group())
+    return [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]
+
+
+def test_distributed_timeout_reaches_every_group():
+    # --distributed-timeout-minutes (Megatron-LM's): a rank waiting in a collective for a peer that failed or hung
+    # (a data worker past --dataloader-timeout) raises after it, not after torch's 30 minutes
+    for timeouts in run_distributed(4, _group_timeouts, 3):
+        assert timeouts == [180.0] * 5

@@ -322,3 +322,16 @@ def test_cli_filters_by_the_contrastive_batch_and_explains():
     assert named.returncode == 0, named.stderr
     assert "TP 8 PP 4 DP 1 ITC group 1: 512 micro-batches" in named.stdout
     assert "Sub-LN statistics" in named.stdout and "GEMMs of stage" in named.stdout
+
+
+def test_the_step_s_micro_batches_are_counted_as_held_uint8_images_in_every_mode():
+    # a step holds its m micro-batches on the device as uint8 images (first stage) and token ids, with or without
+    # batch accumulation; only the micro-batch in its forward is normalised (counted in the stage's input term)
+    config = load_config("1b")
+    per_sample = 3 * config.image_size ** 2 + 9 * config.max_text_length
+    for accumulate in (True, False):
+        few, many = (planner.plan_layout(config, 1, 1, 1, 0, planner.Training(
+            micro_batch_size=8, global_batch_size=8 * m, recompute=False, itc_batch_accumulation=accumulate))
+            for m in (2, 16))
+        grown = many.memory["activations"] - few.memory["activations"]
+        assert grown == pytest.approx(14 * 8 * per_sample), accumulate

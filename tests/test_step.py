@@ -184,3 +184,44 @@ def test_contrastive_batch_size_follows_the_layout():
     assert contrastive_batch_size(_trainer_args([])) == GLOBAL_BATCH
     assert contrastive_batch_size(_trainer_args(["--itc-group-size", "1"])) == GLOBAL_BATCH // DP
     assert contrastive_batch_size(_trainer_args(["--no-itc-batch-accumulation"])) == DP * MICRO_BATCH
+
+
+def _images_held_and_seen(extra: list[str]):
+    """The dtype of the images a step holds for its micro-batches (what the forward step reads from the iterator)
+    and of the images the vision embedding receives."""
+    from megatron_m2.models import build_model
+    from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_m2.training.step import forward_backward, forward_step, step_config_from_args
+
+    args = _trainer_args(extra)
+    config = args.model_config
+    parallel.initialize_model_parallel(TP, PP)
+    model = build_model(config, spec="local")
+    ddp = wrap_ddp(model, args)
+    build_optimizer(ddp, args)
+    held, seen = [], []
+
+    def step(data_iterator, model, **kwargs):
+        batch = next(data_iterator)
+        held.append(str(batch["images"].dtype))
+        return forward_step(iter([batch]), model, **kwargs)
+
+    if hasattr(model, "vision_embed"):
+        model.vision_embed.register_forward_pre_hook(lambda module, inputs: seen.append(str(inputs[0].dtype)))
+    images, ids, padding = _global_batch(config)
+    batches = iter([dict(images=images[_rows(0, m)], text_ids=ids[_rows(0, m)], text_padding_mask=padding[_rows(0, m)])
+                    for m in range(NUM_MICROBATCHES)])
+    forward_backward(step, batches, ddp, step_config_from_args(args))
+    return held, seen
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-itc-batch-accumulation"]], ids=["accumulation", "no-accumulation"])
+def test_a_step_holds_its_micro_batches_as_uint8_and_normalises_each_in_its_forward(extra):
+    # All M micro-batches of a step are read before its schedule runs: held as normalised float images they took
+    # 4x (2x in bf16) the bytes the planner counts. They stay uint8; each is normalised when its forward runs.
+    results = run_distributed(WORLD, _images_held_and_seen, extra)
+    for held, seen in results:
+        assert held and set(held) == {"torch.uint8"}, held
+        assert set(seen) <= {"torch.float32"}  # the model's dtype (first stage only)
+    held, seen = results[0]  # a first-stage rank: one normalised image batch per forward
+    assert len(seen) == len(held) > 0

@@ -21,14 +21,15 @@ The trainer's interface:
   model replica (data/broadcast.py): TP rank 0 of the first stage reads and broadcasts; later stages get
   `images` on the meta device. Collective: every rank of a replica calls next() equally often.
   `reduce_stats(stats, group)` sums the stats over a group (collective).
-- `to_device(batch, device, dtype)` (data/device.py): the batch on the model's device, uint8 images normalised there,
-  meta tensors left as they are; the trainer's step and the evaluator use it.
+- `to_device(batch, device, dtype)` (data/device.py): the batch on the model's device, uint8 images normalised there
+  (`model_images`), meta tensors left as they are; the evaluator uses it, and the trainer's step with dtype=None
+  (images stay uint8 until each micro-batch's forward).
 The measured decode + augment + tokenise rate of one core (benchmarks/data_loader.py) is a hardware assumption of
 the planner (`planner.Hardware.decode_samples_per_core_s`), which reports the CPU cores per GPU a layout needs.
 """
 from megatron_m2.data.blend import Source, name_sources, parse_data_path
 from megatron_m2.data.broadcast import ReplicaBatches, build_replica_train_data, reduce_stats
-from megatron_m2.data.device import to_device
+from megatron_m2.data.device import model_images, to_device
 from megatron_m2.data.loader import ImageTextBatches, build_train_data, cores_per_local_rank, default_num_workers
 from megatron_m2.data.shards import ShardStream, resolve_shards
 from megatron_m2.data.tokenizer import GLMTokenizer, check_vocab, load_tokenizer
@@ -36,5 +37,5 @@ from megatron_m2.data.transforms import eval_transform, normalize, train_transfo
 
 __all__ = ["GLMTokenizer", "ImageTextBatches", "ReplicaBatches", "ShardStream", "Source", "build_replica_train_data",
            "build_train_data", "check_vocab", "cores_per_local_rank", "default_num_workers", "eval_transform",
-           "load_tokenizer", "name_sources", "normalize", "parse_data_path", "reduce_stats", "resolve_shards", "to_device",
-           "train_transform"]
+           "load_tokenizer", "model_images", "name_sources", "normalize", "parse_data_path", "reduce_stats",
+           "resolve_shards", "to_device", "train_transform"]

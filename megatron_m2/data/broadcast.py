@@ -148,7 +148,7 @@ def _replica_reader(mp_group, tp_rank: int, first_stage: bool) -> int:
 def build_replica_train_data(shards_or_blend: ShardsOrBlend, tokenizer, config, micro_batch_size: int, seed: int,
                              num_workers: Optional[int] = 0, prefetch_factor: int = 2,
                              hflip: bool = True, randaugment: Optional[tuple[int, float]] = None,
-                             sample_filter=None) -> ReplicaBatches:
+                             sample_filter=None, timeout: float = 0) -> ReplicaBatches:
     """The training data of this rank in megatron-core's layout (parallel_state must be initialised; collective
     over the model-parallel group): the reader builds the loader (`build_train_data`), the others nothing."""
     from megatron.core import parallel_state
@@ -165,7 +165,7 @@ def build_replica_train_data(shards_or_blend: ShardsOrBlend, tokenizer, config, 
                                  parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size(), seed, num_workers=num_workers,
                                  prefetch_factor=prefetch_factor, hflip=hflip, randaugment=randaugment,
-                                 sample_filter=sample_filter)
+                                 sample_filter=sample_filter, timeout=timeout)
     return ReplicaBatches(inner, micro_batch_size=micro_batch_size, image_size=config.image_size,
                           text_length=tokenizer.max_length, reader=reader, first_stage=first_stage,
                           mp_group=mp_group, tp_group=tp_group,

@@ -7,7 +7,9 @@ How (torch's DataLoader with the stream as its "sampler"):
   processes receive the encoded bytes, decode (Pillow), augment (seeded per sample from (seed, epoch, shard,
   index)), tokenise and return uint8 tensors through shared memory; `prefetch_factor` chunks per worker are in
   flight. The DataLoader keeps the order, pins memory (when CUDA is available), reports a dead worker as an error
-  (RuntimeError "DataLoader worker ... exited unexpectedly") and stops its workers with the iterator.
+  (RuntimeError "DataLoader worker ... exited unexpectedly") and stops its workers with the iterator; a hung one
+  ends in DataTimeoutError after `timeout` seconds. Workers ignore a SIGTERM that is not their trainer's
+  (data/workers.py: Slurm signals every process of a job).
 - the main process assembles micro-batches from the chunks in stream order, dropping images that do not decode
   (counted as corrupt_image). What a batch holds therefore depends only on the stream, never on the worker count.
 - the position: after every raw sample the reader keeps a snapshot of its source's position (a few ints); a sample
@@ -21,7 +23,6 @@ import functools
 import io
 import logging
 import os
-import signal
 from typing import Callable, Optional
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+from megatron_m2.data import workers
 from megatron_m2.data.blend import BlendedStream, ShardsOrBlend, normalize_sources, stat_keys
 from megatron_m2.data.filters import SampleFilter
 from megatron_m2.data.shards import SKIP_REASONS
@@ -105,20 +107,6 @@ def _identity(x):
     return x
 
 
-def _die_with_parent(parent: int, worker_id: int) -> None:
-    """Worker init: on Linux the kernel kills the worker the moment the training process dies (even kill -9);
-    elsewhere torch's workers notice a dead parent within 5 s. (The signal follows the thread that started the
-    workers: the one calling next(), the training thread.)"""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 class _Chunks:
     """The DataLoader's sampler: yields chunks of raw samples read from the blend, in order, and remembers for
     every raw sample (source, position snapshot after it, epoch, where) until the batch assembler consumes it."""
@@ -147,7 +135,8 @@ class ImageTextBatches:
     def __init__(self, shards: ShardsOrBlend, tokenizer: GLMTokenizer, transform: Callable,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_window: int = 512, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
-                 pin_memory: Optional[bool] = None, sample_filter: Optional[SampleFilter] = None) -> None:
+                 pin_memory: Optional[bool] = None, sample_filter: Optional[SampleFilter] = None,
+                 timeout: float = 0) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be >= 1")
         num_workers = default_num_workers() if num_workers is None else num_workers
@@ -160,7 +149,7 @@ class ImageTextBatches:
         self.names = self.blend.names
         self.tokenizer, self.transform = tokenizer, transform
         self.micro_batch_size, self.seed, self.dp_rank = micro_batch_size, seed, dp_rank
-        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.num_workers, self.prefetch_factor, self.timeout = num_workers, prefetch_factor, timeout
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._iter = None
         self._samples = [0] * len(self.names)  # usable samples returned, per source
@@ -230,13 +219,15 @@ class ImageTextBatches:
             _Decoder(self.tokenizer, self.transform), batch_size=None, sampler=_Chunks(self),
             num_workers=self.num_workers, collate_fn=_identity, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if self.num_workers else None)
-        return iter(loader)
+            timeout=self.timeout if self.num_workers else 0,
+            worker_init_fn=functools.partial(workers.worker_init, os.getpid()) if self.num_workers else None)
+        with workers.starting():
+            return iter(loader)
 
     def _stop_workers(self) -> None:
         it, self._iter = self._iter, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()  # joins the workers now rather than whenever the iterator is collected
+        if it is not None:
+            workers.stop(it)
 
     def close(self) -> None:
         """Stops the worker processes (also done at exit). A later next() starts new ones and goes on with exactly
@@ -269,7 +260,7 @@ class ImageTextBatches:
     def _next_chunk(self) -> None:
         if self._iter is None:
             self._iter = self._start()
-        out = next(self._iter)
+        out = workers.next_batch(self._iter, self.timeout)
         self._chunks.append([out, self._records.popleft(), 0])
 
     def _consume(self, record: tuple, usable: bool) -> None:
@@ -338,10 +329,11 @@ class ImageTextBatches:
 def build_train_data(shards_or_blend: ShardsOrBlend, tokenizer: GLMTokenizer, config, micro_batch_size: int,
                      dp_rank: int, dp_size: int, seed: int, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
                      hflip: bool = True, randaugment: Optional[tuple[int, float]] = None,
-                     sample_filter: Optional[SampleFilter] = None) -> ImageTextBatches:
+                     sample_filter: Optional[SampleFilter] = None, timeout: float = 0) -> ImageTextBatches:
     """The training iterator for a model config (its image_size), with the train augmentation (uint8 images;
     randaugment = (N, M) adds RandAugment(N, M)) and the optional sample filter (data/filters.py).
-    num_workers=None: default_num_workers()."""
+    num_workers=None: default_num_workers(); timeout: seconds to wait for a worker's micro-batch (0 = forever)."""
     transform = train_transform(config.image_size, hflip=hflip, randaugment=randaugment)
     return ImageTextBatches(shards_or_blend, tokenizer, transform, micro_batch_size, dp_rank, dp_size, seed,
-                            num_workers=num_workers, prefetch_factor=prefetch_factor, sample_filter=sample_filter)
+                            num_workers=num_workers, prefetch_factor=prefetch_factor, sample_filter=sample_filter,
+                            timeout=timeout)

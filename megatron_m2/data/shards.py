@@ -5,11 +5,16 @@ KEY.jpg|jpeg|png|webp is the image, KEY.txt or KEY.json["caption"] the caption (
 
 `ShardStream` is one data-parallel rank's endless stream of raw samples:
 - epoch e visits the shards in a permutation drawn from (seed, e);
-- with at least as many shards as DP ranks, rank r reads shards order[r::dp] (disjoint files); with fewer, every
-  rank reads all shards and keeps the samples whose position in the epoch is r modulo dp (disjoint samples);
-- within a shard, windows of `shuffle_window` samples are permuted with (seed, e, shard, window);
-- its position is (epoch, shard, offset, position): a few ints, saved in the checkpoint, so a resumed stream
-  continues with exactly the next sample.
+- within a shard, windows of `shuffle_window` samples are permuted with (seed, e, shard, window); a sample's slot is
+  its index in that shuffled order;
+- a rank's epoch is a plan of pieces (shard, stride, phase, start): read the shard's slots from `start` on and keep
+  those with slot % stride == phase. With at least as many shards as DP ranks, rank r reads whole shards
+  order[r::dp] (disjoint files); with fewer, every rank reads every shard and keeps one slot in dp (the i-th shard
+  of the epoch: slots r + i modulo dp; disjoint samples);
+- its position is (epoch, piece, offset (slot), ...): a few ints, saved in the checkpoint, so a resumed stream
+  continues with exactly the next sample. A run resumed at another data-parallel size continues the epoch instead
+  of starting it again: `reshard_positions` gives every new rank its share of the pieces the old ranks had not
+  read yet (an explicit plan for those epochs), and later epochs follow the new size.
 Unusable samples are skipped and counted in `stats`, never raised: a broken caption must not stop a long run.
 `ShardWriter` writes the same format (tools/make_shards.py).
 """
@@ -25,7 +30,7 @@ import posixpath
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import braceexpand
 import numpy as np
@@ -185,6 +190,23 @@ def count_skip(stats: Counter, reason: str, where: str) -> None:
                        "" if skipped < _MAX_SKIP_WARNINGS else " (further skips are only counted)")
 
 
+class Piece(NamedTuple):
+    """Part of a rank's epoch: slots start.. of `shard` (its shuffled order) with slot % stride == phase."""
+
+    shard: int
+    stride: int
+    phase: int
+    start: int
+
+
+def epoch_plan(num_shards: int, dp_rank: int, dp_size: int, seed: int, epoch: int, source: int = 0) -> list[Piece]:
+    """The pieces rank dp_rank of dp_size reads in `epoch` (see the module docstring)."""
+    order = np.random.default_rng([seed, epoch, *([source] if source else [])]).permutation(num_shards).tolist()
+    if num_shards >= dp_size:
+        return [Piece(shard, 1, 0, 0) for shard in order[dp_rank::dp_size]]
+    return [Piece(shard, dp_size, (dp_rank + i) % dp_size, 0) for i, shard in enumerate(order)]
+
+
 class ShardStream:
     """One DP rank's endless, resumable stream of usable `RawSample`s (see the module docstring)."""
 
@@ -203,8 +225,12 @@ class ShardStream:
         self.sample_filter = sample_filter if sample_filter is not None and sample_filter.active else None
         self.stats: Counter = Counter()
         self._plan_cache: tuple = (None, None)
-        # Position: samples of the current shard consumed (offset) and of the epoch (position), usable or not.
+        # Explicit plans of epochs that a resume at another data-parallel size split ((epoch, pieces), ...).
+        self.plans: tuple = ()
+        # Position: the piece of the epoch, the next slot of its shard (offset), raw samples of the epoch read
+        # (position), usable or not.
         self.epoch, self.shard, self.offset, self.position, self.usable_in_epoch = 0, 0, 0, 0, 0
+        self.offset = self._start(0)
         self._reset_reader()
 
     # -- position -------------------------------------------------------------------------------------------
@@ -216,9 +242,10 @@ class ShardStream:
                 "shuffle_window": self.shuffle_window, "source": self.source}
 
     def position_dict(self) -> dict:
-        """The cheap part of `state_dict` that changes per sample (the loader snapshots it after every sample)."""
+        """The cheap part of `state_dict` that changes per sample (the loader snapshots it after every sample; the
+        explicit plans are an immutable tuple, shared, not copied)."""
         return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "position": self.position,
-                "usable_in_epoch": self.usable_in_epoch, "stats": dict(self.stats)}
+                "usable_in_epoch": self.usable_in_epoch, "stats": dict(self.stats), "plans": self.plans}
 
     def load_state_dict(self, state: dict) -> None:
         layout = {k: state.get(k, 0) for k in self._layout()}
@@ -229,17 +256,26 @@ class ShardStream:
         self.epoch, self.shard, self.offset = state["epoch"], state["shard"], state["offset"]
         self.position, self.usable_in_epoch = state["position"], state["usable_in_epoch"]
         self.stats = Counter(state["stats"])
+        self.plans = tuple((int(epoch), tuple(Piece(*piece) for piece in pieces))
+                           for epoch, pieces in state.get("plans", ()))
+        self._plan_cache = (None, None)
         self._reset_reader()
 
     # -- the plan of an epoch -------------------------------------------------------------------------------
-    def plan(self, epoch: int) -> tuple[list[int], int, int]:
-        """(shard ids this rank reads in order, stride, phase): it keeps epoch positions p with p % stride == phase."""
+    def plan(self, epoch: int) -> list[Piece]:
+        """The pieces this rank reads in `epoch`, in order: an explicit plan if a resume gave one, else
+        `epoch_plan`."""
         if self._plan_cache[0] != epoch:  # asked for every sample: a permutation of 100k shards is not free
-            order = np.random.default_rng([self.seed, epoch, *self._salt]).permutation(len(self.shards)).tolist()
-            plan = (order[self.dp_rank::self.dp_size], 1, 0) if len(self.shards) >= self.dp_size else \
-                (order, self.dp_size, self.dp_rank)
+            explicit = dict(self.plans).get(epoch)
+            plan = list(explicit) if explicit is not None else epoch_plan(
+                len(self.shards), self.dp_rank, self.dp_size, self.seed, epoch, self.source)
             self._plan_cache = (epoch, plan)
         return self._plan_cache[1]
+
+    def _start(self, piece: int) -> int:
+        """The first slot of piece `piece` of the current epoch (0 past the last one)."""
+        plan = self.plan(self.epoch)
+        return plan[piece].start if piece < len(plan) else 0
 
     def _reset_reader(self) -> None:
         self._groups: Optional[Iterator] = None  # open tar of the current shard
@@ -263,25 +299,29 @@ class ShardStream:
 
     def __next__(self) -> RawSample:
         while True:
-            shard_ids, stride, phase = self.plan(self.epoch)
-            if self.shard >= len(shard_ids):
-                if self.usable_in_epoch == 0:
+            plan = self.plan(self.epoch)
+            if self.shard >= len(plan):
+                explicit = self.epoch in dict(self.plans)  # the rest of an epoch split at a resume may hold nothing
+                if self.usable_in_epoch == 0 and not explicit:
                     raise ConfigError(f"--data-path: data-parallel rank {self.dp_rank} found no usable sample in a "
                                       f"whole epoch of {len(self.shards)} shards; skipped: {dict(self.stats)}")
-                self.epoch, self.shard, self.offset, self.position, self.usable_in_epoch = self.epoch + 1, 0, 0, 0, 0
+                self.epoch, self.shard, self.position, self.usable_in_epoch = self.epoch + 1, 0, 0, 0
+                self.plans = tuple((epoch, pieces) for epoch, pieces in self.plans if epoch >= self.epoch)
+                self.offset = self._start(0)
                 self._reset_reader()
                 continue
-            shard_id = shard_ids[self.shard]
+            shard_id, stride, phase, _ = plan[self.shard]
             window_id = self.offset // self.shuffle_window
             if self._window_id != window_id:
                 self._window, self._window_id = self._load_window(shard_id, window_id), window_id
             slot = self.offset % self.shuffle_window
             if slot >= len(self._window):  # the shard is exhausted
-                self.shard, self.offset = self.shard + 1, 0
+                self.shard += 1
+                self.offset = self._start(self.shard)
                 self._reset_reader()
                 continue
             index, (key, members) = self._window[slot]
-            mine = self.position % stride == phase
+            mine = self.offset % stride == phase
             self.offset += 1
             self.position += 1
             if not mine:

@@ -220,7 +220,7 @@ def hf_to_megatron_sharded_state(hf_state: dict[str, torch.Tensor], config: M2Co
 
     from megatron_m2.models import build_model
 
-    model = build_model(config, spec="local")
+    model = build_model(config, spec="local", perform_initialization=False)  # every tensor is filled below
     sharded = model.sharded_state_dict()
     top = megatron_top_keys(config)
     used: set[str] = set()

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_m2.config import (M2Config, layers_per_stage, padded_length, transformer_config,
                                 validate_parallel_shapes)
+from megatron_m2.models.init import initialize_weights
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
 from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
 from megatron_m2.models.text import TextEmbedding
@@ -135,6 +136,13 @@ class M2PipelineStage(MegatronModule):
                 self.backbone_text_projection = self._head()
                 self.backbone_logit_scale = torch.nn.Parameter(
                     torch.tensor(config.logit_scale_init, dtype=tc.params_dtype))
+                # Frozen: no training loss uses this second pair of heads (the release's get_backbone_features
+                # output). Trainable, they would get no gradient, which megatron's DDP rejects on the next step with
+                # overlap_grad_reduce (a bucket waits for every parameter), and weight decay would shrink them every
+                # step. Frozen, DDP and the optimizer leave them out; checkpoints and converters still carry them.
+                for head in (self.backbone_image_projection.weight, self.backbone_text_projection.weight,
+                             self.backbone_logit_scale):
+                    head.requires_grad_(False)
 
     def _head(self) -> torch.nn.Linear:
         """Bias-free projection to out_dim, replicated over TP (it is small)."""
@@ -229,9 +237,13 @@ class M2PipelineStage(MegatronModule):
         return F.normalize(head(self._first_token(hidden)), dim=-1)
 
 
-def build_model(config: M2Config, spec: str = "auto", **transformer_config_overrides) -> M2PipelineStage:
+def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None,
+                **transformer_config_overrides) -> M2PipelineStage:
     """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
 
+    The initial weights are a function of `seed` alone, the same at every TP x PP layout (models/init.py); the
+    trainer passes --seed. seed=None draws one from torch's default generator, so `torch.manual_seed(k)` before the
+    call picks the weights (the same on every rank that seeded alike).
     Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
     Layout errors are raised before anything is allocated.
     """
@@ -245,6 +257,12 @@ def build_model(config: M2Config, spec: str = "auto", **transformer_config_overr
     tc = transformer_config(config, tp, pp, **overrides)
     model = M2PipelineStage(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage(), spec=spec)
+    # Every parameter in params_dtype, as Megatron-LM's Float16Module casts them: megatron's torch LayerNorm (local
+    # spec) is built in float32 whatever params_dtype says, and float32 parameters in a bf16 model break the
+    # mixed-precision optimizer's checkpoint (its sharded_state_dict numbers the 16-bit parameters only).
+    model.to(dtype=tc.params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if tc.perform_initialization:
+        initialize_weights(model, int(torch.randint(2**62, (), device="cpu")) if seed is None else seed)
     return model

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="PP: stages; must divide num_layers + num_vl_layers of the model")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of every collective (process groups of torch.distributed and megatron-core): a rank "
+                   "that waits longer for a peer that failed or hung raises instead of waiting (torch's default "
+                   "is 30 minutes)")
     g.add_argument("--itc-group-size", type=int, default=0,
                    help="data-parallel ranks whose features the contrastive loss aggregates (M2-Encoder's grouped "
                    "aggregation); 0 = the whole data-parallel group (exact CLIP loss)")
@@ -94,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.98, help="AdamW beta2")
     g.add_argument("--adam-eps", type=float, default=1e-6, help="AdamW epsilon")
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every step's loss and gradients for NaN/Inf (all ranks agree in one all-reduce) and "
+                   "skip the update of a step that has one: no weight or schedule change, counted in the log's "
+                   "skipped and nan iterations")
+    g.add_argument("--max-consecutive-nan-iterations", type=int, default=3,
+                   help="with --check-for-nan-in-loss-and-grad: stop with an error at the (N+1)-th non-finite step "
+                   "in a row (a diverged run); 0 = at the first one, as Megatron-LM's check does")
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations with fp32 master weights (GPU)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (ZeRO-1; GPU/nccl)")
@@ -119,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "value")
     g.add_argument("--prefetch-factor", type=int, default=2,
                    help="micro-batches each data worker prepares ahead")
+    g.add_argument("--dataloader-timeout", type=float, default=300.0,
+                   help="seconds the reading rank waits for a micro-batch from its data workers before it stops "
+                   "with an error (a hung worker: a stuck file system, a pathological image) and exits, so the "
+                   "launcher ends the job; 0 = wait forever. Keep it below --distributed-timeout-minutes, which "
+                   "ends the peers waiting for this rank")
     g.add_argument("--no-hflip", dest="hflip", action="store_false",
                    help="no random horizontal flip in the train augmentation (for images where a mirror changes the "
                    "meaning: digits, text)")
@@ -284,8 +300,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError(f"--num-workers must be >= 0 (0 = decode in the training process), got {args.num_workers}")
     if args.prefetch_factor < 1:
         raise ConfigError(f"--prefetch-factor must be >= 1, got {args.prefetch_factor}")
+    if args.dataloader_timeout < 0:
+        raise ConfigError(f"--dataloader-timeout must be >= 0 seconds (0 = no timeout), got {args.dataloader_timeout}")
+    if args.distributed_timeout_minutes < 1:
+        raise ConfigError(f"--distributed-timeout-minutes must be >= 1, got {args.distributed_timeout_minutes}")
     if args.itc_chunk_size < 0:
         raise ConfigError("--itc-chunk-size must be >= 0")
+    if args.max_consecutive_nan_iterations < 0:
+        raise ConfigError(f"--max-consecutive-nan-iterations must be >= 0, got {args.max_consecutive_nan_iterations}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     if args.exit_interval < 0:

@@ -20,6 +20,7 @@ from megatron_m2.data.filters import sample_filter_from_args
 from megatron_m2.training.batch_schedule import configure_microbatches
 from megatron_m2.training.monitoring import (attach_timers, log_timers, report_stragglers,
                                              start_straggler_detector)
+from megatron_m2.training.nan_guard import NanGuard
 from megatron_m2.training.optimizer import build_optimizer, parameters_synced, schedule, wrap_ddp
 from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
@@ -76,6 +77,23 @@ def freeze_vision_tower(model: torch.nn.Module) -> int:
     return frozen
 
 
+def _continue_data(data, root: str, iteration: int) -> None:
+    """A resume at another data-parallel size: each reading rank continues the epochs where the old ranks left them
+    (data/reshard.py: no sample they read comes again before those epochs end)."""
+    from megatron_m2.data.reshard import reshard_loader_states
+
+    if not data.is_reader:
+        return
+    old = [state["data"] for state in checkpointing.load_rank_states(root, iteration)]
+    state = reshard_loader_states(old, parallel_state.get_data_parallel_rank(),
+                                  parallel_state.get_data_parallel_world_size())
+    if state is not None:
+        data.load_state_dict(state)
+    print_rank_0(f"data-parallel size {len(old)} in the checkpoint, {parallel_state.get_data_parallel_world_size()} "
+                 "now: " + ("the data continues the old ranks' epochs" if state is not None else "the data position "
+                            "predates blending and cannot be continued: the data streams restart from the beginning"))
+
+
 def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_step,
              eval_fn: Optional[Callable] = None) -> dict[str, Any]:
     """Train as the flags say with `forward_step_func` (training/step.py's shape); `eval_fn(forward_step_func, model,
@@ -96,10 +114,11 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         checkpointing.check_schedule(args.load, schedule(args))
 
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                                       layout.itc_group_size, seed=args.seed)
+                                       layout.itc_group_size, seed=args.seed,
+                                       distributed_timeout_minutes=args.distributed_timeout_minutes)
     configure_microbatches(args, layout)
-    model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16,
-                                                                        args.sequence_parallel))
+    model = build_model(config, spec=args.spec, seed=args.seed,
+                        **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters, ITC group ranks "
@@ -107,7 +126,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     timers = attach_timers(model, args)
 
     iteration, rank_state, saved_common, consumed_samples = 0, None, {}, 0
-    if not resume:
+    if not resume:  # before the optimizer exists: its fp32 master weights (bf16) are cloned from these
         for root, tower in ((args.load_vision, "vision"), (args.load_text, "text")):
             if root:
                 keep = model.is_vision_parameter if tower == "vision" else model.is_text_parameter
@@ -119,7 +138,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     optimizer, scheduler = build_optimizer(ddp, args)
     if resume:
         iteration, rank_state, saved_common = checkpointing.load_checkpoint(
-            args.load, model, None if args.no_load_optim else optimizer, scheduler)
+            args.load, model, optimizer, scheduler, load_optimizer_state=not args.no_load_optim)
         # checkpoints from before the batch ramp-up existed trained with a constant batch
         consumed_samples = saved_common.get("consumed_train_samples", iteration * args.global_batch_size)
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
@@ -133,12 +152,15 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
                                     hflip=args.hflip, randaugment=args.randaugment,
-                                    sample_filter=sample_filter_from_args(args))
+                                    sample_filter=sample_filter_from_args(args), timeout=args.dataloader_timeout)
+    nan_guard = NanGuard(args.max_consecutive_nan_iterations) if args.check_for_nan_in_loss_and_grad else None
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
+        if nan_guard is not None:
+            nan_guard.load_state_dict(rank_state.get("nan_guard", {}))
     elif resume:
-        print_rank_0("data-parallel size changed since the checkpoint: data streams restart from the beginning")
+        _continue_data(data, args.load, iteration)
 
     wandb_run, wandb_run_id = build_wandb_run(args, saved_common.get(RUN_ID_KEY), parallel.is_logging_rank())
     wandb_run_id = wandb_run_id or saved_common.get(RUN_ID_KEY)  # a run without wandb keeps the id for a later one
@@ -153,7 +175,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
 
     def save(step: int) -> None:
         finalize_saves(blocking=True)  # one save at a time: an --async-save still being written finishes first
-        rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state()}
+        rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state(),
+                      "nan_guard": nan_guard.state_dict() if nan_guard is not None else {}}
         start = time.perf_counter()
         with parameters_synced(ddp):
             path = checkpointing.save_checkpoint(
@@ -199,7 +222,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         batch_size = get_current_global_batch_size()
         if profiler is not None:
             profiler.before_step(iteration)
-        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config)
+        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config, nan_guard=nan_guard)
         iteration += 1
         if profiler is not None:
             profiler.after_step(iteration)

@@ -6,7 +6,8 @@ or, when the batch carries a cached embedding gradient (GBA-ITC batch accumulati
 surrogate loss; with `non_loss_data=True` it returns the embeddings (pass 1 and evaluation).
 
 `train_step(forward_step_func, data_iterator, model, optimizer, scheduler, step_config)` reads the step's M
-micro-batches once, moves them to the device and either
+micro-batches once, moves them to the device (images stay uint8 there; `forward_step` normalises each micro-batch
+when it runs) and either
 - runs megatron's forward-backward schedule with the per-micro-batch loss (M = 1, or --no-itc-batch-accumulation), or
 - computes one ITC loss over all M micro-batches (pass 1: forward-only schedule for the embeddings; pass 2: loss and
   embedding gradients; pass 3: the forward-backward schedule with the surrogate loss), replaying the same batches.
@@ -27,13 +28,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import StragglerDetector
 
 from megatron_m2 import parallel
-from megatron_m2.data.device import to_device
+from megatron_m2.data.device import model_images, to_device
 from megatron_m2.loss import itc_loss
 from megatron_m2.models.m2_model import packed_sequence_length
 from megatron_m2.training.profiling import DATA_WAIT, FORWARD_BACKWARD, ITC_LOSS, OPTIMIZER, PASS1_FORWARD, phase
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
                                                      surrogate_loss)
 from megatron_m2.training.batch_schedule import scheduler_increment
+from megatron_m2.training.nan_guard import NanGuard
 
 ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
 # megatron-core's straggler detector (training/monitoring.py configures it; until then its start/stop do nothing)
@@ -56,8 +58,10 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
                  itc_group: Optional[dist.ProcessGroup] = None, itc_chunk_size: Optional[int] = None):
     """One micro-batch through this stage; on the last stage, the loss function (see the module docstring)."""
     batch = next(data_iterator)
+    # the step holds its micro-batches as uint8 (train_step): this one is normalised now, and freed after its forward
     with stimer:
-        output = model(batch["images"], batch["text_ids"], batch["text_padding_mask"])
+        output = model(model_images(batch["images"], model_dtype(model)), batch["text_ids"],
+                       batch["text_padding_mask"])
 
     def loss_func(output_tensor, non_loss_data: bool = False):
         image_embeds, text_embeds = output_tensor[:2]
@@ -146,10 +150,11 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
                      config: StepConfig) -> list[dict]:
     """Gradients of the step's loss in the model's grad buffers (DP-reduced by the schedule's finalize); returns the
     last stage's per-micro-batch metrics (one entry for the whole step with batch accumulation)."""
-    device, dtype = model_device(model), model_dtype(model)
     timers = unwrap(model).config.timers
+    # the step's M micro-batches on the device as they came (uint8 images), read once: batch accumulation replays them
     with phase(DATA_WAIT), _timed(timers, "batch-generator", 2), stimer(bdata=True):
-        batches = [to_device(next(data_iterator), device, dtype) for _ in range(config.num_microbatches)]
+        batches = [to_device(next(data_iterator), model_device(model), dtype=None)
+                   for _ in range(config.num_microbatches)]
     itc_group = parallel.get_itc_group()
     step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
     schedule = partial(get_forward_backward_func(), model=model, num_microbatches=config.num_microbatches,
@@ -172,19 +177,26 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
 
 
 def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module, optimizer,
-               scheduler, config: StepConfig) -> dict[str, float]:
+               scheduler, config: StepConfig, nan_guard: Optional[NanGuard] = None) -> dict[str, float]:
     """Zero the gradients, forward-backward the step's micro-batches, update; returns the logged metrics.
 
     forward_step_func(data_iterator, model, itc_group=..., itc_chunk_size=...) has `forward_step`'s contract: its
     loss function computes the ITC loss in that group, the surrogate when the batch carries ITC_GRADIENT, and the
-    embeddings when called with non_loss_data=True (pass 1)."""
+    embeddings when called with non_loss_data=True (pass 1). nan_guard: skip the update of a step whose loss or
+    gradients are not finite (training/nan_guard.py); a skipped step (here or megatron's found-inf) does not advance
+    the learning-rate schedule, as in Megatron-LM."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(forward_step_func, data_iterator, model, config)
-    with phase(OPTIMIZER), _timed(unwrap(model).config.timers, "optimizer", 1,
-                                  barrier=unwrap(model).config.barrier_with_L1_time):
-        update_ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=config.scheduler_increment)
+    if nan_guard is not None and nan_guard.skip_step(
+            model, [value for metrics in losses for value in metrics.values() if isinstance(value, torch.Tensor)]):
+        update_ok, grad_norm = False, None
+    else:
+        with phase(OPTIMIZER), _timed(unwrap(model).config.timers, "optimizer", 1,
+                                      barrier=unwrap(model).config.barrier_with_L1_time):
+            update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=config.scheduler_increment)
     metrics = reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     if grad_norm is not None:
