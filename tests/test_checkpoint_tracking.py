@@ -250,7 +250,7 @@ def _bf16_training_state(seed: int):
 
     torch.manual_seed(seed)
     model = build_model(load_config("tiny"), spec="local", **transformer_overrides(bf16=True))
-    args = build_parser().parse_args(["--bf16", "--weight-decay", "0", "--lr-warmup-iters", "0"])
+    args = build_parser().parse_args(["--bf16", "--weight-decay", "0", "--lr-warmup-iters", "0", "--train-iters", "100"])
     args.lr_decay_iters = args.train_iters
     ddp = wrap_ddp(model, args)
     tensor_type = torch.Tensor.type

@@ -21,7 +21,7 @@ def _initial_state_and_first_loss(tp: int, pp: int, seed: int):
 
     from megatron_m2.models import build_model
     from megatron_m2.models.m2_model import packed_sequence_length
-    from megatron_m2.training.arguments import build_parser
+    from megatron_m2.training.arguments import build_parser, validate_args
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
     from megatron_m2.training.step import StepConfig, forward_backward, forward_step, reduce_metrics
 
@@ -31,8 +31,13 @@ def _initial_state_and_first_loss(tp: int, pp: int, seed: int):
     model = build_model(config, spec="local", seed=seed)
     state = {name: value.detach().clone() for name, value in model.state_dict().items()
              if not name.endswith("_extra_state")}
-    args = build_parser().parse_args([])
-    args.lr_decay_iters = args.train_iters
+    dp = dist.get_world_size() // (tp * pp)
+    args = build_parser().parse_args(
+        ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp), "--itc-group-size", "1",
+         "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(MICRO_BATCH * NUM_MICROBATCHES * dp),
+         "--dry-run"])
+    args.model_config = config
+    args.layout = validate_args(args, world_size=dist.get_world_size())
     ddp = wrap_ddp(model, args)
     build_optimizer(ddp, args)
     g = torch.Generator().manual_seed(seed)  # the same batch on every data-parallel rank

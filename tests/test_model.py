@@ -458,7 +458,7 @@ def _train_with_backbone_heads(steps: int = 3):
 
     from megatron_m2.models import build_model
     from megatron_m2.models.m2_model import packed_sequence_length
-    from megatron_m2.training.arguments import build_parser
+    from megatron_m2.training.arguments import build_parser, validate_args
     from megatron_m2.training.optimizer import build_optimizer
     from megatron_m2.training.step import StepConfig, forward_step, train_step
 
@@ -468,8 +468,11 @@ def _train_with_backbone_heads(steps: int = 3):
     model = build_model(config, spec="local")
     ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=None))
-    args = build_parser().parse_args(["--weight-decay", "0.1", "--lr", "1e-2", "--lr-warmup-iters", "0"])
-    args.lr_decay_iters = args.train_iters
+    args = build_parser().parse_args(["--weight-decay", "0.1", "--lr", "1e-2", "--lr-warmup-iters", "0",
+                                      "--micro-batch-size", str(BATCH), "--global-batch-size", str(BATCH * 2 * 4),
+                                      "--dry-run"])
+    args.model_config = config
+    validate_args(args, world_size=4)
     optimizer, scheduler = build_optimizer(ddp, args)
     heads = {name: param.detach().clone() for name, param in model.named_parameters() if "backbone_" in name}
     others = {name: param.detach().clone() for name, param in model.named_parameters() if "backbone_" not in name}

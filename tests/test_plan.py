@@ -114,7 +114,7 @@ def test_grouped_itc_memory_and_communication_grow_with_the_group():
     assert by_group[1].communication["itc"] == 0
     b, d = 64, config.out_dim
     m = by_group[8].num_microbatches
-    assert by_group[8].communication["itc"] == m * 2 * 2 * 7 * b * d * 2  # all-gather + reduce-scatter, bf16
+    assert by_group[8].communication["itc"] == m * 2 * 2 * 7 * b * d * 4  # all-gather + reduce-scatter, fp32
     assert by_group[8].memory["itc"] < by_group[64].memory["itc"]
     chunked = planner.plan_layout(config, 64, 1, 1, 64, planner.Training(
         micro_batch_size=64, global_batch_size=64 * 64, recompute=True, itc_chunk_size=256))
