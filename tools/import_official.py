@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_m2.hf.modeling_m2 import M2EncoderModel
         from megatron_m2.hf.official import config_from_official, load_official_state_dict, official_to_hf_state_dict
 
+        if not os.path.isfile(args.checkpoint):
+            raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
         start = time.perf_counter()
         logging.info("loading %s (%.1f GB) ...", args.checkpoint, os.path.getsize(args.checkpoint) / 1e9)
         official = load_official_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
