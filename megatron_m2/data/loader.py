@@ -30,6 +30,7 @@ import torch.utils.data
 from PIL import Image
 
 from megatron_m2.data.blend import BlendedStream, ShardsOrBlend, normalize_sources, stat_keys
+from megatron_m2.data.masking import Masker
 from megatron_m2.data.shards import SKIP_REASONS
 from megatron_m2.data.tokenizer import GLMTokenizer
 from megatron_m2.data.transforms import to_rgb, train_transform
@@ -62,10 +63,11 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """Runs in the workers: chunk of (image bytes, caption, rng key) -> the usable samples as tensors + an ok mask."""
+    """Runs in the workers: chunk of (image bytes, caption, rng key) -> the usable samples as tensors + an ok mask,
+    with the masked-modelling masks of the enabled objectives (data/masking.py), drawn from each sample's key."""
 
-    def __init__(self, tokenizer: GLMTokenizer, transform: Callable) -> None:
-        self.tokenizer, self.transform = tokenizer, transform
+    def __init__(self, tokenizer: GLMTokenizer, transform: Callable, masker: Optional[Masker] = None) -> None:
+        self.tokenizer, self.transform, self.masker = tokenizer, transform, masker
 
     def _image(self, data: bytes, key: list[int]) -> Optional[torch.Tensor]:
         try:
@@ -77,18 +79,21 @@ class _Decoder(torch.utils.data.Dataset):
         return self.transform(image)
 
     def __getitem__(self, chunk: list) -> dict:
-        images, captions, ok = [], [], []
+        images, captions, keys, ok = [], [], [], []
         for data, caption, key in chunk:
             image = self._image(data, key)
             ok.append(image is not None)
             if image is not None:
                 images.append(image)
                 captions.append(caption)
+                keys.append(key)
         out = {"ok": torch.tensor(ok, dtype=torch.bool)}
         if images:
             out["text_ids"], out["text_padding_mask"] = self.tokenizer(captions)
             # One numpy copy (see transforms.to_tensor for why not torch.stack).
             out["images"] = torch.from_numpy(np.stack([image.numpy() for image in images]))
+            if self.masker is not None:
+                out.update(self.masker(out["text_ids"], keys))
         return out
 
 
@@ -133,12 +138,13 @@ class _Chunks:
 
 class ImageTextBatches:
     """Iterator of dict(images [b,3,H,W] (uint8 from the train transform), text_ids [b,L] int64,
-    text_padding_mask [b,L] bool); see the module docstring. Use `close()` or `with` to stop the workers."""
+    text_padding_mask [b,L] bool), plus the masker's entries (data/masking.py) when one is given; see the module
+    docstring. Use `close()` or `with` to stop the workers."""
 
     def __init__(self, shards: ShardsOrBlend, tokenizer: GLMTokenizer, transform: Callable,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_window: int = 512, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
-                 pin_memory: Optional[bool] = None) -> None:
+                 pin_memory: Optional[bool] = None, masker: Optional[Masker] = None) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be >= 1")
         num_workers = default_num_workers() if num_workers is None else num_workers
@@ -149,7 +155,8 @@ class ImageTextBatches:
         sources = normalize_sources(shards)
         self.blend = BlendedStream(sources, dp_rank, dp_size, seed, shuffle_window)
         self.names = self.blend.names
-        self.tokenizer, self.transform = tokenizer, transform
+        self.tokenizer, self.transform, self.masker = tokenizer, transform, masker
+        self.batch_keys = ("images", "text_ids", "text_padding_mask") + (masker.keys if masker is not None else ())
         self.micro_batch_size, self.seed, self.dp_rank = micro_batch_size, seed, dp_rank
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -218,7 +225,7 @@ class ImageTextBatches:
     # -- workers ---------------------------------------------------------------------------------------------
     def _start(self):
         loader = torch.utils.data.DataLoader(
-            _Decoder(self.tokenizer, self.transform), batch_size=None, sampler=_Chunks(self),
+            _Decoder(self.tokenizer, self.transform, self.masker), batch_size=None, sampler=_Chunks(self),
             num_workers=self.num_workers, collate_fn=_identity, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if self.num_workers else None)
@@ -317,9 +324,9 @@ class ImageTextBatches:
                 self._chunks.popleft()
         if len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == len(pieces[0][0]["images"]):
             out = pieces[0][0]  # the usual case: one whole chunk is the batch, already pinned, no copy
-            return {k: out[k] for k in ("images", "text_ids", "text_padding_mask")}
+            return {k: out[k] for k in self.batch_keys}
         batch = {}
-        for k in ("images", "text_ids", "text_padding_mask"):
+        for k in self.batch_keys:
             batch[k] = torch.cat([out[k][a:b] for out, a, b in pieces])
             if self.pin_memory:
                 batch[k] = batch[k].pin_memory()
@@ -328,9 +335,9 @@ class ImageTextBatches:
 
 def build_train_data(shards_or_blend: ShardsOrBlend, tokenizer: GLMTokenizer, config, micro_batch_size: int,
                      dp_rank: int, dp_size: int, seed: int, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
-                     hflip: bool = True) -> ImageTextBatches:
-    """The training iterator for a model config (its image_size), with the train augmentation (uint8 images).
-    num_workers=None: default_num_workers()."""
+                     hflip: bool = True, masker: Optional[Masker] = None) -> ImageTextBatches:
+    """The training iterator for a model config (its image_size), with the train augmentation (uint8 images) and,
+    with a masker (data/masking.build_masker), the masked-modelling masks. num_workers=None: default_num_workers()."""
     return ImageTextBatches(shards_or_blend, tokenizer, train_transform(config.image_size, hflip=hflip),
                             micro_batch_size, dp_rank, dp_size, seed, num_workers=num_workers,
-                            prefetch_factor=prefetch_factor)
+                            prefetch_factor=prefetch_factor, masker=masker)

@@ -17,8 +17,8 @@ from megatron_m2.parallel import print_rank_0
 from megatron_m2 import checkpointing
 from megatron_m2.training.optimizer import build_optimizer, schedule, wrap_ddp
 from megatron_m2.training.progress import MetricsLogger
-from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, step_config_from_args,
-                                       train_step)
+from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, masked_modeling_from_args,
+                                       step_config_from_args, train_step)
 
 
 class SigtermFlag:
@@ -36,6 +36,13 @@ class SigtermFlag:
                             device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _objectives_note(step_config: StepConfig, args: argparse.Namespace) -> str:
+    objectives = step_config.masked_modeling
+    terms = ["L_ITC"] + [f"{args.cmim_weight:g} x L_CMIM (image mask ratio {args.image_mask_ratio:.3f})"] * \
+        objectives.cmim + [f"{args.cmlm_weight:g} x L_CMLM (text mask prob {args.text_mask_prob:g})"] * objectives.cmlm
+    return "objective " + " + ".join(terms)
 
 
 def _accumulation_note(step_config: StepConfig) -> str:
@@ -62,6 +69,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     tokenizer)` -> metrics runs at --eval-interval. Returns the per-rank data statistics."""
     from megatron_m2.data import (build_replica_train_data, check_vocab, cores_per_local_rank, default_num_workers,
                                   load_tokenizer, name_sources, parse_data_path, reduce_stats)
+    from megatron_m2.data.masking import build_masker
     from megatron_m2.models import build_model
 
     layout = args.layout
@@ -70,6 +78,9 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     sources = name_sources(parse_data_path(args.data_path))  # resolved here, once
     tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
     check_vocab(tokenizer, config.vocab_size)
+    objectives = masked_modeling_from_args(args)
+    masker = build_masker(tokenizer, config.num_patches, args.text_mask_prob if objectives.cmlm else None,
+                          args.image_mask_ratio if objectives.cmim else None)  # ConfigError without a [MASK] piece
 
     resume = checkpointing.latest_iteration(args.load) is not None
     if resume and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
@@ -77,7 +88,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
 
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed)
-    model = build_model(config, spec=args.spec, **transformer_overrides(args.recompute_activations, args.bf16))
+    model = build_model(config, spec=args.spec, cmlm=objectives.cmlm, cmim=objectives.cmim,
+                        **transformer_overrides(args.recompute_activations, args.bf16))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters", flush=True)
@@ -106,7 +118,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         torch.set_num_threads(max(1, cores_per_local_rank() - num_workers))
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
-                                    hflip=args.hflip)
+                                    hflip=args.hflip, masker=masker)
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
         torch.set_rng_state(rank_state["torch_rng"])
@@ -139,7 +151,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                  f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} ITC group "
                  f"{layout.itc_group_size}, global batch {args.global_batch_size} = {step_config.num_microbatches} "
                  f"micro-batches of {args.micro_batch_size} per data-parallel rank; contrastive batch "
-                 f"{contrastive_batch_size(args)} pairs per ITC group ({_accumulation_note(step_config)})")
+                 f"{contrastive_batch_size(args)} pairs per ITC group ({_accumulation_note(step_config)}); "
+                 f"{_objectives_note(step_config, args)}")
 
     def evaluate(step: int) -> None:
         start = time.perf_counter()
