@@ -18,6 +18,10 @@ Model of a training step (megatron-core as the trainer configures it, training/o
   forward pass (+1/3 of compute, +1/4 with full recompute), its TP all-reduces and PP sends, the loss over the rank's
   whole step (M x b rows against g x M x b columns), the cached embeddings and gradients, and the step's micro-batches
   kept on the first stage for the replay.
+- the masked-modelling objectives (`Training.masked`, CMLM / CMIM): their decoders' parameters on the last stage
+  (arithmetic.stage_parameters), the masked streams through the backbone towers in the forward-backward pass (their
+  activations, TP all-reduces and PP sends; not in GBA-ITC's forward-only pass), the decoders' activations and the
+  CMLM logits of the masked tokens on the last stage, and their FLOPs (arithmetic.model_flops_per_sample).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from megatron_m2.arithmetic import model_flops_per_sample, stage_parameters
+from megatron_m2.arithmetic import MaskedPasses, model_flops_per_sample, stage_parameters
 from megatron_m2.config import M2Config, layers_per_stage, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 
@@ -61,6 +65,7 @@ class Training:
     spec: str = "te"  # te: flash attention (no s^2 activations); local: megatron's unfused attention
     itc_chunk_size: int = 0  # the loss's column chunk; 0 = the whole group's logits at once
     itc_batch_accumulation: bool = True  # GBA-ITC: one loss over all micro-batches of a step (one extra forward)
+    masked: MaskedPasses = MaskedPasses()  # CMLM / CMIM on (--cmlm-weight / --cmim-weight > 0)
 
 
 @dataclass(frozen=True)
@@ -114,21 +119,55 @@ def layer_activation_bytes(config: M2Config, tokens: int, seq_length: int, tenso
     return tokens * per_token
 
 
+def cross_attention_bytes(config: M2Config, queries: int, keys: int, key_length: int, tensor_model_parallel_size: int,
+                          bf16: bool, spec: str) -> float:
+    """Bytes a decoder layer's cross-attention sublayer keeps for backward, for `queries` query tokens and `keys` key
+    tokens (micro-batch x length): per query its pre-LN input and output, q, the context (Sub-LN'd as in
+    layer_activation_bytes); per key k and v; the local spec's softmax over key_length keys per query."""
+    h, t = config.hidden_size, tensor_model_parallel_size
+    dt = 2 if bf16 else 4
+    per_query = dt * (2 * h + 2 * h / t) + 12 * h / t
+    if spec == "local":
+        per_query += (4 + (dt if bf16 else 0)) * config.num_attention_heads * key_length / t
+    return queries * per_query + keys * dt * 2 * h / t
+
+
+def _decoder_streams(config: M2Config, masked: MaskedPasses) -> list[tuple[int, int]]:
+    """(query length, key length) of each decoder layer: CMLM's queries are the caption, CMIM's the image."""
+    s_img, s_txt = config.vision_seq_length, config.max_text_length
+    streams = [(s_txt, s_img)] * masked.cmlm + [(s_img, s_txt)] * masked.cmim
+    return [stream for stream in streams for _ in range(config.decoder_num_layers)]
+
+
+def _masked_tokens(config: M2Config, masked: MaskedPasses) -> int:
+    """Tokens of the masked streams per sample (the extra length of the packed activation)."""
+    return config.vision_seq_length * masked.cmim + config.max_text_length * masked.cmlm
+
+
 def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bool, is_last: bool,
                             tp: int, training: Training, recompute: bool) -> tuple[float, float]:
     """(bytes kept per in-flight micro-batch, bytes of the one-layer working set) for one stage."""
     b, h = training.micro_batch_size, config.hidden_size
     dt = 2 if training.bf16 else 4
     s_img, s_txt = config.vision_seq_length, config.max_text_length
+    masked = training.masked
 
     def copy_bytes(seq: int) -> float:
         return layer_activation_bytes(config, b * seq, seq, tp, training.bf16, training.spec)
 
-    layers = [s for s in (s_img, s_txt) for _ in range(backbone_layers)]
+    # the masked streams (forward-backward pass) go through the backbone layers too, not through the VL layers
+    streams = (s_img, s_txt) + (s_img,) * masked.cmim + (s_txt,) * masked.cmlm
+    layers = [s for s in streams for _ in range(backbone_layers)]
     if is_last:
         layers += [s for s in (s_img, s_txt) for _ in range(config.num_vl_layers)]
-    full = sum(copy_bytes(seq) for seq in layers)
-    boundary = dt * b * (s_img + s_txt) * h  # the stage's input (received or embedded), kept for backward
+    decoders = _decoder_streams(config, masked) if is_last else []
+    full = sum(copy_bytes(seq) for seq in layers) + sum(
+        copy_bytes(q) + cross_attention_bytes(config, b * q, b * k, k, tp, training.bf16, training.spec)
+        for q, k in decoders)
+    layers += [q for q, _ in decoders]
+    boundary = dt * b * (s_img + s_txt + _masked_tokens(config, masked)) * h  # the stage's input, kept for backward
+    if is_last and masked.cmlm:  # the masked tokens' fp32 vocab-parallel logits and the cross-entropy's softmax
+        boundary += 2 * 4 * b * masked.text_mask_prob * s_txt * config.vocab_size / tp
     if is_first:
         boundary += dt * b * config.num_channels * config.image_size**2
     if recompute:
@@ -188,7 +227,7 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
 
     dt = 2 if training.bf16 else 4
     optimizer_bytes = 12 if training.bf16 else 8  # (fp32 master +) two fp32 Adam moments
-    stages = stage_parameters(config, tp, pp)
+    stages = stage_parameters(config, tp, pp, training.masked)
     per_stage_layers = layers_per_stage(config, pp)
     memories = []
     for stage, (params, backbone_layers) in enumerate(zip(stages, per_stage_layers)):
@@ -215,11 +254,23 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     s_img, s_txt, h = config.vision_seq_length, config.max_text_length, config.hidden_size
     ring = lambda size: (size - 1) / size  # noqa: E731 - ring collectives move (n-1)/n of the data per GPU
     all_reduces_per_layer = 6 if recompute else 4  # 2 forward (+2 again in recompute), 2 backward
-    max_layers = max(layers + (config.num_vl_layers if s == pp - 1 else 0) for s, layers in enumerate(per_stage_layers))
-    all_reduces_per_layer += 2 if accumulate else 0  # batch accumulation's forward-only pass
-    tp_bytes = (m * max_layers * all_reduces_per_layer * 2 * ring(tp) * dt * b * (s_img + s_txt) * h) if tp > 1 else 0.0
-    # activations forward, gradients backward (and the forward-only pass's activations once more)
-    pp_bytes = m * (3 if accumulate else 2) * dt * b * (s_img + s_txt) * h if pp > 1 else 0.0
+    masked_tokens = _masked_tokens(config, training.masked)
+
+    def layer_tokens(stage: int) -> tuple[float, float]:
+        """(tokens x layers of the forward-backward pass, of GBA-ITC's forward-only pass) on a stage; a decoder layer
+        has 3 all-reduces where a layer has 2 (its cross-attention)."""
+        layers, vl = per_stage_layers[stage], config.num_vl_layers if stage == pp - 1 else 0
+        unmasked = (layers + vl) * (s_img + s_txt)
+        decoders = sum(1.5 * q for q, _ in _decoder_streams(config, training.masked)) if stage == pp - 1 else 0.0
+        return unmasked + layers * masked_tokens + decoders, float(unmasked)
+
+    # batch accumulation's forward-only pass: 2 all-reduces per layer over the unmasked streams
+    tp_tokens = max(train * all_reduces_per_layer + (2 * itc if accumulate else 0)
+                    for train, itc in map(layer_tokens, range(pp)))
+    tp_bytes = m * tp_tokens * 2 * ring(tp) * dt * b * h if tp > 1 else 0.0
+    # activations forward, gradients backward (with the masked streams), the forward-only pass's activations once more
+    pp_bytes = (m * dt * b * h * (2 * (s_img + s_txt + masked_tokens) + (s_img + s_txt if accumulate else 0))
+                if pp > 1 else 0.0)
     n_max = max(params.per_gpu(tp) for params in stages)
     if dp == 1:
         dp_bytes = 0.0
@@ -232,10 +283,13 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     itc_comm = m * 2 * 2 * (g - 1) * b * config.out_dim * (4 if accumulate else dt)
     communication = dict(tp=tp_bytes, pp=pp_bytes, dp=dp_bytes, itc=itc_comm)
 
-    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1
+    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1 (of the
+    # ITC-only model: the masked streams are not in that pass)
     units = 4 if recompute else 3
-    extra_forward = 1 / units if accumulate else 0.0
-    flops = model_flops_per_sample(config) * (units / 3) * (1 + extra_forward) * training.global_batch_size
+    train_flops = model_flops_per_sample(config, training.masked) * units / 3
+    extra_flops = model_flops_per_sample(config) / 3 if accumulate else 0.0
+    extra_forward = extra_flops / train_flops
+    flops = (train_flops + extra_flops) * training.global_batch_size
     compute = flops / num_gpus / (hardware.peak_tflops * 1e12 * hardware.mfu) * (1 + (pp - 1) / m)
     time = dict(
         compute=compute,

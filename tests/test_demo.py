@@ -21,7 +21,8 @@ def _eval_flags(data: Path) -> list[str]:
     return ["--zeroshot-data", str(data / "data" / "eval"),
             "--zeroshot-classnames", f"en={data / 'data' / 'classnames_en.txt'}",
             f"zh={data / 'data' / 'classnames_zh.txt'}",
-            "--retrieval-data", str(data / "data" / "retrieval.jsonl"), "--eval-batch-size", "128"]
+            "--retrieval-data", str(data / "data" / "retrieval.jsonl"),
+            "--fine-grained-data", str(data / "data" / "fine_grained.jsonl"), "--eval-batch-size", "128"]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -198,8 +198,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError("--save-interval needs --save DIR")
     if args.async_save and not args.save:
         raise ConfigError("--async-save needs --save DIR")
-    if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):
-        raise ConfigError("--eval-interval needs --zeroshot-data and/or --retrieval-data")
+    if args.eval_interval and not (args.zeroshot_data or args.retrieval_data or args.fine_grained_data):
+        raise ConfigError("--eval-interval needs --zeroshot-data, --retrieval-data and/or --fine-grained-data")
     check_eval_data_arguments(args)
     if args.freeze_vision and args.load_vision is None and args.load is None:
         raise ConfigError("--freeze-vision freezes a random tower: pass --load-vision DIR (or --load DIR)")
