@@ -4,9 +4,9 @@
     bash benchmarks/gpu_check.sh --dry-run                                   # every part that can, on CPU
 
 Parts (each one's result, or its error, goes into one JSON; a part that fails does not stop the others):
-  parity   the trainer (python -m megatron_m2.train, tiny preset, TP1 x PP1, float32, the digits data): 6 steps on
-           the CPU (CUDA hidden), saving each, then steps 2..6 on CUDA resumed from the CPU's step-1 checkpoint: the
-           same per-step losses (rel 1e-4). The CUDA run starts from the CPU's checkpoint because on a GPU megatron
+  parity   the trainer (python -m megatron_m2.train, tiny preset, TP1 x PP1, float32, the digits data, M2's full
+           objective ITC + CMIM + CMLM): 6 steps on the CPU (CUDA hidden), saving each, then steps 2..6 on CUDA
+           resumed from the CPU's step-1 checkpoint: the same per-step ITC, CMLM and CMIM losses (rel 1e-4). The CUDA run starts from the CPU's checkpoint because on a GPU megatron
            initialises the weights with the CUDA RNG (other weights than on the CPU); TF32 is off in the CUDA run
            (NVIDIA_TF32_OVERRIDE=0: cuDNN's convolution, the patch embedding, uses TF32 by default).
   itc      megatron_m2.loss.itc_loss on one device (no group): forward + backward time and peak memory of the
@@ -309,9 +309,12 @@ class Context:
         return self.args.deadline - time.monotonic()
 
 
-def _trainer_losses(metrics_file: Path) -> dict[int, float]:
+PARITY_LOSSES = ("itc_loss", "cmlm_loss", "cmim_loss")
+
+
+def _trainer_losses(metrics_file: Path, name: str = "itc_loss") -> dict[int, float]:
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    return {r["iteration"]: r["itc_loss"] for r in records if r["kind"] == "train" and "itc_loss" in r}
+    return {r["iteration"]: r[name] for r in records if r["kind"] == "train" and name in r}
 
 
 def part_parity(ctx: Context) -> dict:
@@ -325,7 +328,7 @@ def part_parity(ctx: Context) -> dict:
              "--pipeline-model-parallel-size", "1", "--micro-batch-size", "8", "--global-batch-size", "16",
              "--train-iters", str(PARITY_STEPS + 1), "--lr", "2e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
              "--seed", "7", "--num-workers", "0", "--no-hflip", "--data-path", str(data / "data" / "train"),
-             "--tokenizer-model", str(data / "tokenizer.model")]
+             "--tokenizer-model", str(data / "tokenizer.model"), "--cmlm-weight", "1", "--cmim-weight", "1"]
     cpu_env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     device_env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0") if ctx.cuda else cpu_env
     device_name = "cuda" if ctx.cuda else "cpu"
@@ -364,18 +367,25 @@ def part_parity(ctx: Context) -> dict:
     shutil.copytree(checkpoint_dir(ckpt, 1), checkpoint_dir(first, 1))
     device_run = start(device_name if ctx.cuda else "cpu_resumed", device_env, "--load", str(first))
     wait([device_run])
+    comparisons = {}
+    for name in PARITY_LOSSES:
+        cpu, device = (_trainer_losses(run_dir / "metrics.jsonl", name) for _, run_dir, _ in (cpu_run, device_run))
+        cpu = {step: loss for step, loss in cpu.items() if step > 1}
+        comparisons[name] = compare_losses(cpu, device, PARITY_RTOL)
+    result = dict(comparisons["itc_loss"], passed=all(c["passed"] for c in comparisons.values()),
+                  max_rel_diff=max(c["max_rel_diff"] for c in comparisons.values()))
     cpu, device = (_trainer_losses(run_dir / "metrics.jsonl") for _, run_dir, _ in (cpu_run, device_run))
     cpu = {step: loss for step, loss in cpu.items() if step > 1}
-    result = compare_losses(cpu, device, PARITY_RTOL)
     expected = list(range(2, PARITY_STEPS + 2))
     return {
         "summary": f"{len(result['steps'])} steps cpu vs {device_name}: max rel diff {result['max_rel_diff']:.2e} "
                    f"(limit {PARITY_RTOL:g})",
         "devices": ["cpu", device_name], "tf32_off": ctx.cuda, "flags": flags,
         "cpu_losses": cpu, "device_losses": device,
-        "comparison": result,
+        "comparison": result, "comparisons": comparisons,
         "checks": {"losses_match": check(result["passed"], result["max_rel_diff"], PARITY_RTOL,
-                                         "max relative difference of the per-step ITC losses, CPU vs device"),
+                                         "max relative difference of the per-step ITC, CMLM and CMIM losses, CPU vs "
+                                         "device"),
                    "steps": check(result["steps"] == expected, result["steps"], expected,
                                   "the iterations compared: the device run's, resumed from the CPU's step 1")},
     }

@@ -33,6 +33,9 @@ def _parse(*extra, world=1, monkeypatch=None):
         (["--num-workers", "-1"], 1, "--num-workers must be >= 0"),
         (["--prefetch-factor", "0"], 1, "--prefetch-factor must be >= 1"),
         (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], 1, "exclude each other"),
+        (["--cmlm-weight", "-1"], 1, "--cmlm-weight must be >= 0"),
+        (["--cmim-weight", "1", "--image-mask-ratio", "0.01"], 1, "--image-mask-ratio 0.01 masks 0 of the model's 16"),
+        (["--cmlm-weight", "1", "--text-mask-prob", "1.5"], 1, "--text-mask-prob 1.5"),
     ],
 )
 def test_bad_flags_raise_config_error_naming_the_flag(flags, world, message):
