@@ -30,15 +30,14 @@ SETTINGS = ("off", "on", "on, 2 calls")
 OBJECTIVES = ["--cmlm-weight", "1", "--cmim-weight", "1"]
 
 
-def _args(model: str, world: int, objectives: list[str]):
+def _args(model: str, world: int, objectives: list[str], tp: int, pp: int, micro_batch: int, num_microbatches: int):
     from megatron_m2.config import load_config
     from megatron_m2.training.arguments import build_parser, validate_args
 
-    b = MICRO_BATCH[model]
     args = build_parser().parse_args(
-        ["--model", model, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-         "--micro-batch-size", str(b), "--global-batch-size", str(b * NUM_MICROBATCHES), "--spec", "local",
-         "--dry-run", *objectives])
+        ["--model", model, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+         "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch * num_microbatches),
+         "--spec", "local", "--dry-run", *objectives])
     args.model_config = load_config(model)
     args.layout = validate_args(args, world_size=world)
     return args
@@ -49,8 +48,10 @@ def _two_calls(block, hidden, masked_hidden, mask):
     return block(hidden, mask), (None if masked_hidden is None else block(masked_hidden, mask))
 
 
-def time_steps(model: str, steps: int) -> dict:
-    """Runs on every rank of a 4-process pool; returns the median seconds per step of each setting."""
+def time_steps(model: str, steps: int, tp: int = 2, pp: int = 2, micro_batch: int = 0,
+               num_microbatches: int = NUM_MICROBATCHES) -> dict:
+    """Runs on every rank of a pool of tp x pp processes; returns the median seconds per step of each setting
+    (micro_batch 0: MICRO_BATCH[model]). benchmarks/objectives_demo.py times the demo's setting with it."""
     import torch.distributed as dist
 
     from megatron_m2 import parallel
@@ -60,18 +61,20 @@ def time_steps(model: str, steps: int) -> dict:
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
     from megatron_m2.training.step import forward_step, step_config_from_args, train_step
 
-    parallel.initialize_model_parallel(2, 2)
+    micro_batch = micro_batch or MICRO_BATCH[model]
+    parallel.initialize_model_parallel(tp, pp)
     runs = {}
     for setting in ("off", "on"):  # "on, 2 calls" trains the "on" model (two 0.4b models per rank fit 2-core VMs)
-        args = _args(model, dist.get_world_size(), [] if setting == "off" else OBJECTIVES)
+        args = _args(model, dist.get_world_size(), [] if setting == "off" else OBJECTIVES, tp, pp, micro_batch,
+                     num_microbatches)
         torch.manual_seed(0)
         stage = build_model(args.model_config, spec="local", cmlm=setting != "off", cmim=setting != "off")
         ddp = wrap_ddp(stage, args)
         optimizer, scheduler = build_optimizer(ddp, args)
         masks = {} if setting == "off" else dict(text_mask_prob=args.text_mask_prob,
                                                  image_mask_ratio=args.image_mask_ratio)
-        count = NUM_MICROBATCHES * (steps + 1) * (1 if setting == "off" else 2)
-        batches = synthetic_batches(args.model_config, MICRO_BATCH[model], count=count, image_dtype=torch.uint8,
+        count = num_microbatches * (steps + 1) * (1 if setting == "off" else 2)
+        batches = synthetic_batches(args.model_config, micro_batch, count=count, image_dtype=torch.uint8,
                                     padding=True, **masks)
         runs[setting] = (ddp, optimizer, scheduler, step_config_from_args(args), iter(batches))
     runs["on, 2 calls"] = runs["on"]

@@ -9,8 +9,10 @@ end on the held-out digits (zero-shot en/zh, retrieval, fine-grained: composites
 positions or counts, chance 50%):
 1. ITC only, --iters steps;
 2. ITC + CMIM + CMLM (--cmim-weight / --cmlm-weight, 1 each by default), --iters steps (equal iterations);
-3. the same objective for as many steps as fit in run 1's training time (median ms per step of runs 1 and 2 from their
-   log lines), with its own full learning-rate schedule (equal wall time).
+3. the same objective for as many steps as fit in run 1's training time, with its own full learning-rate schedule
+   (equal wall time). The time ratio is measured first, the two settings alternating step by step in one process
+   (benchmarks/masked_modeling.py's timing at the demo's micro-batching, synthetic data): two runs timed one after
+   the other on a shared machine can see different loads (we saw the ITC run slower per step than the full one).
 Prints a table (mean over seeds) and writes it with every run's numbers to OUTPUT_DIR/results.json.
 """
 from __future__ import annotations
@@ -64,17 +66,29 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (1 = TP1 x PP1, no torchrun)")
     parser.add_argument("--cmlm-weight", default="1", help="beta of the full objective")
     parser.add_argument("--cmim-weight", default="1", help="alpha of the full objective")
+    parser.add_argument("--timing-steps", type=int, default=8,
+                        help="interleaved steps per setting that measure the step-time ratio")
     args = parser.parse_args(argv)
     from megatron_m2.demo import prepare
 
     out = Path(args.output_dir)
     prepare(out)
     objectives = ["--cmlm-weight", args.cmlm_weight, "--cmim-weight", args.cmim_weight]
+    from benchmarks.masked_modeling import time_steps
+    from megatron_m2.testing import run_distributed, shutdown_pools
+
+    try:  # the demo's micro-batching at TP1 x PP1: 4 micro-batches of 32
+        timing = run_distributed(1, time_steps, "tiny", args.timing_steps, 1, 1, 32, 4)[0]
+    finally:
+        shutdown_pools()
+    ratio = timing["on"] / timing["off"]
+    iters = max(1, round(args.iters / ratio))
+    print(f"step time, interleaved: ITC only {1000 * timing['off']:.0f} ms, full {1000 * timing['on']:.0f} ms "
+          f"(x{ratio:.2f}): equal wall time = {iters} steps of the full objective", flush=True)
     runs: dict[str, list[dict]] = {"itc": [], "full, equal iterations": [], "full, equal wall time": []}
     for seed in args.seeds:
         itc = _train(out, out, f"itc-{seed}", args.iters, seed, args.nproc, [])
         full = _train(out, out, f"full-{seed}", args.iters, seed, args.nproc, objectives)
-        iters = max(1, round(args.iters * itc["ms_per_step"] / full["ms_per_step"]))
         equal_time = _train(out, out, f"full-{iters}-{seed}", iters, seed, args.nproc, objectives)
         for name, result in zip(runs, (itc, full, equal_time)):
             runs[name].append(dict(seed=seed, **result))
@@ -86,7 +100,8 @@ def main(argv=None) -> int:
     for name, row in table.items():
         print(f"| {name} | {row['iterations']:.0f} | {row['ms_per_step']:.0f} | "
               + " | ".join(f"{row[k]:.1f}" for k in METRICS if k in row) + " |")
-    (out / "results.json").write_text(json.dumps({"mean": table, "runs": runs, "seeds": args.seeds}, indent=1))
+    (out / "results.json").write_text(json.dumps({"mean": table, "runs": runs, "seeds": args.seeds,
+                                                  "timing": timing, "equal_time_steps": iters}, indent=1))
     return 0
 
 
