@@ -17,7 +17,7 @@ $PYTHON -m torch.distributed.run --standalone --nproc-per-node 4 -m megatron_m2.
   --eval-interval ${EVAL_INTERVAL:-50} --eval-at-start --eval-batch-size 128 \
   --zeroshot-data "$OUT/data/eval" --zeroshot-classnames en="$OUT/data/classnames_en.txt" zh="$OUT/data/classnames_zh.txt" \
   --zeroshot-templates en="$OUT/data/templates_en.txt" zh="$OUT/data/templates_zh.txt" \
-  --retrieval-data "$OUT/data/retrieval.jsonl" \
+  --retrieval-data "$OUT/data/retrieval.jsonl" --fine-grained-data "$OUT/data/fine_grained.jsonl" \
   --save "$OUT/checkpoints" --save-interval 100 --log-interval 10 \
   --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" "$@"
 

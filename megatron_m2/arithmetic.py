@@ -5,12 +5,30 @@ Parameter counts follow the official release's key names and shapes (hf/key_mapp
 holds, besides what our model uses, the B (text) copies of the VL layers and of the VL final LayerNorm (backbone_vl
 runs with only its A weights), and a second pair of heads on the backbone output (itc_*_proj + logit_scale). Our model
 holds only what it uses, and pads the token embedding to a multiple of 128 x TP rows.
+
+With the masked-modelling objectives (`MaskedPasses`: CMLM, CMIM) training adds the cross-modal decoders and their heads
+on the last stage, the image mask token on the first (models/decoders.py), and the masked streams' passes through the
+backbone towers and the decoders (training/step.py); none of it is part of the released model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from megatron_m2.config import M2Config, layers_per_stage, padded_vocab_size, validate_parallel_shapes
+
+
+@dataclass(frozen=True)
+class MaskedPasses:
+    """Which masked-modelling objectives a training run has on (their weights > 0), and their mask rates."""
+
+    cmlm: bool = False
+    cmim: bool = False
+    text_mask_prob: float = 0.15
+    image_mask_ratio: float = 80 / 196
+
+    @property
+    def active(self) -> bool:
+        return self.cmlm or self.cmim
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,33 @@ def layer_copy_parameters(config: M2Config) -> StageParameters:
     return StageParameters(sharded, replicated)
 
 
+def decoder_layer_parameters(config: M2Config) -> StageParameters:
+    """One layer of a cross-modal decoder: a layer copy plus its cross-attention sublayer (pre-LN, column-parallel
+    q and fused kv projections, Sub-LN + row-parallel output projection, models/layer_spec.py)."""
+    h = config.hidden_size
+    layer = layer_copy_parameters(config)
+    cross_sharded = (h * h + h) + (2 * h * h + 2 * h) + 2 * h + h * h
+    cross_replicated = 2 * h + h  # pre_cross_attn_layernorm, the output projection's bias
+    return StageParameters(layer.sharded + cross_sharded, layer.replicated + cross_replicated)
+
+
+def decoder_parameters(config: M2Config, tensor_model_parallel_size: int, masked: MaskedPasses) -> StageParameters:
+    """Last stage: each decoder (its layers and final LN) and head; CMLM's output layer spans the padded vocabulary,
+    split over TP, CMIM's pixel head is replicated."""
+    h, p = config.hidden_size, config.patch_size
+    block = decoder_layer_parameters(config)
+    sharded = replicated = 0
+    for on in (masked.cmlm, masked.cmim):
+        if on:
+            sharded += config.decoder_num_layers * block.sharded
+            replicated += config.decoder_num_layers * block.replicated + 2 * h
+    if masked.cmlm:
+        sharded += padded_vocab_size(config.vocab_size, tensor_model_parallel_size) * h
+    if masked.cmim:
+        replicated += (h + 1) * p * p * config.num_channels
+    return StageParameters(sharded, replicated)
+
+
 def _embeddings(config: M2Config, tensor_model_parallel_size: int) -> StageParameters:
     """First stage: vocab-parallel token embedding (padded vocab); positions, patch conv and CLS replicated."""
     h, p = config.hidden_size, config.patch_size
@@ -59,8 +104,10 @@ def _last_stage_extras(config: M2Config) -> StageParameters:
 
 
 def stage_parameters(config: M2Config, tensor_model_parallel_size: int = 1,
-                     pipeline_model_parallel_size: int = 1) -> list[StageParameters]:
-    """Parameters of every pipeline stage (whole stage, all TP ranks together); sums to the model's count."""
+                     pipeline_model_parallel_size: int = 1, masked: MaskedPasses = MaskedPasses()
+                     ) -> list[StageParameters]:
+    """Parameters of every pipeline stage (whole stage, all TP ranks together); sums to the model's count (with the
+    training-only decoders of `masked`'s objectives)."""
     validate_parallel_shapes(config, tensor_model_parallel_size, pipeline_model_parallel_size)
     layer = layer_copy_parameters(config)
     stages = []
@@ -69,8 +116,12 @@ def stage_parameters(config: M2Config, tensor_model_parallel_size: int = 1,
         parts = []
         if stage == 0:
             parts.append(_embeddings(config, tensor_model_parallel_size))
+            if masked.cmim:
+                parts.append(StageParameters(0, config.hidden_size))  # the image mask token
         if stage == pipeline_model_parallel_size - 1:
             parts.append(_last_stage_extras(config))
+            if masked.active:
+                parts.append(decoder_parameters(config, tensor_model_parallel_size, masked))
         stages.append(StageParameters(sharded + sum(p.sharded for p in parts),
                                       replicated + sum(p.replicated for p in parts)))
     return stages
@@ -108,11 +159,15 @@ def model_parameter_count(config: M2Config, tensor_model_parallel_size: int = 1)
     return official_parameter_count(config) - official_unused_parameter_count(config) + padding * config.hidden_size
 
 
-def model_flops_per_sample(config: M2Config) -> float:
+def model_flops_per_sample(config: M2Config, masked: MaskedPasses = MaskedPasses()) -> float:
     """Training FLOPs (forward + backward = 3 x forward) of one image-text pair, matmuls only.
 
     Per layer and token: 2 x (4h^2 + 2hf) for the projections and 4 s h for attention scores and context.
     Backbone: image tokens go through the vision copy, text tokens through the text copy; the VL layers see both.
+    Masked modelling (`masked`): the masked copies of the image (CMIM) and caption (CMLM) go through the backbone
+    towers again (not the VL layers); each decoder layer adds cross-attention (q and output projections per query,
+    k and v per key, 4 s_q s_kv h for scores and context) to a layer; CMLM's vocabulary head runs on the masked
+    tokens only (text_mask_prob of the caption), CMIM's pixel head on the masked patches.
     """
     h, f = config.hidden_size, config.ffn_hidden_size
     s_img, s_txt = config.vision_seq_length, config.max_text_length
@@ -120,8 +175,17 @@ def model_flops_per_sample(config: M2Config) -> float:
     def layer(tokens: int) -> float:
         return tokens * (2 * (4 * h * h + 2 * h * f) + 4 * tokens * h)
 
+    def decoder_layer(queries: int, keys: int) -> float:
+        return layer(queries) + 2 * 2 * h * h * (queries + keys) + 4 * queries * keys * h
+
     forward = (config.num_layers + config.num_vl_layers) * (layer(s_img) + layer(s_txt))
     forward += 2 * config.num_patches * config.num_channels * config.patch_size**2 * h  # patch embedding
+    if masked.cmlm:
+        forward += config.num_layers * layer(s_txt) + config.decoder_num_layers * decoder_layer(s_txt, s_img)
+        forward += 2 * h * config.vocab_size * masked.text_mask_prob * s_txt
+    if masked.cmim:
+        forward += config.num_layers * layer(s_img) + config.decoder_num_layers * decoder_layer(s_img, s_txt)
+        forward += 2 * h * config.num_channels * config.patch_size**2 * masked.image_mask_ratio * config.num_patches
     return 3.0 * forward
 
 
@@ -160,18 +224,56 @@ def layer_gemms(config: M2Config, seq_length: int, micro_batch_size: int, tensor
 
 
 def stage_gemms(config: M2Config, micro_batch_size: int, tensor_model_parallel_size: int = 1,
-                pipeline_model_parallel_size: int = 1, stage: int = 0) -> list[Gemm]:
+                pipeline_model_parallel_size: int = 1, stage: int = 0,
+                masked: MaskedPasses = MaskedPasses()) -> list[Gemm]:
     """Forward GEMMs of one micro-batch on one GPU of a pipeline stage (the matmuls `model_flops_per_sample`
     counts): the patch embedding on the first stage (replicated over TP), both towers' layers of the stage, the VL
-    layers (each applied to both modalities) on the last."""
-    layers = layers_per_stage(config, pipeline_model_parallel_size)[stage]
-    if stage == pipeline_model_parallel_size - 1:
-        layers += config.num_vl_layers
-    b, t = micro_batch_size, tensor_model_parallel_size
+    layers (each applied to both modalities) on the last. With `masked` (the forward-backward pass of CMLM / CMIM):
+    a tower with a masked stream runs its backbone layers over both streams side by side along the batch (twice the
+    rows, models/m2_model.py), and the last stage adds the decoders and their heads."""
+    backbone = layers_per_stage(config, pipeline_model_parallel_size)[stage]
+    last = stage == pipeline_model_parallel_size - 1
+    vl = config.num_vl_layers if last else 0
+    b, t, h = micro_batch_size, tensor_model_parallel_size, config.hidden_size
     gemms = []
     if stage == 0:
-        gemms.append(Gemm("patch embedding", b * config.num_patches, config.hidden_size,
-                          config.num_channels * config.patch_size**2))
-    for tower, seq in (("vision", config.vision_seq_length), ("text", config.max_text_length)):
-        gemms += [replace(g, name=f"{tower} {g.name}") for g in layer_gemms(config, seq, b, t, layers)]
+        gemms.append(Gemm("patch embedding", b * config.num_patches, h, config.num_channels * config.patch_size**2))
+    for tower, seq, with_masked in (("vision", config.vision_seq_length, masked.cmim),
+                                    ("text", config.max_text_length, masked.cmlm)):
+        if with_masked:
+            gemms += [replace(g, name=f"{tower} + masked {tower} {g.name}")
+                      for g in layer_gemms(config, seq, 2 * b, t, backbone)]
+            gemms += [replace(g, name=f"{tower} {g.name}") for g in layer_gemms(config, seq, b, t, vl)]
+        else:
+            gemms += [replace(g, name=f"{tower} {g.name}") for g in layer_gemms(config, seq, b, t, backbone + vl)]
+    if last:
+        gemms += decoder_gemms(config, b, t, masked)
     return [g for g in gemms if g.count]
+
+
+def decoder_gemms(config: M2Config, micro_batch_size: int, tensor_model_parallel_size: int,
+                  masked: MaskedPasses) -> list[Gemm]:
+    """The forward GEMMs of the cross-modal decoders and heads (models/decoders.py) for one micro-batch on one TP
+    rank: per decoder layer a layer's GEMMs over its queries plus cross-attention (q over the queries, k and v over
+    the other tower's states, scores and context, the output projection); CMLM's vocabulary head over the expected
+    masked tokens, CMIM's pixel head over the masked patches."""
+    b, t, h, n = micro_batch_size, tensor_model_parallel_size, config.hidden_size, config.decoder_num_layers
+    s_img, s_txt = config.vision_seq_length, config.max_text_length
+    head_dim, heads = h // config.num_attention_heads, b * config.num_attention_heads // t
+    gemms = []
+    for name, queries, keys, on in (("CMLM", s_txt, s_img, masked.cmlm), ("CMIM", s_img, s_txt, masked.cmim)):
+        if not on:
+            continue
+        gemms += [replace(g, name=f"{name} decoder {g.name}") for g in layer_gemms(config, queries, b, t, n)]
+        gemms += [Gemm(f"{name} decoder cross q", b * queries, h // t, h, n),
+                  Gemm(f"{name} decoder cross kv", b * keys, 2 * h // t, h, n),
+                  Gemm(f"{name} decoder cross scores", queries, keys, head_dim, n * heads),
+                  Gemm(f"{name} decoder cross context", queries, head_dim, keys, n * heads),
+                  Gemm(f"{name} decoder cross out_proj", b * queries, h, h // t, n)]
+    if masked.cmlm:
+        gemms.append(Gemm("CMLM head", max(1, round(b * s_txt * masked.text_mask_prob)),
+                          padded_vocab_size(config.vocab_size, t) // t, h))
+    if masked.cmim:
+        gemms.append(Gemm("CMIM head", max(1, round(b * config.num_patches * masked.image_mask_ratio)),
+                          config.num_channels * config.patch_size**2, h))
+    return gemms

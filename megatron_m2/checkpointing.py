@@ -223,10 +223,14 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration:
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=saved_common)
     if optimizer_to_load is not None:
         check_optimizer_resharding(root, metadata, saved_common.get(LAYOUT_KEY), _current_layout())
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer_to_load, scheduler, iteration, is_loading=True,
-                                                    metadata=metadata), str(path),
-                                     sharded_strategy=_load_strategy(path))
-    model.load_state_dict(loaded["model"])
+    fresh = _objectives_to_start_fresh(root, path, model, optimizer_to_load)
+    state = _sharded_state(model, optimizer_to_load, scheduler, iteration, is_loading=True, metadata=metadata)
+    if fresh:
+        state["model"] = {k: v for k, v in state["model"].items() if not model.objectives_of([k]) & fresh}
+    loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy(path))
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=not fresh)
+    if [k for k in missing if not model.objectives_of([k]) & fresh] or unexpected:
+        raise KeyError(f"--load {root}: loading left {missing} missing and {unexpected} unexpected")
     if optimizer_to_load is not None:
         optimizer.load_state_dict(loaded["optimizer"])  # the fp32 masters come with it
     elif optimizer is not None:
@@ -247,6 +251,30 @@ def load_rank_states(root: str, iteration: int) -> list[dict]:
     data of a run resumed at another data-parallel size)."""
     files = sorted((checkpoint_dir(root, iteration) / "extra").glob("rank_*.pt"))
     return [torch.load(path, weights_only=False) for path in files]
+
+
+def _objectives_to_start_fresh(root: str, path: Path, model, optimizer) -> frozenset[str]:
+    """The masked-modelling objectives (model.objectives, models/m2_model.py) whose decoders this model has and the
+    checkpoint lacks: they start at their initialisation (a checkpoint trained ITC-only, an official import, a Hugging
+    Face folder). The optimizer's state covers exactly the checkpoint's parameters, so a resume WITH the optimizer
+    needs the same objectives on as when the checkpoint was written: ConfigError otherwise, before anything is read."""
+    if not hasattr(model, "objectives_of"):
+        return frozenset()
+    saved = model.objectives_of(dist_checkpointing.load_tensors_metadata(str(path)))
+    built = model.objectives
+    if optimizer is not None and saved != built:
+        names = lambda objectives: ", ".join(sorted(objectives)) or "none"  # noqa: E731
+        raise ConfigError(
+            f"--load {root}: the checkpoint was trained with the masked-modelling objectives [{names(saved)}] "
+            f"(--cmlm-weight / --cmim-weight > 0), this run has [{names(built)}]; their decoders' optimizer state "
+            "cannot be matched. Resume with the same objectives on, or pass --no-load-optim to load the weights only "
+            "(decoders the checkpoint lacks start fresh, the Adam moments restart)")
+    if built - saved:
+        from megatron_m2.parallel import print_rank_0
+
+        print_rank_0(f"--load {root}: no decoder weights for [{', '.join(sorted(built - saved))}] in the checkpoint: "
+                     "they start from their initialisation")
+    return frozenset(built - saved)
 
 
 def check_optimizer_resharding(root: str, metadata: Optional[dict], saved_layout: Optional[dict],

@@ -83,13 +83,22 @@ class Collective:
                              "reduce_scatter": (n - 1) / n}.get(self.op, 1.0)
 
 
-def _layer_copies(config: M2Config, pipeline_model_parallel_size: int, stage: int) -> list[int]:
-    """Sequence length of every layer copy the stage runs per micro-batch (vision and text copies of its backbone
-    layers; on the last stage each VL layer once per modality)."""
-    layers = layers_per_stage(config, pipeline_model_parallel_size)[stage]
-    if stage == pipeline_model_parallel_size - 1:
-        layers += config.num_vl_layers
-    return [config.vision_seq_length] * layers + [config.max_text_length] * layers
+def _layer_groups(config: M2Config, pipeline_model_parallel_size: int, stage: int, masked, phase: str
+                  ) -> list[tuple[str, int, int, int]]:
+    """(tower, sequence length, layer copies, batch factor) of the layer copies a stage runs per micro-batch: its
+    backbone layers' vision and text copies, on the last stage each VL layer once per modality. In the
+    forward-backward pass a tower with a masked stream (CMIM: vision, CMLM: text) runs its backbone layers over both
+    streams side by side along the batch (models/m2_model.py): the same calls on twice the rows."""
+    backbone = layers_per_stage(config, pipeline_model_parallel_size)[stage]
+    vl = config.num_vl_layers if stage == pipeline_model_parallel_size - 1 else 0
+    groups = []
+    for tower, seq, with_masked in (("vision", config.vision_seq_length, masked.cmim),
+                                    ("text", config.max_text_length, masked.cmlm)):
+        if with_masked and phase == "main" and backbone:
+            groups += [(tower, seq, backbone, 2), (tower, seq, vl, 1)]
+        else:
+            groups.append((tower, seq, backbone + vl, 1))
+    return [group for group in groups if group[2]]
 
 
 def num_microbatches(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
@@ -124,14 +133,14 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
         if sizes[group] > 1 and calls:
             out.append(Collective(kind, what, op, group, sizes[group], spans[group], phase, calls, float(nbytes)))
 
-    copies = _layer_copies(config, pp, stage)
+    masked = training.masked
     passes = [("main", m)] + ([("forward", m)] if accumulate else [])
     for phase, calls in passes:
         fwd_only = phase == "forward"
-        for seq, n in sorted({seq: copies.count(seq) for seq in copies}.items(), reverse=True):
-            tower = "vision" if seq == s_img else "text"
-            act = dt * b * seq * h  # one [s, b, h] activation of the micro-batch (gathered)
-            stats = 4 * 2 * b * seq  # Sub-LN: fp32 sum and sum of squares per token
+        for tower, seq, n, factor in _layer_groups(config, pp, stage, masked, phase):
+            tower = tower if factor == 1 else f"{tower} + masked {tower}"
+            act = dt * factor * b * seq * h  # one [s, b, h] activation of the micro-batch (gathered)
+            stats = 4 * 2 * factor * b * seq  # Sub-LN: fp32 sum and sum of squares per token
             fwd = 1 if fwd_only else 1 + int(bool(training.recompute))  # forward runs (+ recompute)
             if sp:
                 add("tp", f"{tower}: all-gather before qkv/fc1", "all_gather", "tp", phase, 2 * n * fwd * calls, act)
@@ -161,6 +170,11 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
                         phase, calls, dt * b * s_img * h)
             else:
                 add("tp", "text embedding all-reduce (vocab-parallel)", "all_reduce", "tp", phase, calls, text)
+                if masked.cmlm and not fwd_only:
+                    add("tp", "masked text embedding all-reduce (vocab-parallel)", "all_reduce", "tp", phase, calls,
+                        text)
+        if last and not fwd_only and masked.active:
+            _decoder_collectives(config, masked, b, dt, int(bool(training.recompute)), calls, phase, add)
         if last and sp:
             for tower, seq in (("vision", s_img), ("text", s_txt)):
                 add("tp", f"{tower}: final hidden states gathered for the head", "all_gather", "tp", phase, calls,
@@ -168,7 +182,8 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
                 if not fwd_only:
                     add("tp", f"{tower}: backward reduce-scatter of the final hidden states", "reduce_scatter", "tp",
                         phase, calls, dt * b * seq * h)
-        packed = dt * b * (s_img + s_txt) * h / (tp if sp else 1)
+        masked_tokens = 0 if fwd_only else s_img * masked.cmim + s_txt * masked.cmlm
+        packed = dt * b * (s_img + s_txt + masked_tokens) * h / (tp if sp else 1)
         if not last:
             add("pp", "activations to the next stage", "send", "pp", phase, calls, packed)
         if not first and not fwd_only:
@@ -177,7 +192,13 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
     # once per step ----------------------------------------------------------------------------------------------
     add("data", "text ids + padding mask (int64) to the replica", "broadcast", "mp", "step", m,
         8 * (1 + 2 * b * config.max_text_length))
-    if first:
+    mask_bytes = (b * s_txt * 8 * 2 if masked.cmlm else 0) + (b * config.num_patches if masked.cmim else 0)
+    if mask_bytes:  # the masks travel with the text (data/broadcast.py): masked ids int64, targets and patches bool
+        add("data", "the masks of CMLM / CMIM to the replica", "broadcast", "mp", "step", m, mask_bytes)
+    if masked.cmim:  # CMIM's pixel targets: every stage of the replica gets the images
+        add("data", "uint8 images to the whole replica (CMIM's targets)", "broadcast", "mp", "step", m,
+            b * config.num_channels * config.image_size**2)
+    elif first:
         add("data", "uint8 images to the first stage's TP peers", "broadcast", "tp", "step", m,
             b * config.num_channels * config.image_size**2)
     if last:
@@ -189,8 +210,13 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
             "step" if accumulate else "main", loss_calls, features)
         add("other", "ITC shape check (2 x int64)", "all_reduce", "itc", "step" if accumulate else "main",
             loss_calls, 4 * 8)
-        add("other", "loss metrics", "all_reduce", "dp", "step", 1, 4 * LOSS_METRICS)
-    params = stage_parameters(config, tp, pp)[stage]
+        # each metric as a (sum, count) pair (training/step.py's reduce_metrics)
+        metrics = LOSS_METRICS + int(masked.cmlm) + int(masked.cmim)
+        add("other", "loss metrics", "all_reduce", "dp", "step", 1, 4 * 2 * metrics)
+        if masked.active:
+            add("other", "the step's masked token / patch counts (the per-token loss scale)", "all_reduce", "dp",
+                "step", 1, 8 * 2)
+    params = stage_parameters(config, tp, pp, masked=training.masked)[stage]
     n = params.per_gpu(tp)
     buckets = ddp_buckets(n, dp, stage, training.overlap_grad_reduce)
     if training.use_distributed_optimizer:
@@ -208,3 +234,32 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
         add("other", "gradient norm", "all_reduce", "mp", "step", 1, 4)
     add("other", "SIGTERM agreement (training loop)", "all_reduce", "world", "step", 1, 4)
     return out
+
+
+def _decoder_collectives(config: M2Config, masked, micro_batch_size: int, dt: int, recompute: int, calls: int,
+                         phase: str, add) -> None:
+    """The TP collectives of the last stage's cross-modal decoders (models/decoders.py) per micro-batch: each
+    decoder layer's three row-parallel outputs (self-attention, cross-attention, FFN) forward (+ recompute), the
+    input gradients of its four column-parallel linears (qkv, q, kv of the other tower's states, fc1) backward, its
+    three Sub-LNs' statistics; CMLM's vocabulary head (its input gradient, and the vocab-parallel cross-entropy's
+    max, target logit and sum all-reduces over the masked tokens, text_mask_prob of the caption)."""
+    b, h, n = micro_batch_size, config.hidden_size, config.decoder_num_layers
+    s_img, s_txt = config.vision_seq_length, config.max_text_length
+    fwd = 1 + recompute
+    for name, queries, keys, on in (("CMLM", s_txt, s_img, masked.cmlm), ("CMIM", s_img, s_txt, masked.cmim)):
+        if not on:
+            continue
+        q, k = dt * b * queries * h, dt * b * keys * h
+        add("tp", f"{name} decoder: all-reduce of its three output projections", "all_reduce", "tp", phase,
+            3 * n * fwd * calls, q)
+        add("tp", f"{name} decoder: backward all-reduce of qkv / q / fc1 input grads", "all_reduce", "tp", phase,
+            3 * n * calls, q)
+        add("tp", f"{name} decoder: backward all-reduce of the kv input grads (the other tower's states)",
+            "all_reduce", "tp", phase, n * calls, k)
+        add("tp", f"{name} decoder: Sub-LN statistics", "all_reduce", "tp", phase, 3 * n * (fwd + 1) * calls,
+            4 * 2 * b * queries)
+    if masked.cmlm:
+        tokens = b * s_txt * masked.text_mask_prob  # the expected masked tokens of a micro-batch
+        add("tp", "CMLM head: backward all-reduce of its input grad", "all_reduce", "tp", phase, calls, dt * tokens * h)
+        add("tp", "CMLM vocab-parallel cross-entropy (max, target logit, sum of exps)", "all_reduce", "tp", phase,
+            3 * calls, 4 * tokens)

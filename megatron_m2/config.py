@@ -50,6 +50,16 @@ class M2Config:
     image_interpolation: str = "bicubic"
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # Layers of each training-only cross-modal decoder (CMLM: image-to-text, CMIM: text-to-image; models/decoders.py),
+    # built only when --cmlm-weight / --cmim-weight is on; the released weights hold none. A decoder layer is
+    # torchscale's DecoderLayer as the release ships it (vlmo/torchscale/architecture/decoder.py: pre-LN
+    # self-attention, cross-attention into the other tower, FFN, Sub-LN in all three) at the towers' width, heads and
+    # FFN, as CoCa's multimodal decoder has its text tower's width (open_clip's coca_*.json). Depth: neither M2 nor
+    # SyCoCa publishes one. CoCa's multimodal decoder is as deep as its unimodal text decoder (n_uni = n_multi), which
+    # at M2's sizes would put two decoders as deep as a tower on the last pipeline stage; MAE's decoder is a few light
+    # blocks (its ablation: 1 block fine-tunes as well as 8, 84.8 vs 84.9%), and the encoders, not the decoders,
+    # are what we keep. So: the depth of the 3 VL layers that share the last stage (1 for tiny).
+    decoder_num_layers: int = 3
 
     def __post_init__(self) -> None:
         # JSON (presets, HF config.json) gives lists: keep the frozen config hashable and equal to the saved one
@@ -86,11 +96,16 @@ class M2Config:
             if getattr(self, name) != (0.5,) * self.num_channels:
                 raise ConfigError(f"{name} {list(getattr(self, name))}: the data transforms normalise with 0.5 per "
                                   f"channel; only [0.5] * {self.num_channels} is implemented")
+        if self.decoder_num_layers < 1:
+            raise ConfigError(f"decoder_num_layers {self.decoder_num_layers}: the cross-modal decoders need >= 1 layer")
         if self.max_text_length + self.position_offset > self.text_position_table_size:
             raise ConfigError(f"--max-text-length {self.max_text_length} needs a text position table of "
                               f"{self.max_text_length + self.position_offset} rows, the model has "
                               f"{self.text_position_table_size}")
 
+
+# Fields that shape only the training-only decoders: a Hugging Face export (which leaves the decoders out) omits them.
+DECODER_FIELDS = ("decoder_num_layers",)
 
 PRESETS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 

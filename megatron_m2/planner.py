@@ -29,6 +29,10 @@ Model of a training step (megatron-core as the trainer configures it, training/o
   whole step (M x b rows against g x M x b columns), the cached embeddings and gradients.
 - inputs: a step holds its M micro-batches on the device (uint8 images on the first stage, token ids everywhere); each
   micro-batch's normalised images exist only while its forward needs them.
+- the masked-modelling objectives (`Training.masked`, CMLM / CMIM): their decoders' parameters on the last stage
+  (arithmetic.stage_parameters), the masked streams through the backbone towers in the forward-backward pass (their
+  activations, GEMMs, TP collectives and PP sends; not in GBA-ITC's forward-only pass), the decoders' activations,
+  GEMMs and collectives and the CMLM logits of the masked tokens on the last stage.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from megatron_m2.arithmetic import Gemm, stage_gemms, stage_parameters
+from megatron_m2.arithmetic import Gemm, MaskedPasses, model_flops_per_sample, stage_gemms, stage_parameters
 from megatron_m2.collectives import Collective, stage_collectives
 from megatron_m2.config import M2Config, layers_per_stage, padded_length, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
@@ -83,6 +87,7 @@ class Training:
     sequence_parallel: bool = False  # --sequence-parallel (TP > 1): activations and collectives change
     overlap_grad_reduce: bool = False  # --overlap-grad-reduce: first-stage grads in buckets of max(40M, 1M x DP)
     clip_grad: bool = True  # --clip-grad > 0: the optimizer all-reduces the gradient norm
+    masked: MaskedPasses = MaskedPasses()  # CMLM / CMIM on (--cmlm-weight / --cmim-weight > 0)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,32 @@ def layer_activation_bytes(config: M2Config, tokens: int, seq_length: int, tenso
     return tokens * per_token
 
 
+def cross_attention_bytes(config: M2Config, queries: int, keys: int, key_length: int, tensor_model_parallel_size: int,
+                          bf16: bool, spec: str) -> float:
+    """Bytes a decoder layer's cross-attention sublayer keeps for backward, for `queries` query tokens and `keys` key
+    tokens (micro-batch x length): per query its pre-LN input and output, q, the context and its Sub-LN (as
+    layer_activation_bytes counts one); per key k and v; the local spec's softmax over key_length keys per query."""
+    h, t = config.hidden_size, tensor_model_parallel_size
+    dt = 2 if bf16 else 4
+    sub_ln = dt * h + 8 if t == 1 else 4 * h / t + 4  # its Sub-LN, as layer_activation_bytes counts them
+    per_query = dt * (2 * h + 2 * h / t) + sub_ln
+    if spec == "local":
+        per_query += (4 + (dt if bf16 else 0)) * config.num_attention_heads * key_length / t
+    return queries * per_query + keys * dt * 2 * h / t
+
+
+def _decoder_streams(config: M2Config, masked: MaskedPasses) -> list[tuple[int, int]]:
+    """(query length, key length) of each decoder layer: CMLM's queries are the caption, CMIM's the image."""
+    s_img, s_txt = config.vision_seq_length, config.max_text_length
+    streams = [(s_txt, s_img)] * masked.cmlm + [(s_img, s_txt)] * masked.cmim
+    return [stream for stream in streams for _ in range(config.decoder_num_layers)]
+
+
+def _masked_tokens(config: M2Config, masked: MaskedPasses) -> int:
+    """Tokens of the masked streams per sample (the extra length of the packed activation)."""
+    return config.vision_seq_length * masked.cmim + config.max_text_length * masked.cmlm
+
+
 def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bool, is_last: bool,
                             tp: int, training: Training, recompute: bool) -> tuple[float, float]:
     """(bytes kept per in-flight micro-batch, bytes of the one-layer working set) for one stage."""
@@ -148,15 +179,25 @@ def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bo
     dt = 2 if training.bf16 else 4
     split = tp if training.sequence_parallel and tp > 1 else 1  # the ranks a token stream is split over
     s_img, s_txt = padded_length(config.vision_seq_length, split), padded_length(config.max_text_length, split)
+    masked = training.masked
 
     def copy_bytes(seq: int) -> float:
         return layer_activation_bytes(config, b * seq, seq, tp, training.bf16, training.spec, split > 1)
 
-    layers = [s for s in (s_img, s_txt) for _ in range(backbone_layers)]
+    # the masked streams (forward-backward pass) go through the backbone layers too, not through the VL layers
+    streams = (s_img, s_txt) + (s_img,) * masked.cmim + (s_txt,) * masked.cmlm
+    layers = [s for s in streams for _ in range(backbone_layers)]
     if is_last:
         layers += [s for s in (s_img, s_txt) for _ in range(config.num_vl_layers)]
-    full = sum(copy_bytes(seq) for seq in layers)
-    boundary = dt * b * (s_img + s_txt) * h / split  # the stage's input (received or embedded), kept for backward
+    decoders = _decoder_streams(config, masked) if is_last else []
+    full = sum(copy_bytes(seq) for seq in layers) + sum(
+        copy_bytes(q) + cross_attention_bytes(config, b * q, b * k, k, tp, training.bf16, training.spec)
+        for q, k in decoders)
+    layers += [q for q, _ in decoders]
+    # the stage's input (received or embedded), kept for backward
+    boundary = dt * b * (s_img + s_txt + _masked_tokens(config, masked)) * h / split
+    if is_last and masked.cmlm:  # the masked tokens' fp32 vocab-parallel logits and the cross-entropy's softmax
+        boundary += 2 * 4 * b * masked.text_mask_prob * s_txt * config.vocab_size / tp
     if is_first:
         boundary += dt * b * config.num_channels * config.image_size**2
     if recompute:
@@ -218,6 +259,7 @@ class StageCost:
     num_microbatches: int
     accumulates: bool  # GBA-ITC batch accumulation's forward-only pass runs first
     layers: int = 0  # layers of each tower on the stage (backbone + VL)
+    forward_only_compute: float = 0.0  # seconds of one micro-batch's forward in a forward-only pass (no masked stream)
 
     @property
     def forward_compute(self) -> float:
@@ -239,22 +281,26 @@ class StageCost:
         """One micro-batch of batch accumulation's forward-only pass (0 without it)."""
         if not self.accumulates:
             return 0.0
-        return self.forward_compute + self.comm("forward") / self.num_microbatches
+        return self.forward_only_compute + self.comm("forward") / self.num_microbatches
 
 
 def stage_cost(config: M2Config, tp: int, pp: int, dp: int, itc_group_size: int, training: Training,
                hardware: Hardware, stage: int) -> StageCost:
     """The GEMMs and collectives of one stage's GPU, costed (training.recompute resolved to True/False)."""
-    gemms = []
-    for gemm in stage_gemms(config, training.micro_batch_size, tp, pp, stage):
-        mfu = gemm_mfu(gemm, hardware)
-        gemms.append((gemm, mfu, gemm.flops / (hardware.peak_tflops * 1e12 * mfu)))
+    def costed(gemms: list[Gemm]) -> list[tuple[Gemm, float, float]]:
+        return [(g, gemm_mfu(g, hardware), g.flops / (hardware.peak_tflops * 1e12 * gemm_mfu(g, hardware)))
+                for g in gemms]
+
+    gemms = costed(stage_gemms(config, training.micro_batch_size, tp, pp, stage, training.masked))
+    # GBA-ITC's forward-only pass runs the ITC model alone: no masked stream, no decoder
+    forward_only = sum(seconds for _, _, seconds in costed(stage_gemms(config, training.micro_batch_size, tp, pp,
+                                                                         stage)))
     collectives = [(c, collective_seconds(c, hardware))
                    for c in stage_collectives(config, tp, pp, dp, itc_group_size, training, stage)]
     m = training.global_batch_size // (training.micro_batch_size * dp)
     layers = layers_per_stage(config, pp)[stage] + (config.num_vl_layers if stage == pp - 1 else 0)
     return StageCost(tuple(gemms), tuple(collectives), 4 if training.recompute else 3, m,
-                     training.itc_batch_accumulation and m > 1, layers)
+                     training.itc_batch_accumulation and m > 1, layers, forward_only)
 
 
 def _step_time(costs: list[StageCost], m: int, pp: int) -> tuple[dict[str, float], int]:
@@ -267,7 +313,7 @@ def _step_time(costs: list[StageCost], m: int, pp: int) -> tuple[dict[str, float
     forward = max(range(pp), key=lambda s: costs[s].forward_slot)
     last_out = max(range(pp), key=lambda s: costs[s].comm("step"))
     main, fwd, step = costs[critical], costs[forward], costs[last_out]
-    time = dict(compute=slots * (main.units * main.forward_compute + (fwd.forward_compute if fwd.accumulates
+    time = dict(compute=slots * (main.units * main.forward_compute + (fwd.forward_only_compute if fwd.accumulates
                                                                       else 0.0)))
     for kind in KINDS:
         time[kind] = slots * (main.comm("main", kind) + fwd.comm("forward", kind)) / m + step.comm("step", kind)
@@ -305,7 +351,7 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
 
     dt = 2 if training.bf16 else 4
     optimizer_bytes = 12 if training.bf16 else 8  # (fp32 master +) two fp32 Adam moments
-    stages = stage_parameters(config, tp, pp)
+    stages = stage_parameters(config, tp, pp, training.masked)
     per_stage_layers = layers_per_stage(config, pp)
     memories = []
     for stage, (params, backbone_layers) in enumerate(zip(stages, per_stage_layers)):
@@ -331,9 +377,11 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     training = dataclasses.replace(training, recompute=recompute)
     costs = [stage_cost(config, tp, pp, dp, g, training, hardware, stage) for stage in range(pp)]
     communication = {kind: max(c.bytes_sent(kind) for c in costs) for kind in KINDS}
-    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1
+    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1 (of the
+    # ITC-only model: the masked streams are not in that pass)
     units = 4 if recompute else 3
-    extra_forward = 1 / units if accumulate else 0.0
+    extra_forward = (model_flops_per_sample(config) / (units * model_flops_per_sample(config, training.masked))
+                     if accumulate else 0.0)
     time, critical = _step_time(costs, m, pp)
     return Plan(tp, pp, dp, g, recompute, m, peak_stage, n_peak, memory, communication, time,
                 fits=memory["total"] <= hardware.gpu_memory_gb * GB, contrastive_batch=g * loss_rows,

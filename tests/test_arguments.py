@@ -47,6 +47,11 @@ def _parse(*extra, world=1, monkeypatch=None):
         (["--train-samples", "64", "--rampup-batch-size", "4", "5", "32"], 1, "not a multiple of the increment 5"),
         (["--train-samples", "64", "--micro-batch-size", "4", "--rampup-batch-size", "4", "4", "32"], 2,
          r"global batch sizes \[4, 12\] of the ramp are not multiples of --micro-batch-size 4 x data-parallel size 2"),
+        (["--cmlm-weight", "-1"], 1, "--cmlm-weight must be >= 0"),
+        (["--cmim-weight", "1", "--image-mask-ratio", "0.01"], 1, "--image-mask-ratio 0.01 masks 0 of the model's 16"),
+        (["--cmlm-weight", "1", "--text-mask-prob", "1.5"], 1, "--text-mask-prob 1.5"),
+        (["--cmlm-weight", "1", "--sequence-parallel", "--tensor-model-parallel-size", "2"], 2,
+         "--sequence-parallel does not run the masked streams"),
     ],
 )
 def test_bad_flags_raise_config_error_naming_the_flag(flags, world, message):

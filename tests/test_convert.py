@@ -58,14 +58,14 @@ def _save(root, model, config, iteration):
         process.daemon = daemon
 
 
-def _train_layout_save(root, tp, pp, backbone_heads):
-    """A seeded model at TP x PP: save a checkpoint and return its embeddings."""
+def _train_layout_save(root, tp, pp, backbone_heads, decoders=False):
+    """A seeded model at TP x PP (with the CMLM and CMIM decoders): save a checkpoint and return its embeddings."""
     from megatron_m2.models import build_model
 
     config = load_config("tiny", backbone_heads=backbone_heads, vocab_size=1000)  # 1000: padding rows exist
     parallel.initialize_model_parallel(tp, pp)
     torch.manual_seed(11)
-    model = build_model(config, spec="local")
+    model = build_model(config, spec="local", cmlm=decoders, cmim=decoders)
     with torch.no_grad():  # Sub-LNs and biases start at 1/0: perturb everything so a swapped tensor shows
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -73,30 +73,34 @@ def _train_layout_save(root, tp, pp, backbone_heads):
     return _embeddings(model, config)
 
 
-def _load_and_compare(original_root, converted_root, backbone_heads):
-    """At TP=1/PP=1: load both checkpoints (megatron reshards the original) and compare every tensor."""
+def _load_and_compare(original_root, converted_root, backbone_heads, decoders=False):
+    """At TP=1/PP=1: load both checkpoints (megatron reshards the original) and compare every tensor; with decoders,
+    the converted checkpoint has none and its model's must keep their initialisation."""
     from megatron_m2.models import build_model
     from megatron_m2.checkpointing import load_checkpoint
 
     config = load_config("tiny", backbone_heads=backbone_heads, vocab_size=1000)
     parallel.initialize_model_parallel(1, 1)
-    models = []
+    models, fresh = [], None
     for seed, root in ((1, original_root), (2, converted_root)):
         torch.manual_seed(seed)
-        model = build_model(config, spec="local")
+        model = build_model(config, spec="local", cmlm=decoders, cmim=decoders)
+        initial = {k: v.clone() for k, v in model.state_dict().items()
+                   if model.is_decoder_parameter(k) and isinstance(v, torch.Tensor)}
         load_checkpoint(root, model)
+        fresh = all(torch.equal(v, model.state_dict()[k]) for k, v in initial.items())
         models.append(model)
     a, b = (m.state_dict() for m in models)
     diffs = []
     for key, value in a.items():
-        if key.endswith("_extra_state"):
+        if key.endswith("_extra_state") or models[0].is_decoder_parameter(key):
             continue
         other = b[key]
         if key.endswith("word_embeddings.weight"):
             value, other = value[:config.vocab_size], other[:config.vocab_size]
         if not torch.equal(value, other):
             diffs.append(key)
-    return diffs, sorted(a) == sorted(b), _embeddings(models[1], config)
+    return diffs, sorted(a) == sorted(b), _embeddings(models[1], config), fresh
 
 
 def _convert_from_hf(hf_dir, out_root, tp=1, pp=1):
@@ -108,20 +112,29 @@ def _convert_from_hf(hf_dir, out_root, tp=1, pp=1):
 
 
 @pytest.mark.slow
-def test_round_trip_tp2pp2_to_hf_to_tp1pp1_is_bit_exact(tmp_path, backbone_heads=True):
-    """(backbone_heads on: every optional tensor travels too; ~60 s on 2 cores)"""
-    from megatron_m2.hf.modeling_m2 import M2EncoderModel
+def test_round_trip_tp2pp2_to_hf_to_tp1pp1_is_bit_exact(tmp_path, capsys, backbone_heads=True):
+    """(backbone_heads on: every optional tensor travels too; the CMLM / CMIM decoders are left out of the HF folder
+    and start fresh on the way back; ~60 s on 2 cores)"""
+    import json
+
+    from transformers import AutoModel
 
     original = tmp_path / "megatron_tp2pp2"
-    image_ref, text_ref = run_distributed(4, _train_layout_save, str(original), 2, 2, backbone_heads)[0]
+    image_ref, text_ref = run_distributed(4, _train_layout_save, str(original), 2, 2, backbone_heads, True)[0]
 
     hf_dir = tmp_path / "hf"
     assert _tool("convert_to_hf").main(["--load", str(original), "--hf-output", str(hf_dir),
                                         "--max-shard-size", "300KB", "--no-progress"]) == 0
     assert (hf_dir / "model.safetensors.index.json").exists()  # sharded
+    assert ("tensors of the training-only CMLM/CMIM decoders (the HF model has none): cmim_mask_token, "
+            "decoders.cmim_decoder, decoders.cmim_head, decoders.cmlm_decoder, decoders.cmlm_head") in \
+        capsys.readouterr().out
+    keys = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not [k for k in keys if "decoder" in k or "cmlm" in k or "cmim" in k or "mask_token" in k]
+    assert "decoder_num_layers" not in json.loads((hf_dir / "config.json").read_text())
 
     # the HF model's embeddings equal the megatron model's (TP2 x PP2, through the pipeline schedule)
-    hf = M2EncoderModel.from_pretrained(hf_dir).eval()
+    hf = AutoModel.from_pretrained(hf_dir, trust_remote_code=True).eval()
     images, ids, padding = _inputs(load_config("tiny", vocab_size=1000))
     with torch.no_grad():
         torch.testing.assert_close(hf.get_image_features(images), image_ref, atol=1e-5, rtol=0)
@@ -130,9 +143,9 @@ def test_round_trip_tp2pp2_to_hf_to_tp1pp1_is_bit_exact(tmp_path, backbone_heads
     converted = tmp_path / "megatron_tp1pp1"
     result = _convert_from_hf(hf_dir, converted)
     assert result.returncode == 0, result.stderr[-3000:]
-    diffs, same_keys, (image, text) = run_distributed(4, _load_and_compare, str(original), str(converted),
-                                                      backbone_heads)[0]
-    assert same_keys and diffs == []
+    diffs, same_keys, (image, text), fresh = run_distributed(4, _load_and_compare, str(original), str(converted),
+                                                             backbone_heads, True)[0]
+    assert same_keys and diffs == [] and fresh
     # same weights at another layout: the same embeddings up to TP's different summation order
     torch.testing.assert_close(image, image_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(text, text_ref, atol=1e-5, rtol=0)

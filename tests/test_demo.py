@@ -23,7 +23,8 @@ def _eval_flags(data: Path) -> list[str]:
             f"zh={data / 'data' / 'classnames_zh.txt'}",
             "--zeroshot-templates", f"en={data / 'data' / 'templates_en.txt'}",
             f"zh={data / 'data' / 'templates_zh.txt'}",
-            "--retrieval-data", str(data / "data" / "retrieval.jsonl"), "--eval-batch-size", "128"]
+            "--retrieval-data", str(data / "data" / "retrieval.jsonl"),
+            "--fine-grained-data", str(data / "data" / "fine_grained.jsonl"), "--eval-batch-size", "128"]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -148,3 +148,44 @@ def test_digit_templates_name_no_other_digit():
             bare = template.replace("{}", "").replace("{name}", "").replace("{digit}", "")
             assert not re.search(r"\d", bare) and not any(
                 (re.search(rf"\b{n}\b", bare) if lang == "en" else n in bare) for n in names), template
+
+
+def test_composites_for_training_and_the_fine_grained_pairs(tmp_path):
+    """Composites: train ones of train-split scans with captions that name them; held-out pairs whose captions differ
+    only in position (the same two scans swapped) or count (two copies against three), read by the evaluator."""
+    from megatron_m2.data.digits import COUNT_WORDS
+    from megatron_m2.eval.fine_grained import read_fine_grained_records
+
+    digits = write_digits_dataset(str(tmp_path / "d"), image_size=32, seed=0, composites=30, fine_grained_pairs=12)
+    stats = Counter()
+    samples = []
+    for shard in resolve_shards(digits.train_dir):
+        for key, members in iter_tar_groups(shard, stats):
+            image, _, caption, lang = parse_group(key, members)
+            samples.append((key, image, caption, lang, json.loads(members["json"])))
+    composites = [s for s in samples if "kind" in s[4]]
+    singles = [s for s in samples if "kind" not in s[4]]
+    assert len(composites) == 60 and len(singles) == 2 * digits.num_train_images
+    train = {s[4]["index"] for s in singles}
+    for _, image, caption, lang, meta in composites:
+        assert set(meta["indices"]) <= train and Image.open(io.BytesIO(image)).size == (32, 32)
+        names = [DIGIT_CLASS_NAMES[lang][label] for label in meta["labels"]]
+        if meta["kind"] == "count":
+            assert COUNT_WORDS[lang][len(meta["labels"])] in caption and names[0] in caption, caption
+        else:
+            assert all(n in caption or str(label) in caption for n, label in zip(names, meta["labels"])), caption
+
+    records = [json.loads(line) for line in Path(digits.fine_grained).read_text(encoding="utf-8").splitlines()]
+    held_out = {index for _, index, _ in _eval_items(digits)}
+    assert [r["kind"] for r in records].count("count") == 4 and len(records) == 12
+    for record in records:
+        first, second = record["indices"]
+        assert set(first) | set(second) <= held_out
+        if record["kind"] == "position":
+            assert second == first[::-1]
+            assert record["captions"]["en"][1] == " left of ".join(record["captions"]["en"][0][:-1].split(
+                " left of ")[::-1]) + "."
+        else:
+            assert len(first) == 2 and second[:2] == first and len(second) == 3
+    pairs = read_fine_grained_records(digits.fine_grained)
+    assert len(pairs) == 12 and all(Path(p).is_file() for pair in pairs for p in pair.images)

@@ -403,3 +403,65 @@ def test_evaluate_cli_errors_before_any_model(tmp_path, capsys, flags, message):
 
     code = main(["--load", str(tmp_path / "ckpt"), "--tokenizer-model", "tok.model", *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_hard_negative_accuracy_scores_both_directions_and_counts_ties_against():
+    from megatron_m2.eval.fine_grained import hard_negative_accuracy
+
+    basis = torch.eye(4)
+    images = torch.stack([basis[[0, 1]], basis[[2, 3]]])  # [pairs, 2, d]
+    text, image = hard_negative_accuracy(images, images.clone())
+    assert text.tolist() == [1.0, 1.0] and image.tolist() == [1.0, 1.0]
+    text, image = hard_negative_accuracy(images, images.flip(1))  # captions swapped: every choice wrong
+    assert text.tolist() == [0.0, 0.0] and image.tolist() == [0.0, 0.0]
+    text, image = hard_negative_accuracy(torch.ones(2, 2, 4), torch.ones(2, 2, 4))  # collapsed: ties lose
+    assert text.tolist() == [0.0, 0.0] and image.tolist() == [0.0, 0.0]
+    # the two images of a pair look the same: each caption ties between them (image score 0) and both images
+    # prefer the first caption (text score: right for image 0, wrong for image 1)
+    text, image = hard_negative_accuracy(torch.stack([basis[[0, 0]], basis[[2, 2]]]), images)
+    assert text.tolist() == [0.5, 0.5] and image.tolist() == [0.0, 0.0]
+
+
+def test_evaluate_fine_grained_per_language_and_kind(tmp_path):
+    from megatron_m2.eval.fine_grained import evaluate_fine_grained
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "grey": (128, 128, 128)}
+    for name, colour in colours.items():
+        Image.new("RGB", (4, 4), colour).save(tmp_path / f"{name}.png")
+    rows = [{"kind": "position", "images": ["red.png", "green.png"],
+             "captions": {"en": ["red", "green"], "zh": ["红", "绿"]}},
+            {"kind": "count", "images": ["blue.png", "grey.png"],
+             "captions": {"en": ["blue", "grey"], "zh": ["蓝", "绿"]}}]  # zh: the second caption is wrong
+    _write_jsonl(tmp_path / "fine.jsonl", rows)
+    vectors = {"red": 0, "green": 1, "blue": 2, "grey": 3, "红": 0, "绿": 1, "蓝": 2}
+
+    def encode_images(batch):  # an image's embedding: its colour's basis vector
+        keys = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)]
+        rgb = [tuple(int(round(v)) for v in ((image[:, 0, 0] * 0.5 + 0.5) * 255).tolist()) for image in batch]
+        return torch.eye(4)[[keys.index(c) for c in rgb]]
+
+    def encode_texts(texts):
+        return torch.eye(4)[[vectors[t] for t in texts]]
+
+    from megatron_m2.data.transforms import eval_transform
+
+    results = evaluate_fine_grained(str(tmp_path / "fine.jsonl"), encode_images, encode_texts, eval_transform(4),
+                                    batch_size=3)
+    assert results["en/position"] == results["en/count"] == results["zh/position"] == 100.0
+    # zh count pair: grey's caption is 绿 (green): grey scores 0 with both captions (a tie: wrong), and 绿 prefers
+    # neither image (wrong); blue's side is right: text 1/2, image 1/2
+    assert results["zh/count"] == 50.0 and results["zh/mean"] == 75.0 and results["mean"] == 87.5
+
+
+def test_fine_grained_file_errors(tmp_path):
+    from megatron_m2.eval.fine_grained import read_fine_grained_records
+
+    with pytest.raises(ConfigError, match="--fine-grained-data .*no such file"):
+        read_fine_grained_records(str(tmp_path / "missing.jsonl"))
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    for row, match in (({"kind": "x", "images": ["a.png"], "captions": {"en": ["1", "2"]}}, "exactly two images"),
+                       ({"kind": "x", "images": ["a.png", "b.png"], "captions": {"en": ["1", "2"]}}, "not found"),
+                       ({"images": ["a.png", "a.png"]}, "expected")):
+        _write_jsonl(tmp_path / "bad.jsonl", [row])
+        with pytest.raises(ConfigError, match=match):
+            read_fine_grained_records(str(tmp_path / "bad.jsonl"))

@@ -151,6 +151,9 @@ def test_dry_run_passes_every_part_it_can_on_cpu(demo_data, tmp_path):
     parity = parts["parity"]["comparison"]
     assert parity["passed"] and parity["steps"] == [2, 3, 4, 5, 6] and parity["max_rel_diff"] <= 1e-4
     assert parts["parity"]["devices"] == ["cpu", "cpu"]
+    comparisons = parts["parity"]["comparisons"]  # the trainer runs M2's full objective: all three losses compared
+    assert sorted(comparisons) == ["cmim_loss", "cmlm_loss", "itc_loss"] and all(
+        c["passed"] and c["steps"] == [2, 3, 4, 5, 6] for c in comparisons.values())
     itc = parts["itc"]["rows"]
     assert {(r["dtype"], r["rows"], r["chunk"]) for r in itc} == {
         (d, b, c) for d in ("bfloat16", "float32") for b in (128, 512) for c in (None, 64)}

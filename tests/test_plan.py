@@ -186,10 +186,12 @@ def test_cli_help_and_clear_errors():
 
 
 @pytest.mark.slow  # two real training steps of the tiny preset in a subprocess (~15 s, mostly imports)
-@pytest.mark.parametrize("recompute", ["none", "full"])
-def test_predicted_activations_match_what_autograd_keeps(recompute):
+@pytest.mark.parametrize("recompute,objectives", [("none", ()), ("full", ()),
+                                                  ("none", ("--cmlm-weight", "1", "--cmim-weight", "1"))],
+                         ids=["none", "full", "none-cmlm-cmim"])
+def test_predicted_activations_match_what_autograd_keeps(recompute, objectives):
     result = _cli("--model", "tiny", "--no-bf16", "--spec", "local", "--micro-batch-size", "64",
-                  "--global-batch-size", "64", "--recompute", recompute, "--measure")
+                  "--global-batch-size", "64", "--recompute", recompute, "--measure", *objectives)
     assert result.returncode == 0, result.stderr[-3000:]
     ratio = float(re.search(r"/ predicted activations = ([\d.]+)", result.stdout).group(1))
     assert 0.95 <= ratio <= 1.05, result.stdout
@@ -335,3 +337,43 @@ def test_the_step_s_micro_batches_are_counted_as_held_uint8_images_in_every_mode
             for m in (2, 16))
         grown = many.memory["activations"] - few.memory["activations"]
         assert grown == pytest.approx(14 * 8 * per_sample), accumulate
+
+
+def test_masked_modelling_adds_decoders_masked_streams_and_flops():
+    config = load_config("1b")
+    masked = arithmetic.MaskedPasses(cmlm=True, cmim=True)
+    base = dict(micro_batch_size=8, global_batch_size=4096, recompute=False)
+    off = planner.plan_layout(config, 32, 2, 4, 0, planner.Training(**base))
+    on = planner.plan_layout(config, 32, 2, 4, 0, planner.Training(**base, masked=masked))
+    # the decoders and heads sit on the last stage, the mask token on the first
+    without, with_ = planner.stage_parameters(config, 2, 4), planner.stage_parameters(config, 2, 4, masked=masked)
+    assert with_[1:-1] == without[1:-1] and with_[0].replicated - without[0].replicated == config.hidden_size
+    decoders = arithmetic.decoder_parameters(config, 2, masked)
+    assert with_[-1].total - without[-1].total == decoders.total
+    assert decoders.sharded >= padded_vocab_size(config.vocab_size, 2) * config.hidden_size  # CMLM's vocab head
+    # the masked copies go through the backbone towers (not the VL layers) and the decoders: FLOPs more than 1.5x
+    flops = arithmetic.model_flops_per_sample
+    assert 1.5 < flops(config, masked) / flops(config) < 2.5
+    assert flops(config, arithmetic.MaskedPasses(cmlm=True)) < flops(config, masked)
+    # the forward-backward pass sends the masked streams too; GBA-ITC's forward-only pass does not
+    s = config.vision_seq_length + config.max_text_length
+    assert on.communication["pp"] / off.communication["pp"] == pytest.approx((2 * 2 * s + s) / (3 * s))
+    assert on.communication["tp"] > off.communication["tp"] and on.time["step"] > off.time["step"]
+    assert on.extra_forward < off.extra_forward  # the extra forward is the ITC-only model's, a smaller share
+    assert on.memory["activations"] > off.memory["activations"]
+
+
+def test_dry_run_and_cli_count_the_decoders():
+    dry = subprocess.run([sys.executable, "-m", "megatron_m2.train", "--model", "1b", "--dry-run", "--world-size", "16",
+                          "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                          "--micro-batch-size", "8", "--global-batch-size", "1024", "--cmlm-weight", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    decoders = arithmetic.decoder_parameters(load_config("1b"), 2, arithmetic.MaskedPasses(cmlm=True))
+    assert f"masked modelling: CMLM: {decoders.total / 1e6:.1f}M decoder parameters on the last stage" in dry.stdout
+    plain, masked = (_cli("--model", "1b", "--num-gpus", "16", *extra) for extra in (
+        (), ("--cmlm-weight", "1", "--cmim-weight", "0.5")))
+    total = lambda result: float(re.search(r"1b: ([\d.]+)B parameters", result.stdout).group(1))  # noqa: E731
+    assert masked.returncode == 0 and total(masked) > total(plain)
+    bad = _cli("--model", "1b", "--num-gpus", "16", "--cmim-weight", "1", "--image-mask-ratio", "0")
+    assert bad.returncode == 2 and "--image-mask-ratio" in bad.stderr

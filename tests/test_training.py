@@ -1,11 +1,13 @@
 """End-to-end training on CPU: torchrun with 4 gloo processes (TP=2 x PP=2) on the embedded digits data.
 
+The runs marked MASKED train M2's full objective, ITC + CMIM + CMLM (their masks drawn from each sample's seed):
 - a run killed with SIGKILL mid-way (during an async save) resumes from its last complete checkpoint onto the same
-  per-step losses as a run that was never interrupted;
+  per-step ITC, CMLM and CMIM losses as a run that was never interrupted;
 - SIGTERM to every process of the run, data workers included (Slurm preemption), saves a checkpoint, exits cleanly
   and resumes onto the uninterrupted run's losses;
-- a TP=2 x PP=2 checkpoint loads into TP=1 x PP=1 and continues on the same losses;
-- GBA-ITC: micro-batches accumulate into one contrastive batch (TP2 4 x 4 = TP1 1 x 16);
+- a TP=2 x PP=2 checkpoint (decoders included) loads into TP=1 x PP=1 and continues on the same three losses;
+- GBA-ITC: micro-batches accumulate into one contrastive batch, and the CMLM / CMIM losses are means over every masked
+  token / patch of the step (TP2 4 x 4 = TP1 1 x 16);
 - a blended --data-path trains and resumes exactly.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ITERS = 8
+MASKED = ("--cmlm-weight", "0.5", "--cmim-weight", "1")
+LOSSES = ("itc_loss", "cmlm_loss", "cmim_loss")
 
 
 def _command(data: Path, run_dir: Path, nproc: int, tp: int, pp: int, *extra: str) -> list[str]:
@@ -42,6 +46,19 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["itc_loss"] for r in records if r["kind"] == "train"}
 
 
+def _all_losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per iteration: the ITC, CMLM and CMIM losses (the ones the run logs)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["iteration"]: {k: r[k] for k in LOSSES if k in r} for r in records if r["kind"] == "train"}
+
+
+def _assert_same_losses(got: dict, want: dict, rel: float) -> None:
+    for iteration, losses in got.items():
+        assert set(losses) == set(LOSSES), losses  # all three objectives logged
+        for name, value in losses.items():
+            assert value == pytest.approx(want[iteration][name], rel=rel, abs=1e-6), (iteration, name)
+
+
 def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -49,17 +66,18 @@ def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference_checkpoints(demo_data, tmp_path_factory) -> tuple[dict[int, float], Path]:
-    """The uninterrupted TP2 x PP2 run: its per-step losses, and its checkpoints of iterations 4 and 8."""
+def reference_checkpoints(demo_data, tmp_path_factory) -> tuple[dict[int, dict], Path]:
+    """The uninterrupted TP2 x PP2 run with ITC + CMIM + CMLM: its per-step losses, and its checkpoints of iterations
+    4 and 8 (decoders included)."""
     run_dir = tmp_path_factory.mktemp("reference")
-    _run(_command(demo_data, run_dir, 4, 2, 2, "--save", str(run_dir / "ckpt"), "--save-interval", "4"))
-    losses = _losses(run_dir)
+    _run(_command(demo_data, run_dir, 4, 2, 2, *MASKED, "--save", str(run_dir / "ckpt"), "--save-interval", "4"))
+    losses = _all_losses(run_dir)
     assert sorted(losses) == list(range(1, ITERS + 1))
     return losses, run_dir / "ckpt"
 
 
 @pytest.fixture(scope="module")
-def reference_run(reference_checkpoints) -> dict[int, float]:
+def reference_run(reference_checkpoints) -> dict[int, dict]:
     return reference_checkpoints[0]
 
 
@@ -90,16 +108,18 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_kill9_during_async_save_resumes_from_the_last_complete_checkpoint(demo_data, reference_run, tmp_path):
-    # The crash case (SIGKILL mid-run, TP2 x PP2, 2 micro-batches per step: GBA-ITC accumulation on), made harder by
-    # --async-save (one launch for both; the synchronous save is covered by the SIGTERM and layout tests): iteration 3's checkpoint is written in the background and published at a later step; the kill
+    # The crash case (SIGKILL mid-run, TP2 x PP2, 2 micro-batches per step: GBA-ITC accumulation on, CMLM and CMIM
+    # on), made harder by --async-save (one launch for both; the synchronous save is covered by the SIGTERM and
+    # layout tests): iteration 3's checkpoint is written in the background and published at a later step; the kill
     # lands while iteration 6's is being written. Resuming must pick 3 (6 is an unpublished iter_0000006.tmp) and
-    # reproduce the uninterrupted losses, which also proves the background writer saved the state as of step 3.
+    # reproduce the uninterrupted losses, which also proves the background writer saved the state as of step 3, and
+    # that the resumed run masks every sample as the uninterrupted one did.
     import queue
     import threading
 
     ckpt = tmp_path / "ckpt"
-    cmd = _command(demo_data, tmp_path, 4, 2, 2, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3",
-                   "--async-save")
+    cmd = _command(demo_data, tmp_path, 4, 2, 2, *MASKED, "--save", str(ckpt), "--load", str(ckpt),
+                   "--save-interval", "3", "--async-save")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -121,10 +141,9 @@ def test_kill9_during_async_save_resumes_from_the_last_complete_checkpoint(demo_
     assert (ckpt / "iter_0000006.tmp").is_dir() and not (ckpt / "iter_0000006").exists()
     (tmp_path / "metrics.jsonl").unlink()
     _run(cmd)
-    resumed = _losses(tmp_path)
+    resumed = _all_losses(tmp_path)
     assert min(resumed) == 4, resumed
-    for iteration, loss in resumed.items():
-        assert loss == pytest.approx(reference_run[iteration], rel=1e-5, abs=1e-6), iteration
+    _assert_same_losses(resumed, reference_run, rel=1e-5)
     # the resumed run's last async save was finished before the trainers exited
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(ITERS)
     assert (ckpt / f"iter_{ITERS:07d}" / "checkpoint_complete").exists() and not list(ckpt.glob("*.tmp"))
@@ -175,35 +194,42 @@ def test_checkpoint_loads_into_another_layout(demo_data, reference_checkpoints, 
     publish(ckpt, 4)
     # a changed schedule is refused before anything is built, naming the two ways out
     changed = subprocess.run([sys.executable, "-m", "megatron_m2.train",
-                              *_flags(demo_data, tmp_path, 1, 1, "--load", str(ckpt), "--train-iters", "12")],
+                              *_flags(demo_data, tmp_path, 1, 1, *MASKED, "--load", str(ckpt), "--train-iters", "12")],
                              capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and "lr_decay_steps: checkpoint 8 vs flags 12" in changed.stderr, changed.stderr
     assert "--override-opt-param-scheduler" in changed.stderr and "parameters" not in changed.stdout
+    # so is a resume with the optimizer's state but without the objectives whose decoders it holds
+    dropped = subprocess.run([sys.executable, "-m", "megatron_m2.train",
+                              *_flags(demo_data, tmp_path, 1, 1, "--load", str(ckpt))],
+                             capture_output=True, text=True, timeout=300)
+    assert dropped.returncode == 2 and "trained with the masked-modelling objectives [cmim, cmlm]" in \
+        dropped.stderr and "--no-load-optim" in dropped.stderr, dropped.stderr
     second = tmp_path / "tp1pp1"
     second.mkdir()
-    _run(_command(demo_data, second, 1, 1, 1, "--load", str(ckpt)))
-    resumed = _losses(second)
-    assert sorted(resumed) == list(range(5, ITERS + 1))
-    for iteration, loss in resumed.items():
-        assert loss == pytest.approx(reference_run[iteration], rel=1e-4, abs=1e-5), iteration
+    # 3 steps at TP1 x PP1 from the TP2 x PP2 checkpoint (megatron reshards the towers and the decoders) agree with
+    # the TP2 x PP2 run on all three losses
+    _run(_command(demo_data, second, 1, 1, 1, *MASKED, "--load", str(ckpt), "--exit-interval", "7"))
+    resumed = _all_losses(second)
+    assert sorted(resumed) == [5, 6, 7]
+    _assert_same_losses(resumed, reference_run, rel=1e-5)
 
 
 def test_micro_batches_accumulate_into_one_contrastive_batch(demo_data, tmp_path):
     # GBA-ITC, black-box: at DP 1 and the same seed, TP2 with 4 micro-batches of 4 trains on the same per-step losses
-    # as TP1 with one micro-batch of 16 (without accumulation the first would score 4-pair batches: loss ~ln 4)
+    # as TP1 with one micro-batch of 16 (without accumulation the first would score 4-pair batches: loss ~ln 4); and
+    # the CMLM / CMIM losses are means over all the step's masked tokens / patches, not of per-micro-batch means
     runs = {}
     for name, nproc, tp, micro in (("tp2_micro4", 2, 2, 4), ("tp1_micro16", 1, 1, 16)):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        flags = _flags(demo_data, run_dir, tp, 1, "--train-iters", "4")
+        flags = _flags(demo_data, run_dir, tp, 1, *MASKED, "--train-iters", "4")
         flags[flags.index("--micro-batch-size") + 1] = str(micro)
         result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                        "-m", "megatron_m2.train", *flags])
         assert "contrastive batch 16 pairs per ITC group" in result.stdout, result.stdout[-2000:]
-        runs[name] = _losses(run_dir)
+        runs[name] = _all_losses(run_dir)
     assert sorted(runs["tp2_micro4"]) == [1, 2, 3, 4]
-    for iteration, loss in runs["tp1_micro16"].items():
-        assert runs["tp2_micro4"][iteration] == pytest.approx(loss, rel=1e-5, abs=1e-6), iteration
+    _assert_same_losses(runs["tp2_micro4"], runs["tp1_micro16"], rel=1e-5)
 
 
 def test_blended_data_path_trains_and_resumes_exactly(demo_data, tmp_path):

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Convert a megatron-core dist checkpoint (saved at ANY TP/PP) into a Hugging Face folder.
 
+The training-only cross-modal decoders of CMLM / CMIM (and the image mask token) are left out: the HF model is the
+encoder the release ships, and a converted folder loads back (tools/convert_from_hf.py) with fresh decoders.
+
 The folder holds config.json (with auto_map), model.safetensors (sharded above --max-shard-size), the remote code,
 preprocessor_config.json (the model's saved preprocessing) and, with --tokenizer-model, tokenizer.model,
 tokenizer_config.json and processor_config.json; AutoModel, AutoProcessor, AutoTokenizer and AutoImageProcessor
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def convert(args: argparse.Namespace) -> Path:
     import torch
 
-    from megatron_m2.hf.convert import (ShardedSafetensorsWriter, count_read_steps, hf_config_from_m2,
+    from megatron_m2.hf.convert import (ShardedSafetensorsWriter, count_read_steps, decoder_keys, hf_config_from_m2,
                                         megatron_config_from_checkpoint, megatron_to_hf_tensors, select_weights)
     from megatron_m2.hf.export import write_processor, write_remote_code
     from megatron_m2.hf.megatron_io import DistCheckpointReader
@@ -83,6 +86,10 @@ def convert(args: argparse.Namespace) -> Path:
     hf_config.save_pretrained(str(out))
     write_processor(out, hf_config, args.tokenizer_model)
     print(f"wrote {out}: {len(shards)} shard(s), {writer.total_bytes / 1e6:.1f} MB of {weights}")
+    left_out = decoder_keys(reader)
+    if left_out:
+        print(f"left out {len(left_out)} tensors of the training-only CMLM/CMIM decoders (the HF model has none): "
+              f"{', '.join(sorted({'.'.join(k.split('.')[:2]) for k in left_out}))}")
     return out
 
 

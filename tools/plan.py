@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "backward runs (the trainer's GPU default); --no-overlap-grad-reduce: one bucket per stage")
     g.add_argument("--clip-grad", type=float, default=1.0,
                    help="gradient clipping as the trainer's flag; > 0 adds the gradient-norm all-reduce")
+    g.add_argument("--cmlm-weight", type=float, default=0.0,
+                   help="> 0: plan CMLM (its decoder and vocabulary head, the masked captions' pass)")
+    g.add_argument("--cmim-weight", type=float, default=0.0,
+                   help="> 0: plan CMIM (its decoder and pixel head, the masked images' pass)")
+    g.add_argument("--text-mask-prob", type=float, default=0.15, help="CMLM: share of caption tokens predicted")
+    g.add_argument("--image-mask-ratio", type=float, default=80 / 196, help="CMIM: share of patches masked")
     g = p.add_argument_group("layouts to show")
     g.add_argument("--tensor-model-parallel-size", type=int, default=0, help="only this TP (0 = all)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=0, help="only this PP (0 = all)")
@@ -116,6 +122,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--itc-batch must be >= 0 (0 = any contrastive batch), got {args.itc_batch}")
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu is a fraction of peak in (0, 1], got {args.mfu}")
+    for flag in ("cmlm_weight", "cmim_weight"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
+    if args.cmlm_weight or args.cmim_weight:
+        from megatron_m2.data.masking import check_masking
+
+        check_masking(args.text_mask_prob, args.image_mask_ratio, load_config(args.model).num_patches)
     if args.tensor_model_parallel_size and args.tensor_model_parallel_size not in planner.TENSOR_PARALLEL_SIZES:
         raise ConfigError(f"--tensor-model-parallel-size must be one of {planner.TENSOR_PARALLEL_SIZES}")
 
@@ -136,14 +149,19 @@ def measure(args: argparse.Namespace, config, training: "planner.Training") -> d
     from megatron_m2 import parallel
     from megatron_m2.training.bench import build_training, rss_bytes, synthetic_batches, trainer_args
 
+    masked = training.masked
+    objective_flags = ["--cmlm-weight", str(args.cmlm_weight), "--cmim-weight", str(args.cmim_weight),
+                       "--text-mask-prob", str(args.text_mask_prob), "--image-mask-ratio", str(args.image_mask_ratio)]
     pieces_args = trainer_args(args.model, training.micro_batch_size, bf16=training.bf16,
                                recompute=bool(training.recompute), spec=training.spec,
                                use_distributed_optimizer=training.use_distributed_optimizer, config=config,
-                               extra=["--clip-grad", "1.0"])
+                               extra=["--clip-grad", "1.0", *objective_flags])
     parallel.initialize_model_parallel(1, 1)
     on_gpu = torch.cuda.is_available()
     batch = synthetic_batches(config, training.micro_batch_size, device="cuda" if on_gpu else "cpu",
-                              image_dtype=torch.bfloat16 if training.bf16 else torch.float32)[0]
+                              image_dtype=torch.bfloat16 if training.bf16 else torch.float32,
+                              text_mask_prob=masked.text_mask_prob if masked.cmlm else None,
+                              image_mask_ratio=masked.image_mask_ratio if masked.cmim else None)[0]
 
     def batches():
         while True:
@@ -212,7 +230,9 @@ def training_from_args(args: argparse.Namespace) -> "planner.Training":
         recompute={"auto": None, "full": True, "none": False}[args.recompute], spec=args.spec,
         itc_chunk_size=args.itc_chunk_size, itc_batch_accumulation=args.itc_batch_accumulation,
         sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce,
-        clip_grad=args.clip_grad > 0)
+        clip_grad=args.clip_grad > 0,
+        masked=planner.MaskedPasses(args.cmlm_weight > 0, args.cmim_weight > 0, args.text_mask_prob,
+                                    args.image_mask_ratio))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -239,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shown = plans if args.all else fitting
     if args.top:
         shown = shown[:args.top]
-    total = sum(s.total for s in planner.stage_parameters(config))
+    total = sum(s.total for s in planner.stage_parameters(config, masked=training.masked))
     print(f"{args.model}: {total / 1e9:.3f}B parameters, {args.num_gpus} GPUs ({args.gpus_per_node}/node, "
           f"{args.gpu_memory_gb:g} GiB), micro-batch {args.micro_batch_size}, global batch {args.global_batch_size}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {'distributed' if args.use_distributed_optimizer else 'replicated'} "

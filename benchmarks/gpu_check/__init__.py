@@ -4,7 +4,8 @@
     bash benchmarks/gpu_check.sh --dry-run                                   # every part that can, on CPU
 
 Parts (each one's result, or its error, goes into one JSON; a part that fails does not stop the others):
-  parity   the trainer (python -m megatron_m2.train, tiny preset, TP1 x PP1, float32, the digits data): 6 steps on
+  parity   the trainer (python -m megatron_m2.train, tiny preset, TP1 x PP1, float32, the digits data, M2's full
+           objective ITC + CMIM + CMLM): 6 steps on
            the CPU (CUDA hidden), saving each, then steps 2..6 on CUDA resumed from the CPU's step-1 checkpoint: the
            same per-step losses (rel 1e-4). The CUDA run starts from the CPU's checkpoint because on a GPU megatron
            initialises the weights with the CUDA RNG (other weights than on the CPU); TF32 is off in the CUDA run

@@ -109,9 +109,9 @@ class Context:
                     proc.wait()
 
 
-def _trainer_losses(metrics_file: Path) -> dict[int, float]:
+def _trainer_losses(metrics_file: Path, name: str = "itc_loss") -> dict[int, float]:
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    return {r["iteration"]: r["itc_loss"] for r in records if r["kind"] == "train" and "itc_loss" in r}
+    return {r["iteration"]: r[name] for r in records if r["kind"] == "train" and name in r}
 
 
 

@@ -12,6 +12,9 @@ from benchmarks.gpu_check.runner import check, compare_losses
 from benchmarks.gpu_check.settings import BF16_FIRST_RTOL, BF16_RTOL, DIST_OPT_RTOL, PARITY_RTOL, PARITY_STEPS
 
 
+PARITY_LOSSES = ("itc_loss", "cmlm_loss", "cmim_loss")  # M2's full objective
+
+
 def part_parity(ctx: Context) -> dict:
     import shutil
 
@@ -23,7 +26,7 @@ def part_parity(ctx: Context) -> dict:
              "--pipeline-model-parallel-size", "1", "--micro-batch-size", "8", "--global-batch-size", "16",
              "--train-iters", str(PARITY_STEPS + 1), "--lr", "2e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
              "--seed", "7", "--num-workers", "0", "--no-hflip", "--data-path", str(data / "data" / "train"),
-             "--tokenizer-model", str(data / "tokenizer.model")]
+             "--tokenizer-model", str(data / "tokenizer.model"), "--cmlm-weight", "1", "--cmim-weight", "1"]
     cpu_env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     device_env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0") if ctx.cuda else cpu_env
     device_name = "cuda" if ctx.cuda else "cpu"
@@ -42,18 +45,25 @@ def part_parity(ctx: Context) -> dict:
     shutil.copytree(checkpoint_dir(ckpt, 1), checkpoint_dir(first, 1))
     device_run = start(device_name if ctx.cuda else "cpu_resumed", device_env, "--load", str(first))
     wait([device_run])
+    comparisons = {}
+    for name in PARITY_LOSSES:
+        cpu, device = (_trainer_losses(run_dir / "metrics.jsonl", name) for _, run_dir, _ in (cpu_run, device_run))
+        comparisons[name] = compare_losses({step: loss for step, loss in cpu.items() if step > 1}, device,
+                                           PARITY_RTOL)
+    result = dict(comparisons["itc_loss"], passed=all(c["passed"] for c in comparisons.values()),
+                  max_rel_diff=max(c["max_rel_diff"] for c in comparisons.values()))
     cpu, device = (_trainer_losses(run_dir / "metrics.jsonl") for _, run_dir, _ in (cpu_run, device_run))
     cpu = {step: loss for step, loss in cpu.items() if step > 1}
-    result = compare_losses(cpu, device, PARITY_RTOL)
     expected = list(range(2, PARITY_STEPS + 2))
     return {
         "summary": f"{len(result['steps'])} steps cpu vs {device_name}: max rel diff {result['max_rel_diff']:.2e} "
                    f"(limit {PARITY_RTOL:g})",
         "devices": ["cpu", device_name], "tf32_off": ctx.cuda, "flags": flags,
         "cpu_losses": cpu, "device_losses": device,
-        "comparison": result,
+        "comparison": result, "comparisons": comparisons,
         "checks": {"losses_match": check(result["passed"], result["max_rel_diff"], PARITY_RTOL,
-                                         "max relative difference of the per-step ITC losses, CPU vs device"),
+                                         "max relative difference of the per-step ITC, CMLM and CMIM losses, CPU "
+                                         "vs device"),
                    "steps": check(result["steps"] == expected, result["steps"], expected,
                                   "the iterations compared: the device run's, resumed from the CPU's step 1")},
     }

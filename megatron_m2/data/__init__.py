@@ -7,17 +7,18 @@ The trainer's interface:
   `name_sources(pairs) -> [Source(name, weight, paths)]` names them (no file-system access); the builders below take
   Sources as they are, so the trainer resolves its shards once.
 - `build_train_data(shards_or_blend, tokenizer, config, micro_batch_size, dp_rank, dp_size, seed, num_workers=0,
-  prefetch_factor=2, hflip=True) -> ImageTextBatches`: one DP rank's endless iterator; `shards_or_blend` is a shard
+  prefetch_factor=2, hflip=True, masker=None) -> ImageTextBatches`: one DP rank's endless iterator; `shards_or_blend` is a shard
   spec (str or list of paths/patterns), a [(weight, shards)] blend or Sources. `next()` returns
   dict(images uint8 [b,3,H,W] (pinned when CUDA is available), text_ids int64 [b,L], text_padding_mask bool [b,L]);
-  images are normalised on the device with `normalize(images)`. `num_workers` processes decode, augment and
+  images are normalised on the device with `normalize(images)`. With a masker (`masking.build_masker`, the CMLM /
+  CMIM objectives) batches also carry the masks of data/masking.py, drawn per sample from its seed in the workers. `num_workers` processes decode, augment and
   tokenise (None: `default_num_workers()`), `prefetch_factor` micro-batches each ahead; batches are identical for
   any worker count. `state_dict()` is the position after the last batch returned (not prefetched),
   `load_state_dict(state)` resumes at exactly the next batch; `stats` is a flat dict of per-source counts
   (`data/<source>/samples`, `data/<source>/skipped`, `data/<source>/skipped/<reason>`, `data/samples`,
   `data/skipped`); `close()` (or `with`) stops the workers.
 - `build_replica_train_data(shards_or_blend, tokenizer, config, micro_batch_size, seed, num_workers=0,
-  prefetch_factor=2, hflip=True) -> ReplicaBatches`: the same interface in megatron-core's layout, one decode per
+  prefetch_factor=2, hflip=True, masker=None) -> ReplicaBatches`: the same interface in megatron-core's layout, one decode per
   model replica (data/broadcast.py): TP rank 0 of the first stage reads and broadcasts; later stages get
   `images` on the meta device. Collective: every rank of a replica calls next() equally often.
   `reduce_stats(stats, group)` sums the stats over a group (collective).

@@ -33,6 +33,7 @@ from PIL import Image
 from megatron_m2.data import workers
 from megatron_m2.data.blend import BlendedStream, ShardsOrBlend, normalize_sources, stat_keys
 from megatron_m2.data.filters import SampleFilter
+from megatron_m2.data.masking import Masker
 from megatron_m2.data.shards import SKIP_REASONS
 from megatron_m2.data.tokenizer import GLMTokenizer
 from megatron_m2.data.transforms import to_rgb, train_transform
@@ -73,10 +74,11 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """Runs in the workers: chunk of (image bytes, caption, rng key) -> the usable samples as tensors + an ok mask."""
+    """Runs in the workers: chunk of (image bytes, caption, rng key) -> the usable samples as tensors + an ok mask,
+    with the masked-modelling masks of the enabled objectives (data/masking.py), drawn from each sample's key."""
 
-    def __init__(self, tokenizer: GLMTokenizer, transform: Callable) -> None:
-        self.tokenizer, self.transform = tokenizer, transform
+    def __init__(self, tokenizer: GLMTokenizer, transform: Callable, masker: Optional[Masker] = None) -> None:
+        self.tokenizer, self.transform, self.masker = tokenizer, transform, masker
 
     def _image(self, data: bytes, key: list[int]) -> Optional[torch.Tensor]:
         try:
@@ -88,18 +90,21 @@ class _Decoder(torch.utils.data.Dataset):
         return self.transform(image)
 
     def __getitem__(self, chunk: list) -> dict:
-        images, captions, ok = [], [], []
+        images, captions, keys, ok = [], [], [], []
         for data, caption, key in chunk:
             image = self._image(data, key)
             ok.append(image is not None)
             if image is not None:
                 images.append(image)
                 captions.append(caption)
+                keys.append(key)
         out = {"ok": torch.tensor(ok, dtype=torch.bool)}
         if images:
             out["text_ids"], out["text_padding_mask"] = self.tokenizer(captions)
             # One numpy copy (see transforms.to_tensor for why not torch.stack).
             out["images"] = torch.from_numpy(np.stack([image.numpy() for image in images]))
+            if self.masker is not None:
+                out.update(self.masker(out["text_ids"], keys))
         return out
 
 
@@ -130,13 +135,14 @@ class _Chunks:
 
 class ImageTextBatches:
     """Iterator of dict(images [b,3,H,W] (uint8 from the train transform), text_ids [b,L] int64,
-    text_padding_mask [b,L] bool); see the module docstring. Use `close()` or `with` to stop the workers."""
+    text_padding_mask [b,L] bool), plus the masker's entries (data/masking.py) when one is given; see the module
+    docstring. Use `close()` or `with` to stop the workers."""
 
     def __init__(self, shards: ShardsOrBlend, tokenizer: GLMTokenizer, transform: Callable,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_window: int = 512, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
                  pin_memory: Optional[bool] = None, sample_filter: Optional[SampleFilter] = None,
-                 timeout: float = 0) -> None:
+                 timeout: float = 0, masker: Optional[Masker] = None) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size {micro_batch_size} must be >= 1")
         num_workers = default_num_workers() if num_workers is None else num_workers
@@ -147,7 +153,8 @@ class ImageTextBatches:
         sources = normalize_sources(shards)
         self.blend = BlendedStream(sources, dp_rank, dp_size, seed, shuffle_window, sample_filter)
         self.names = self.blend.names
-        self.tokenizer, self.transform = tokenizer, transform
+        self.tokenizer, self.transform, self.masker = tokenizer, transform, masker
+        self.batch_keys = ("images", "text_ids", "text_padding_mask") + (masker.keys if masker is not None else ())
         self.micro_batch_size, self.seed, self.dp_rank = micro_batch_size, seed, dp_rank
         self.num_workers, self.prefetch_factor, self.timeout = num_workers, prefetch_factor, timeout
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -216,7 +223,7 @@ class ImageTextBatches:
     # -- workers ---------------------------------------------------------------------------------------------
     def _start(self):
         loader = torch.utils.data.DataLoader(
-            _Decoder(self.tokenizer, self.transform), batch_size=None, sampler=_Chunks(self),
+            _Decoder(self.tokenizer, self.transform, self.masker), batch_size=None, sampler=_Chunks(self),
             num_workers=self.num_workers, collate_fn=_identity, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             timeout=self.timeout if self.num_workers else 0,
@@ -317,9 +324,9 @@ class ImageTextBatches:
                 self._chunks.popleft()
         if len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == len(pieces[0][0]["images"]):
             out = pieces[0][0]  # the usual case: one whole chunk is the batch, already pinned, no copy
-            return {k: out[k] for k in ("images", "text_ids", "text_padding_mask")}
+            return {k: out[k] for k in self.batch_keys}
         batch = {}
-        for k in ("images", "text_ids", "text_padding_mask"):
+        for k in self.batch_keys:
             batch[k] = torch.cat([out[k][a:b] for out, a, b in pieces])
             if self.pin_memory:
                 batch[k] = batch[k].pin_memory()
@@ -329,11 +336,13 @@ class ImageTextBatches:
 def build_train_data(shards_or_blend: ShardsOrBlend, tokenizer: GLMTokenizer, config, micro_batch_size: int,
                      dp_rank: int, dp_size: int, seed: int, num_workers: Optional[int] = 0, prefetch_factor: int = 2,
                      hflip: bool = True, randaugment: Optional[tuple[int, float]] = None,
-                     sample_filter: Optional[SampleFilter] = None, timeout: float = 0) -> ImageTextBatches:
+                     sample_filter: Optional[SampleFilter] = None, timeout: float = 0,
+                     masker: Optional[Masker] = None) -> ImageTextBatches:
     """The training iterator for a model config (its image_size), with the train augmentation (uint8 images;
-    randaugment = (N, M) adds RandAugment(N, M)) and the optional sample filter (data/filters.py).
-    num_workers=None: default_num_workers(); timeout: seconds to wait for a worker's micro-batch (0 = forever)."""
+    randaugment = (N, M) adds RandAugment(N, M)), the optional sample filter (data/filters.py) and, with a masker
+    (data/masking.build_masker), the masked-modelling masks. num_workers=None: default_num_workers(); timeout:
+    seconds to wait for a worker's micro-batch (0 = forever)."""
     transform = train_transform(config.image_size, hflip=hflip, randaugment=randaugment)
     return ImageTextBatches(shards_or_blend, tokenizer, transform, micro_batch_size, dp_rank, dp_size, seed,
                             num_workers=num_workers, prefetch_factor=prefetch_factor, sample_filter=sample_filter,
-                            timeout=timeout)
+                            timeout=timeout, masker=masker)

@@ -24,8 +24,9 @@ from megatron_m2.errors import ConfigError
 
 CLS_PIECE = "[CLS]"
 EOT_PIECE = "<|endoftext|>"
+MASK_PIECE = "[MASK]"
 # The special tokens of M2-Encoder's tokenizer_config.json (pad == eos), which HF never lets SentencePiece split.
-NO_SPLIT_PIECES = (EOT_PIECE, CLS_PIECE, "[MASK]", "[UNK]")
+NO_SPLIT_PIECES = (EOT_PIECE, CLS_PIECE, MASK_PIECE, "[UNK]")
 MAX_BLANK = 10
 
 
@@ -62,6 +63,8 @@ class GLMTokenizer:
         self.cls_id: int = self._piece_id(CLS_PIECE)
         self.eot_id: int = self._piece_id(EOT_PIECE)
         self.pad_id: int = self.eot_id
+        # [MASK] (GLM's 50003) replaces masked tokens for CMLM (data/masking.py); None if the model has no such piece
+        self.mask_id = self._piece_id(MASK_PIECE)
         self._special_ids = {p: self._piece_id(p) for p in NO_SPLIT_PIECES if self._piece_id(p) is not None}
         # Longest first, so that a special token that is a prefix of another cannot win (HF's trie does the same).
         alternatives = "|".join(re.escape(p) for p in sorted(self._special_ids, key=len, reverse=True))

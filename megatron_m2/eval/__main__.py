@@ -5,7 +5,8 @@
         --zeroshot-data runs/demo/data/eval \\
         --zeroshot-classnames en=runs/demo/data/classnames_en.txt zh=runs/demo/data/classnames_zh.txt \\
         --zeroshot-templates en=runs/demo/data/templates_en.txt zh=runs/demo/data/templates_zh.txt \\
-        --retrieval-data runs/demo/data/retrieval.jsonl --output results.json
+        --retrieval-data runs/demo/data/retrieval.jsonl --fine-grained-data runs/demo/data/fine_grained.jsonl \\
+        --output results.json
 
 The model's shape comes from the checkpoint (the trainer and tools/convert_from_hf.py store it), so any layout the
 shape allows works, whatever layout the checkpoint was written at. Exit codes: 0 success, 2 bad flags or inputs.
@@ -45,9 +46,9 @@ def _check(args: argparse.Namespace, world_size: int):
     from megatron_m2 import checkpoint_layout
     from megatron_m2.parallel import validate_layout
 
-    if not (args.zeroshot_data or args.retrieval_data):
-        raise ConfigError("nothing to evaluate: pass --zeroshot-data (with --zeroshot-classnames) and/or "
-                          "--retrieval-data")
+    if not (args.zeroshot_data or args.retrieval_data or args.fine_grained_data):
+        raise ConfigError("nothing to evaluate: pass --zeroshot-data (with --zeroshot-classnames), --retrieval-data "
+                          "and/or --fine-grained-data")
     check_eval_data_arguments(args)
     iteration = args.iteration if args.iteration is not None else checkpoint_layout.latest_iteration(args.load)
     if iteration is None or not checkpoint_layout.is_complete(checkpoint_layout.checkpoint_dir(args.load, iteration)):

@@ -35,6 +35,10 @@ def add_eval_data_arguments(group: argparse._ActionsContainer) -> None:
                        help="override the protocol's normalisation of captions and prompts before tokenising: none "
                             "(strip whitespace) or official (the release's: lower-case, curly double quotes to "
                             "straight); default: the --eval-protocol's")
+    group.add_argument("--fine-grained-data", default=None,
+                       help='fine-grained retrieval against hard negatives: JSONL of {"kind", "images": [2 paths], '
+                            '"captions": {lang: [2 captions]}} pairs whose captions differ only in position or count '
+                            "(the demo writes one from held-out digits: data/fine_grained.jsonl); chance 50%%")
     group.add_argument("--eval-batch-size", type=int, default=64, help="images or texts per evaluation forward")
 
 

@@ -97,10 +97,12 @@ def parse_classnames(items: list[str]) -> dict[str, str]:
 
 
 def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Module, object], dict[str, float]]:
-    """The evaluation the flags ask for (zero-shot and/or retrieval): evaluate(forward_step_func, model, tokenizer)."""
+    """The evaluation the flags ask for (zero-shot, retrieval, fine-grained): evaluate(forward_step_func, model,
+    tokenizer)."""
     from megatron_m2.eval.datasets import ImageFolderWithClassNames, model_eval_transform
     from megatron_m2.eval.protocol import resolve_protocol
     from megatron_m2.parallel import print_rank_0
+    from megatron_m2.eval.fine_grained import evaluate_fine_grained, read_fine_grained_records
     from megatron_m2.eval.retrieval import evaluate_retrieval
     from megatron_m2.eval.zeroshot import evaluate_zero_shot
 
@@ -112,6 +114,7 @@ def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Modul
     if args.zeroshot_data:
         zeroshot = ImageFolderWithClassNames(args.zeroshot_data, parse_classnames(args.zeroshot_classnames),
                                              transform, template_files=parse_classnames(args.zeroshot_templates))
+    fine_grained = read_fine_grained_records(args.fine_grained_data) if args.fine_grained_data else None
 
     def evaluate(forward_step_func: Callable, model: torch.nn.Module, tokenizer) -> dict[str, float]:
         if not announced:
@@ -129,6 +132,10 @@ def make_eval_fn(args: argparse.Namespace) -> Callable[[Callable, torch.nn.Modul
                                         caption_normalization=protocol.caption_normalization,
                                         shared_captions_match=protocol.shared_captions_match)
             results.update({f"retrieval/{k}": v for k, v in scores.items()})
+        if fine_grained is not None:
+            scores = evaluate_fine_grained(args.fine_grained_data, encode_images, encode_texts, transform,
+                                           batch_size=args.eval_batch_size, pairs=fine_grained)
+            results.update({f"fine/{k}": v for k, v in scores.items()})
         return results
 
     return evaluate

@@ -18,26 +18,35 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from megatron_m2.config import M2Config, padded_vocab_size, validate_parallel_shapes
+from megatron_m2.config import DECODER_FIELDS, M2Config, padded_vocab_size, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 from megatron_m2.hf.configuration_m2 import M2EncoderConfig
 from megatron_m2.progress_line import ProgressLine, format_duration
 from megatron_m2.hf.key_mapping import (MEGATRON_LAYER_KEYS, QKV_KEYS, VOCAB_KEY, is_megatron_model_key,
                                         megatron_layer_keys, megatron_top_keys, tower_layers)
 from megatron_m2.hf.megatron_io import DistCheckpointReader
+from megatron_m2.models.m2_model import M2PipelineStage
 from megatron_m2.models.state_dict import fuse_qkv, split_qkv
 
 M2_FIELDS = tuple(M2Config.__dataclass_fields__)
 
 
 def hf_config_from_m2(config: M2Config) -> M2EncoderConfig:
-    fields = config.to_dict()
+    """The HF config of a model: every field but those of the training-only decoders, which the HF model lacks."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in DECODER_FIELDS}
     return M2EncoderConfig(initializer_range=fields.pop("init_method_std"), **fields)
 
 
 def m2_config_from_hf(config: M2EncoderConfig) -> M2Config:
+    """The megatron config of an HF model; decoder fields (absent in HF folders) take their defaults."""
     return M2Config(**{name: getattr(config, "initializer_range" if name == "init_method_std" else name)
-                       for name in M2_FIELDS})
+                       for name in M2_FIELDS if name not in DECODER_FIELDS})
+
+
+def decoder_keys(reader: DistCheckpointReader) -> list[str]:
+    """The checkpoint's tensors of the training-only masked-modelling parts (decoders, heads, the image mask token),
+    which a Hugging Face export leaves out."""
+    return sorted(k for k in reader.shapes if is_megatron_model_key(k) and M2PipelineStage.is_decoder_parameter(k))
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -109,7 +118,7 @@ def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 def check_megatron_keys(reader: DistCheckpointReader, config: M2Config) -> None:
     """Every needed tensor present with the config's shapes; no unknown model tensor (error lists them)."""
     expected = set(_needed_keys(config))
-    present = {k for k in reader.shapes if is_megatron_model_key(k)}
+    present = {k for k in reader.shapes if is_megatron_model_key(k)} - set(decoder_keys(reader))
     missing, unknown = sorted(expected - present), sorted(present - expected)
     if missing or unknown:
         raise ConfigError(f"checkpoint {reader.path} does not match the model config: missing {missing}; "

@@ -6,6 +6,12 @@ Layer (BEiT-3 / torchscale with Magneto Sub-LN, pre-LN, GELU, biases everywhere)
 Attention is bidirectional: AttnMaskType.padding with a [b, 1, 1, s] key-padding mask (True = masked) for text and
 no mask for images. `local` is pure PyTorch (runs on CPU); `te` uses TransformerEngine with the same math (its fused
 LayerNorm+Linear for the pre-LNs, whose input is not TP-sharded; the Sub-LNs stay TP-aware, see sub_ln.py).
+
+The training-only cross-modal decoders (models/decoders.py) use a decoder layer: the same layer with a
+cross-attention sublayer between self-attention and FFN, as megatron-core's T5 decoder spec builds it
+(CrossAttention with linear_q / linear_kv, pre_cross_attn_layernorm, cross_attn_bda), and as torchscale's
+DecoderLayer (which the release ships) computes it: pre-LN, Sub-LN on the cross-attention's output projection too.
+Self-attention stays bidirectional (masked modelling, not generation).
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ import copy
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import (CrossAttention, CrossAttentionSubmodules, SelfAttention,
+                                                 SelfAttentionSubmodules)
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -73,8 +80,54 @@ def _sub_ln_linear(linear_cls: type) -> ModuleSpec:
     return ModuleSpec(module=SubLNRowParallelLinear, params={"linear_cls": linear_cls})
 
 
-def get_local_layer_spec() -> ModuleSpec:
-    """Pure PyTorch layer: torch LayerNorm (sequence-parallel capable), megatron's Column/RowParallelLinear and DotProductAttention."""
+def _local_cross_attention() -> dict:
+    """The cross-attention sublayer of the local decoder layer (TransformerLayerSubmodules fields)."""
+    return dict(
+        pre_cross_attn_layernorm=TorchNorm,
+        cross_attention=ModuleSpec(
+            module=CrossAttention,
+            params={"attn_mask_type": AttnMaskType.padding},
+            submodules=CrossAttentionSubmodules(
+                linear_q=ColumnParallelLinear,
+                linear_kv=ColumnParallelLinear,
+                core_attention=DotProductAttention,
+                linear_proj=_sub_ln_linear(RowParallelLinear),
+            ),
+        ),
+        cross_attn_bda=get_bias_dropout_add,
+    )
+
+
+def _te_cross_attention() -> dict:
+    """The te decoder layer's cross-attention: megatron's T5 TE decoder spec, with the Sub-LN output projection.
+    TE's padding attention takes the (query, key) padding masks as a pair (models/decoders.py passes them)."""
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    return dict(
+        pre_cross_attn_layernorm=TENorm,
+        cross_attention=ModuleSpec(
+            module=CrossAttention,
+            params={"attn_mask_type": AttnMaskType.padding},
+            submodules=CrossAttentionSubmodules(
+                linear_q=TEColumnParallelLinear,
+                linear_kv=TEColumnParallelLinear,
+                core_attention=TEDotProductAttention,
+                linear_proj=_sub_ln_linear(TERowParallelLinear),
+            ),
+        ),
+        cross_attn_bda=get_bias_dropout_add,
+    )
+
+
+def get_local_layer_spec(cross_attention: bool = False) -> ModuleSpec:
+    """Pure PyTorch layer: torch LayerNorm (sequence-parallel capable), megatron's Column/RowParallelLinear and
+    DotProductAttention.
+    cross_attention: the decoder layer (self-attention, cross-attention, FFN)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -91,6 +144,7 @@ def get_local_layer_spec() -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
+            **(_local_cross_attention() if cross_attention else {}),
             pre_mlp_layernorm=TorchNorm,
             mlp=ModuleSpec(
                 module=MLP,
@@ -107,8 +161,9 @@ def get_local_layer_spec() -> ModuleSpec:
     )
 
 
-def get_te_layer_spec() -> ModuleSpec:
-    """TransformerEngine layer: fused pre-LN + QKV / fc1, TE attention, TP-aware Sub-LN + TERowParallelLinear."""
+def get_te_layer_spec(cross_attention: bool = False) -> ModuleSpec:
+    """TransformerEngine layer: fused pre-LN + QKV / fc1, TE attention, TP-aware Sub-LN + TERowParallelLinear.
+    cross_attention: the decoder layer (self-attention, cross-attention, FFN)."""
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
@@ -131,6 +186,7 @@ def get_te_layer_spec() -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
+            **(_te_cross_attention() if cross_attention else {}),
             pre_mlp_layernorm=IdentityOp,
             mlp=ModuleSpec(
                 module=MLP,
@@ -144,6 +200,12 @@ def get_te_layer_spec() -> ModuleSpec:
 
 def get_layer_spec(spec: str = "auto") -> ModuleSpec:
     return get_te_layer_spec() if resolve_spec(spec) == "te" else get_local_layer_spec()
+
+
+def get_decoder_layer_spec(spec: str = "auto") -> ModuleSpec:
+    """The cross-modal decoders' layer (see the module docstring)."""
+    te = resolve_spec(spec) == "te"
+    return get_te_layer_spec(cross_attention=True) if te else get_local_layer_spec(cross_attention=True)
 
 
 def get_final_norm_spec(spec: str = "auto") -> type:

@@ -6,12 +6,19 @@ each modality separately), the VL final LayerNorm, the bias-free heads and logit
 Between stages the two streams travel packed in one tensor [S_img + S_txt, b, h] so megatron-core's schedules can send
 them; either modality may be absent (S = 0). With sequence parallelism each stream is padded to a multiple of TP and
 split over the TP ranks, and the packed tensor holds this rank's parts of both (models/sequence_parallel.py).
+
+With the masked-modelling objectives (CMLM / CMIM, `cmlm=` / `cmim=`), the masked copies of the caption and of the
+image travel in the same tensor, [S_img + S_txt + S_img' + S_txt', b, h] with S_img' = S_img when CMIM is on and
+S_txt' = S_txt when CMLM is on: one tensor shape per schedule call, whatever the objectives. Inside a stage each tower
+runs once over its unmasked and masked streams side by side along the batch ([S, 2b, h]: one set of larger matmuls,
+not two calls). The last stage's decoders (models/decoders.py) then read the unmasked streams as keys/values and the
+masked ones as queries; the VL layers and the ITC heads see only the unmasked streams.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_m2.config import (M2Config, layers_per_stage, padded_length, transformer_config,
                                 validate_parallel_shapes)
+from megatron_m2.models.decoders import CrossModalDecoders, MaskedInputs
 from megatron_m2.models.init import initialize_weights
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
 from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
@@ -33,21 +41,32 @@ Embeddings = tuple[Optional[torch.Tensor], ...]
 
 VISION_MODULES = ("vision_embed", "vision_encoder", "image_projection", "backbone_image_projection")
 TEXT_MODULES = ("text_embed", "text_encoder", "text_projection", "backbone_text_projection")
+# the training-only parts of the masked-modelling objectives: the decoders and heads (last stage), the mask token
+DECODER_MODULES = ("decoders",)
+DECODER_PARAMETERS = ("cmim_mask_token",)
+# checkpoint keys (and parameter names, wrapper prefixes aside) of each objective's parts
+OBJECTIVE_KEYS = {"cmlm": re.compile(r"(^|\.)decoders\.cmlm_"),
+                  "cmim": re.compile(r"(^|\.)(decoders\.cmim_|cmim_mask_token)")}
 
 
 def packed_sequence_length(config: M2Config, with_images: bool = True, with_text: bool = True,
-                           sequence_parallel_size: int = 1) -> int:
-    """Length of the packed [image tokens; text tokens] activation that travels between pipeline stages, before the
-    split over `sequence_parallel_size` ranks (the TP size with --sequence-parallel; each stream padded to a
-    multiple of it). megatron-core's schedules take this and divide it by TP under sequence parallelism."""
-    return (padded_length(config.vision_seq_length, sequence_parallel_size) * with_images
-            + padded_length(config.max_text_length, sequence_parallel_size) * with_text)
+                           sequence_parallel_size: int = 1, with_masked_images: bool = False,
+                           with_masked_text: bool = False) -> int:
+    """Length of the packed [image; text; masked image; masked text] activation that travels between pipeline stages
+    (the masked streams only with CMIM / CMLM), before the split over `sequence_parallel_size` ranks (the TP size
+    with --sequence-parallel; each stream padded to a multiple of it). megatron-core's schedules take this and divide
+    it by TP under sequence parallelism."""
+    image = padded_length(config.vision_seq_length, sequence_parallel_size)
+    text = padded_length(config.max_text_length, sequence_parallel_size)
+    return image * (with_images + with_masked_images) + text * (with_text + with_masked_text)
 
 
-def stage_sequence_length(model: torch.nn.Module, with_images: bool = True, with_text: bool = True) -> int:
+def stage_sequence_length(model: torch.nn.Module, with_images: bool = True, with_text: bool = True,
+                          with_masked_images: bool = False, with_masked_text: bool = False) -> int:
     """`packed_sequence_length` for this stage's model (DDP-wrapped or not), sequence parallelism as it is built."""
     stage = getattr(model, "module", model)
-    return packed_sequence_length(stage.m2_config, with_images, with_text, stage.sequence_parallel_size)
+    return packed_sequence_length(stage.m2_config, with_images, with_text, stage.sequence_parallel_size,
+                                  with_masked_images, with_masked_text)
 
 
 def _has_module(name: str, modules: tuple[str, ...]) -> bool:
@@ -76,16 +95,17 @@ def _stage_block_config(tc: TransformerConfig, num_layers: int, stage_layers: li
 class M2PipelineStage(MegatronModule):
     """One pipeline stage of the two-tower M2-Encoder (see the module docstring).
 
-    forward(images [b,3,H,W] | None, text_ids [b,L] | None, text_padding_mask [b,L] bool | None, True = padding):
-    every stage gets the same arguments (non-first stages use only presence/shapes and the mask). Returns the packed
-    hidden states [S_img + S_txt, b, h] on non-last stages; on the last stage (image_embeds, text_embeds), each
+    forward(images [b,3,H,W] | None, text_ids [b,L] | None, text_padding_mask [b,L] bool | None, True = padding,
+    masked: MaskedInputs | None): every stage gets the same arguments (non-first stages use only presence/shapes and
+    the masks). Returns the packed hidden states on non-last stages; on the last stage (image_embeds, text_embeds), each
     [b, out_dim] L2-normalised or None, followed by (backbone_image_embeds, backbone_text_embeds) when
-    config.backbone_heads is on.
+    config.backbone_heads is on, followed by the decoders' MaskedPredictions when `masked` is given (training with
+    CMLM / CMIM; needs both modalities and a stage built with those objectives).
     """
 
     def __init__(self, config: M2Config, transformer_config: TransformerConfig, pre_process: bool,
                  post_process: bool, num_stage_layers: Optional[int] = None, layer_offset: Optional[int] = None,
-                 spec: str = "local"):
+                 spec: str = "local", cmlm: bool = False, cmim: bool = False):
         super().__init__(config=transformer_config)
         self.m2_config = config
         self.model_type = ModelType.encoder_or_decoder
@@ -143,6 +163,14 @@ class M2PipelineStage(MegatronModule):
                 for head in (self.backbone_image_projection.weight, self.backbone_text_projection.weight,
                              self.backbone_logit_scale):
                     head.requires_grad_(False)
+        # the masked-modelling parts last, so that without them the towers' initialisation draws what it always did
+        self.cmlm, self.cmim = cmlm, cmim
+        if pre_process and cmim:
+            self.cmim_mask_token = torch.nn.Parameter(torch.empty(config.hidden_size, dtype=tc.params_dtype))
+            if tc.perform_initialization:
+                tc.init_method(self.cmim_mask_token)
+        if post_process and (cmlm or cmim):
+            self.decoders = CrossModalDecoders(config, tc, self.spec, cmlm=cmlm, cmim=cmim)
 
     def _head(self) -> torch.nn.Linear:
         """Bias-free projection to out_dim, replicated over TP (it is small)."""
@@ -170,6 +198,24 @@ class M2PipelineStage(MegatronModule):
         """Text tower: token/position embedding, text backbone layers + final LN, text head(s)."""
         return _has_module(name, TEXT_MODULES)
 
+    @property
+    def objectives(self) -> frozenset[str]:
+        """The masked-modelling objectives this model was built for (every stage knows, whichever parts it holds)."""
+        return frozenset(name for name, on in (("cmlm", self.cmlm), ("cmim", self.cmim)) if on)
+
+    @staticmethod
+    def objectives_of(keys: Iterable[str]) -> frozenset[str]:
+        """The masked-modelling objectives ("cmlm", "cmim") whose parts appear among these checkpoint keys or
+        parameter names (the checkpoint loader asks, to start missing decoders fresh)."""
+        keys = list(keys)
+        return frozenset(name for name, pattern in OBJECTIVE_KEYS.items() if any(pattern.search(k) for k in keys))
+
+    @staticmethod
+    def is_decoder_parameter(name: str) -> bool:
+        """The masked-modelling objectives' training-only parts: the decoders and their heads, the image mask token."""
+        return _has_module(name, DECODER_MODULES) or re.search(
+            r"(^|\.)(" + "|".join(DECODER_PARAMETERS) + r")$", name) is not None
+
     # -- forward -------------------------------------------------------------------------------------------------
     def _attention_mask(self, padding_mask: Optional[torch.Tensor], batch: int, length: int, device
                         ) -> Optional[torch.Tensor]:
@@ -192,37 +238,70 @@ class M2PipelineStage(MegatronModule):
     def _first_token(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden[0] if self.sequence_parallel_size == 1 else first_token(hidden)
 
+    def _check_masked(self, masked: MaskedInputs, images, text_ids) -> None:
+        if self.sequence_parallel_size > 1:
+            raise ValueError("the masked streams (CMLM / CMIM) do not run with --sequence-parallel yet")
+        if images is None or text_ids is None:
+            raise ValueError("the masked streams need both modalities: each decoder attends to the other tower")
+        if (masked.cmlm and not self.cmlm) or (masked.cmim and not self.cmim):
+            raise ValueError(f"masked inputs for CMLM {masked.cmlm} / CMIM {masked.cmim}, but this stage was built "
+                             f"with cmlm={self.cmlm}, cmim={self.cmim}")
+
     def forward(self, images: Optional[torch.Tensor], text_ids: Optional[torch.Tensor],
-                text_padding_mask: Optional[torch.Tensor] = None):
+                text_padding_mask: Optional[torch.Tensor] = None, masked: Optional[MaskedInputs] = None):
         if images is None and text_ids is None:
             raise ValueError("M2PipelineStage.forward needs images, text_ids or both")
-        # this rank's image tokens in the packed activation
-        s_img = padded_length(self.m2_config.vision_seq_length, self.sequence_parallel_size) // \
-            self.sequence_parallel_size if images is not None else 0
+        if masked is not None:
+            self._check_masked(masked, images, text_ids)
+        with_masked_image, with_masked_text = masked is not None and masked.cmim, masked is not None and masked.cmlm
+        # this rank's tokens of each stream in the packed activation
+        split = self.sequence_parallel_size
+        s_img = padded_length(self.m2_config.vision_seq_length, split) // split if images is not None else 0
+        s_txt = padded_length(self.m2_config.max_text_length, split) // split if text_ids is not None else 0
+        masked_image_h = masked_text_h = None
         if self.pre_process:
-            image_h = self._split(self.vision_embed(images)) if images is not None else None
+            if with_masked_image:
+                image_h, masked_image_h = self.vision_embed.forward_masked(images, masked.image_patches,
+                                                                           self.cmim_mask_token)
+            else:
+                image_h = self._split(self.vision_embed(images)) if images is not None else None
             text_h = self._split(self.text_embed(text_ids)) if text_ids is not None else None
+            if with_masked_text:
+                masked_text_h = self.text_embed(masked.text_ids)
         else:
-            packed = self.input_tensor
-            image_h = packed[:s_img] if s_img else None
-            text_h = packed[s_img:] if text_ids is not None else None
+            lengths = [s_img, s_txt, s_img * with_masked_image, s_txt * with_masked_text]
+            image_h, text_h, masked_image_h, masked_text_h = (
+                part if length else None for part, length in zip(self.input_tensor.split(lengths), lengths))
 
         batch = (images if images is not None else text_ids).shape[0]
+        image_mask = text_mask = None
         if image_h is not None:
             image_mask = self._attention_mask(None, batch, self.m2_config.vision_seq_length, image_h.device)
-            image_h = self.vision_encoder(image_h, image_mask)
+            image_h, masked_image_h = self._tower(self.vision_encoder, image_h, masked_image_h, image_mask)
         if text_h is not None:
             text_mask = self._attention_mask(text_padding_mask, batch, text_ids.shape[1], text_h.device)
-            text_h = self.text_encoder(text_h, text_mask)
+            text_h, masked_text_h = self._tower(self.text_encoder, text_h, masked_text_h, text_mask)
         if not self.post_process:
-            return torch.cat([h for h in (image_h, text_h) if h is not None], dim=0)
+            return torch.cat([h for h in (image_h, text_h, masked_image_h, masked_text_h) if h is not None], dim=0)
 
-        outputs = [self._embed(image_h, image_mask if image_h is not None else None, self.image_projection),
-                   self._embed(text_h, text_mask if text_h is not None else None, self.text_projection)]
+        outputs = [self._embed(image_h, image_mask, self.image_projection),
+                   self._embed(text_h, text_mask, self.text_projection)]
         if self.m2_config.backbone_heads:
             outputs += [self._project(image_h, self.backbone_image_projection),
                         self._project(text_h, self.backbone_text_projection)]
+        if masked is not None:
+            outputs.append(self.decoders(image_h, text_h, text_padding_mask, masked_image_h, masked_text_h, masked))
         return tuple(outputs)
+
+    @staticmethod
+    def _tower(block: TransformerBlock, hidden: torch.Tensor, masked_hidden: Optional[torch.Tensor],
+               mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The tower over a stream and, if given, its masked copy side by side along the batch (one call)."""
+        if masked_hidden is None:
+            return block(hidden, mask), None
+        both_mask = None if mask is None else torch.cat([mask, mask])
+        both = block(torch.cat([hidden, masked_hidden], dim=1), both_mask)
+        return both.split(hidden.shape[1], dim=1)
 
     def _embed(self, hidden: Optional[torch.Tensor], mask: Optional[torch.Tensor], head: torch.nn.Linear
                ) -> Optional[torch.Tensor]:
@@ -237,13 +316,14 @@ class M2PipelineStage(MegatronModule):
         return F.normalize(head(self._first_token(hidden)), dim=-1)
 
 
-def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None,
-                **transformer_config_overrides) -> M2PipelineStage:
+def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None, cmlm: bool = False,
+                cmim: bool = False, **transformer_config_overrides) -> M2PipelineStage:
     """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
 
     The initial weights are a function of `seed` alone, the same at every TP x PP layout (models/init.py); the
     trainer passes --seed. seed=None draws one from torch's default generator, so `torch.manual_seed(k)` before the
     call picks the weights (the same on every rank that seeded alike).
+    cmlm / cmim: build the training-only parts of those objectives (models/decoders.py).
     Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
     Layout errors are raised before anything is allocated.
     """
@@ -256,7 +336,7 @@ def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None
     overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", torch.float32))
     tc = transformer_config(config, tp, pp, **overrides)
     model = M2PipelineStage(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec)
+                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec, cmlm=cmlm, cmim=cmim)
     # Every parameter in params_dtype, as Megatron-LM's Float16Module casts them: megatron's torch LayerNorm (local
     # spec) is built in float32 whatever params_dtype says, and float32 parameters in a bf16 model break the
     # mixed-precision optimizer's checkpoint (its sharded_state_dict numbers the 16-bit parameters only).

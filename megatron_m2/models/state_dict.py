@@ -8,6 +8,9 @@ Sharding rules (megatron's): column-parallel linear_qkv / linear_fc1 (weight, bi
 dim 0; row-parallel linear_proj / linear_fc2 weights split dim 1 (their biases replicated); the token embedding is
 padded to padded_vocab_size(vocab, TP) and split dim 0; everything else is replicated. PP: embeddings on the first
 stage, tower layers by layers_per_stage, tower final LNs, VL layers, heads and logit scales on the last stage.
+The masked-modelling parts (models/decoders.py) follow the same rules: the cross-attention's column-parallel
+linear_q / linear_kv split dim 0, the CMLM output layer is padded and split like the token embedding; the decoders sit
+on the last stage and the CMIM mask token on the first.
 """
 from __future__ import annotations
 
@@ -21,12 +24,17 @@ from megatron_m2.config import M2Config, layers_per_stage, padded_vocab_size
 _TP_SPLIT_DIM = (
     (re.compile(r"\.linear_qkv\.(weight|bias)$"), 0),
     (re.compile(r"\.linear_fc1\.(weight|bias)$"), 0),
+    (re.compile(r"\.(linear_q|linear_kv)\.(weight|bias)$"), 0),
     (re.compile(r"\.(linear_proj|linear_fc2)\.layer_norm\.(weight|bias)$"), 0),
     (re.compile(r"\.(linear_proj|linear_fc2)\.linear\.weight$"), 1),
     (re.compile(r"^text_embed\.word_embeddings\.weight$"), 0),
+    (re.compile(r"^decoders\.cmlm_head\.weight$"), 0),
 )
 _TOWER_LAYER = re.compile(r"^(vision_encoder|text_encoder)\.layers\.(\d+)\.(.*)$")
 WORD_EMBEDDINGS = "text_embed.word_embeddings.weight"
+# tensors with a row per (padded) vocabulary entry
+VOCAB_ROWS = (WORD_EMBEDDINGS, "decoders.cmlm_head.weight")
+FIRST_STAGE_PREFIXES = ("vision_embed.", "text_embed.", "cmim_mask_token")
 # local spec name -> te spec name (TE fuses the pre-LNs into the following column-parallel linear)
 _TE_RENAMES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
@@ -49,7 +57,7 @@ def _stage_ranges(config: M2Config, pp: int) -> list[tuple[int, int]]:
 def _local_key(key: str, config: M2Config, pp_rank: int, pp: int) -> Optional[str]:
     """The key of a canonical tensor in stage pp_rank's module, or None if that stage does not hold it."""
     first, last = pp_rank == 0, pp_rank == pp - 1
-    if key.startswith(("vision_embed.", "text_embed.")):
+    if key.startswith(FIRST_STAGE_PREFIXES):
         return key if first else None
     match = _TOWER_LAYER.match(key)
     if match:
@@ -91,7 +99,7 @@ def shard_state_dict(full: Mapping[str, torch.Tensor], config: M2Config, tp_rank
         local_key = _local_key(key, config, pp_rank, pp)
         if local_key is None:
             continue
-        if key == WORD_EMBEDDINGS:
+        if key in VOCAB_ROWS:
             pad = padded_vocab_size(config.vocab_size, tp) - value.shape[0]
             value = torch.cat([value, value.new_zeros(pad, value.shape[1])]) if pad > 0 else value
         dim = tp_split_dim(key)
@@ -116,7 +124,7 @@ def unshard_state_dicts(locals_: Mapping[tuple[int, int], Mapping[str, torch.Ten
             parts = [locals_[(tp_rank, pp_rank)][key] for tp_rank in range(tp)]
             dim = tp_split_dim(canonical)
             value = parts[0] if dim is None else torch.cat(parts, dim=dim)
-            if canonical == WORD_EMBEDDINGS:
+            if canonical in VOCAB_ROWS:
                 value = value[:config.vocab_size]
             full[canonical] = value.detach().clone()
     return full

@@ -27,8 +27,22 @@ class VisionEmbedding(MegatronModule):
                 transformer_config.init_method(weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._tokens(self._patches(images))
+
+    def forward_masked(self, images: torch.Tensor, patch_mask: torch.Tensor, mask_token: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of the images and of their masked copies (CMIM): patch_mask [b, patches] (True = masked)
+        replaces those patch embeddings by mask_token [hidden] before the positions are added, as BEiT does; one
+        patch convolution serves both."""
+        patches = self._patches(images)
+        masked = torch.where(patch_mask.T.unsqueeze(-1), mask_token.to(patches.dtype), patches)
+        return self._tokens(patches), self._tokens(masked)
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2)  # [b, h, patches]
-        x = x.permute(2, 0, 1)  # [patches, b, h]
+        return x.permute(2, 0, 1)  # [patches, b, h]
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.cls_token.expand(1, x.shape[1], -1), x], dim=0)
         start = self.position_offset
         return x + self.position_embeddings.weight[start:start + x.shape[0]].unsqueeze(1)

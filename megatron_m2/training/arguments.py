@@ -6,6 +6,7 @@ import os
 from typing import Optional, Sequence
 
 from megatron_m2.config import PRESETS, M2Config, load_config, validate_parallel_shapes
+from megatron_m2.data.masking import check_masking
 from megatron_m2.errors import ConfigError
 from megatron_m2.eval.flags import add_eval_data_arguments, check_eval_data_arguments
 from megatron_m2.parallel import Layout, validate_layout
@@ -117,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load-text", default=None,
                    help="initialise the text tower (token embedding, positions, text layers and LN) from this "
                    "checkpoint directory")
+
+    g = p.add_argument_group("objectives: L = L_ITC + cmim-weight x L_CMIM + cmlm-weight x L_CMLM (M2-Encoder)")
+    g.add_argument("--cmlm-weight", type=float, default=0.0,
+                   help="beta: weight of cross-modal masked language modelling (an image-to-text decoder predicts the "
+                   "caption's masked tokens from the masked caption's text-tower states and the image's vision-tower "
+                   "states; loss = mean cross-entropy over every masked token of the step); 0 = off: no decoder, no "
+                   "masked stream")
+    g.add_argument("--cmim-weight", type=float, default=0.0,
+                   help="alpha: weight of cross-modal masked image modelling (a text-to-image decoder reconstructs the "
+                   "masked patches' per-patch normalised pixels, MAE's target, from the masked image's vision-tower "
+                   "states and the caption's text-tower states; loss = mean squared error over every masked patch of "
+                   "the step); 0 = off")
+    g.add_argument("--text-mask-prob", type=float, default=0.15,
+                   help="CMLM: share of a caption's tokens to predict, chosen as whole words (80%% become [MASK], 10%% "
+                   "a random token, 10%% stay); the release's mlm_prob")
+    g.add_argument("--image-mask-ratio", type=float, default=80 / 196,
+                   help="CMIM: share of an image's patches replaced by the learned mask token and reconstructed, "
+                   "chosen uniformly at random; default 80 of 196 patches, the release's")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -308,6 +327,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError("--itc-chunk-size must be >= 0")
     if args.max_consecutive_nan_iterations < 0:
         raise ConfigError(f"--max-consecutive-nan-iterations must be >= 0, got {args.max_consecutive_nan_iterations}")
+    for flag in ("cmlm_weight", "cmim_weight"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
+    if args.cmlm_weight or args.cmim_weight:
+        check_masking(args.text_mask_prob, args.image_mask_ratio, config.num_patches)
+    if (args.cmlm_weight or args.cmim_weight) and args.sequence_parallel:
+        raise ConfigError("--sequence-parallel does not run the masked streams of --cmlm-weight / --cmim-weight yet "
+                          "(their decoders read whole token sequences): drop --sequence-parallel, or train ITC only")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     if args.exit_interval < 0:
@@ -317,8 +344,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.async_save and not args.save:
         raise ConfigError("--async-save needs --save DIR")
     check_monitoring_flags(args)
-    if args.eval_interval and not (args.zeroshot_data or args.retrieval_data):
-        raise ConfigError("--eval-interval needs --zeroshot-data and/or --retrieval-data")
+    if args.eval_interval and not (args.zeroshot_data or args.retrieval_data or args.fine_grained_data):
+        raise ConfigError("--eval-interval needs --zeroshot-data, --retrieval-data and/or --fine-grained-data")
     check_eval_data_arguments(args)
     check_wandb_arguments(args)
     _check_profile_arguments(args, world_size)

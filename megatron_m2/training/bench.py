@@ -61,10 +61,11 @@ def build_training(args: argparse.Namespace, state_dict: Optional[dict] = None) 
     from megatron_m2.models import build_model
     from megatron_m2.training.batch_schedule import configure_microbatches
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
-    from megatron_m2.training.step import step_config_from_args
+    from megatron_m2.training.step import masked_modeling_from_args, step_config_from_args
 
     configure_microbatches(args, args.layout)
-    model = build_model(args.model_config, spec=args.spec,
+    objectives = masked_modeling_from_args(args)
+    model = build_model(args.model_config, spec=args.spec, cmlm=objectives.cmlm, cmim=objectives.cmim,
                         **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel))
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -74,10 +75,14 @@ def build_training(args: argparse.Namespace, state_dict: Optional[dict] = None) 
 
 
 def synthetic_batches(config: M2Config, batch_size: int, count: int = 1, device: Any = "cpu", seed: int = 0,
-                      image_dtype: torch.dtype = torch.float32, padding: bool = False) -> list[dict]:
+                      image_dtype: torch.dtype = torch.float32, padding: bool = False,
+                      text_mask_prob: Optional[float] = None, image_mask_ratio: Optional[float] = None) -> list[dict]:
     """`count` reproducible batches in the trainer's batch format. image_dtype torch.uint8 gives 0-255 pixels as the
     data loader delivers them (train_step normalises them on the device); a float dtype gives N(0, 1) pixels.
-    padding: random text lengths (else every token is real)."""
+    padding: random text lengths (else every token is real). text_mask_prob / image_mask_ratio: the CMLM / CMIM masks
+    (data/masking.py's entries: that share of real tokens predicted, as [MASK] = id 3; that share of patches)."""
+    from megatron_m2.data.masking import IMAGE_PATCH_MASK, MASKED_TEXT_IDS, TEXT_TARGETS, num_masked_patches
+
     gen = torch.Generator().manual_seed(seed)
     b, length, size = batch_size, config.max_text_length, config.image_size
     batches = []
@@ -93,8 +98,16 @@ def synthetic_batches(config: M2Config, batch_size: int, count: int = 1, device:
             mask = torch.arange(length)[None, :] >= lengths
         else:
             mask = torch.zeros(b, length, dtype=torch.bool)
-        batches.append(dict(images=images.to(device), text_ids=text_ids.to(device),
-                            text_padding_mask=mask.to(device)))
+        batch = dict(images=images, text_ids=text_ids, text_padding_mask=mask)
+        if text_mask_prob is not None:
+            targets = (torch.rand(b, length, generator=gen) < text_mask_prob) & ~mask
+            batch.update({TEXT_TARGETS: targets, MASKED_TEXT_IDS: text_ids.masked_fill(targets, 3)})
+        if image_mask_ratio is not None:
+            k = num_masked_patches(config.num_patches, image_mask_ratio)
+            order = torch.rand(b, config.num_patches, generator=gen).argsort(dim=1)
+            batch[IMAGE_PATCH_MASK] = torch.zeros(b, config.num_patches, dtype=torch.bool).scatter_(
+                1, order[:, :k], True)
+        batches.append({key: value.to(device) for key, value in batch.items()})
     return batches
 
 

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_m2.arithmetic import MaskedPasses, decoder_parameters
 from megatron_m2.planner import Hardware, Training, format_table, plan_layout
+
+
+def masked_passes(args: argparse.Namespace) -> MaskedPasses:
+    """The masked-modelling objectives the flags turn on, for the arithmetic and the planner."""
+    return MaskedPasses(cmlm=args.cmlm_weight > 0, cmim=args.cmim_weight > 0, text_mask_prob=args.text_mask_prob,
+                        image_mask_ratio=args.image_mask_ratio)
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -13,7 +20,8 @@ def dry_run(args: argparse.Namespace) -> None:
                         recompute=args.recompute_activations,
                         spec="local" if args.spec == "local" else "te", itc_chunk_size=args.itc_chunk_size,
                         itc_batch_accumulation=args.itc_batch_accumulation, clip_grad=args.clip_grad > 0,
-                        sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce)
+                        sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce,
+                        masked=masked_passes(args))
     plan = plan_layout(args.model_config, layout.world_size, layout.tensor_model_parallel_size,
                        layout.pipeline_model_parallel_size, layout.itc_group_size, training,
                        Hardware(gpu_memory_gb=args.gpu_memory_gb))
@@ -26,4 +34,11 @@ def dry_run(args: argparse.Namespace) -> None:
            "one loss per micro-batch (--no-itc-batch-accumulation)" if plan.num_microbatches > 1
            else "one micro-batch per step")
     print(f"contrastive batch: {plan.contrastive_batch} pairs per ITC group ({how})")
+    masked = training.masked
+    if masked.active:
+        decoders = decoder_parameters(args.model_config, layout.tensor_model_parallel_size, masked)
+        names = " + ".join(name for name, on in (("CMLM", masked.cmlm), ("CMIM", masked.cmim)) if on)
+        print(f"masked modelling: {names}: {decoders.total / 1e6:.1f}M decoder parameters on the last stage "
+              f"({args.model_config.decoder_num_layers} layers per decoder), the masked streams through the towers "
+              "in the forward-backward pass (counted in the table)")
     print("fits" if plan.fits else f"does NOT fit in {args.gpu_memory_gb} GB per GPU")

@@ -25,8 +25,8 @@ from megatron_m2.training.optimizer import build_optimizer, parameters_synced, s
 from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
 from megatron_m2.training.wandb_run import RUN_ID_KEY, build_wandb_run
-from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, step_config_from_args,
-                                       train_step)
+from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, masked_modeling_from_args,
+                                       step_config_from_args, train_step)
 
 
 class SigtermFlag:
@@ -44,6 +44,13 @@ class SigtermFlag:
                             device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _objectives_note(step_config: StepConfig, args: argparse.Namespace) -> str:
+    objectives = step_config.masked_modeling
+    terms = ["L_ITC"] + [f"{args.cmim_weight:g} x L_CMIM (image mask ratio {args.image_mask_ratio:.3f})"] * \
+        objectives.cmim + [f"{args.cmlm_weight:g} x L_CMLM (text mask prob {args.text_mask_prob:g})"] * objectives.cmlm
+    return "objective " + " + ".join(terms)
 
 
 def _accumulation_note(step_config: StepConfig) -> str:
@@ -100,6 +107,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     tokenizer)` -> metrics runs at --eval-interval. Returns the per-rank data statistics."""
     from megatron_m2.data import (build_replica_train_data, check_vocab, cores_per_local_rank, default_num_workers,
                                   load_tokenizer, name_sources, parse_data_path, reduce_stats)
+    from megatron_m2.data.masking import build_masker
     from megatron_m2.models import build_model
 
     layout = args.layout
@@ -108,6 +116,9 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     sources = name_sources(parse_data_path(args.data_path))  # resolved here, once
     tokenizer = load_tokenizer(args.tokenizer_model, config.max_text_length)
     check_vocab(tokenizer, config.vocab_size)
+    objectives = masked_modeling_from_args(args)
+    masker = build_masker(tokenizer, config.num_patches, args.text_mask_prob if objectives.cmlm else None,
+                          args.image_mask_ratio if objectives.cmim else None)  # ConfigError without a [MASK] piece
 
     resume = checkpointing.latest_iteration(args.load) is not None
     if resume and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
@@ -117,7 +128,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                                        layout.itc_group_size, seed=args.seed,
                                        distributed_timeout_minutes=args.distributed_timeout_minutes)
     configure_microbatches(args, layout)
-    model = build_model(config, spec=args.spec, seed=args.seed,
+    model = build_model(config, spec=args.spec, seed=args.seed, cmlm=objectives.cmlm, cmim=objectives.cmim,
                         **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
@@ -152,7 +163,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     data = build_replica_train_data(sources, tokenizer, config, args.micro_batch_size, args.seed,
                                     num_workers=num_workers, prefetch_factor=args.prefetch_factor,
                                     hflip=args.hflip, randaugment=args.randaugment,
-                                    sample_filter=sample_filter_from_args(args), timeout=args.dataloader_timeout)
+                                    sample_filter=sample_filter_from_args(args), timeout=args.dataloader_timeout,
+                                    masker=masker)
     nan_guard = NanGuard(args.max_consecutive_nan_iterations) if args.check_for_nan_in_loss_and_grad else None
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
@@ -200,7 +212,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                  f"{layout.itc_group_size}, global batch {get_current_global_batch_size()} = "
                  f"{step_config.num_microbatches} micro-batches of {args.micro_batch_size} per data-parallel rank; "
                  f"contrastive batch {contrastive_batch_size(args, get_current_global_batch_size())} pairs per ITC "
-                 f"group ({_accumulation_note(step_config)})")
+                 f"group ({_accumulation_note(step_config)}); {_objectives_note(step_config, args)}")
     if args.rampup_batch_size:
         start, increment, samples = args.rampup_batch_size
         print_rank_0(f"batch size ramp-up: global batch {start} to {args.global_batch_size} by {increment} over "

@@ -2,7 +2,8 @@
 last one, which holds the loss).
 
 TensorBoard tags follow megatron/training/training.py's training_log, so Megatron users' dashboards work:
-`learning-rate`, `batch-size`, `<loss name>` (here `itc-loss`), `grad-norm`, `logit-scale`, each also as
+`learning-rate`, `batch-size`, `<loss name>` (here `itc-loss`, and `cmlm-loss` / `cmim-loss` with those objectives),
+`grad-norm`, `logit-scale`, each also as
 `<tag> vs samples` (x axis = consumed samples), `iteration-time`, `throughput` (TFLOP/s per GPU, on GPU), plus
 `samples-per-second`, `skipped-iterations` and `nan-iterations`. The log line reads like Megatron-LM's.
 The metrics file keeps one JSON object per step with the raw metric names (itc_loss, lr, ...) and consumed samples.
@@ -23,11 +24,12 @@ from megatron_m2.progress_line import format_duration
 from megatron_m2.training.wandb_run import WandbRun
 
 # raw metric name -> Megatron-LM style tag
-TAGS = {"lr": "learning-rate", "itc_loss": "itc-loss", "grad_norm": "grad-norm", "logit_scale": "logit-scale",
-        "i2t_acc": "i2t-accuracy", "t2i_acc": "t2i-accuracy"}
+TAGS = {"lr": "learning-rate", "itc_loss": "itc-loss", "cmlm_loss": "cmlm-loss", "cmim_loss": "cmim-loss",
+        "grad_norm": "grad-norm", "logit_scale": "logit-scale", "i2t_acc": "i2t-accuracy", "t2i_acc": "t2i-accuracy"}
 # the log line's label for each raw metric, in the order Megatron-LM prints them
-LABELS = {"lr": "learning rate", "itc_loss": "itc loss", "logit_scale": "logit scale", "i2t_acc": "i2t acc",
-          "t2i_acc": "t2i acc", "grad_norm": "grad norm"}
+LABELS = {"lr": "learning rate", "itc_loss": "itc loss", "cmlm_loss": "cmlm loss", "cmim_loss": "cmim loss",
+          "logit_scale": "logit scale", "i2t_acc": "i2t acc", "t2i_acc": "t2i acc", "grad_norm": "grad norm"}
+LOSSES = ("itc_loss", "cmlm_loss", "cmim_loss")  # printed as Megatron-LM prints its lm loss; a NaN one counts
 
 
 class MetricsLogger:
@@ -58,8 +60,7 @@ class MetricsLogger:
         self._window_samples += batch_samples
         self._window_iterations += 1
         self.skipped_iterations += int(scalars.get("skipped", 0))
-        loss = scalars.get("itc_loss")
-        self.nan_iterations += int(loss is not None and not math.isfinite(loss))
+        self.nan_iterations += int(any(not math.isfinite(scalars[name]) for name in LOSSES if name in scalars))
         if not self.enabled:
             return
         self._record("train", iteration, {"consumed_samples": consumed_samples, **scalars})
@@ -88,7 +89,7 @@ class MetricsLogger:
         parts.append(f"global batch size: {batch_samples:5d}")
         for name, label in LABELS.items():
             if name in scalars and name != "lr":
-                parts.append(f"{label}: {scalars[name]:.6E}" if name == "itc_loss" else f"{label}: {scalars[name]:.4g}")
+                parts.append(f"{label}: {scalars[name]:.6E}" if name in LOSSES else f"{label}: {scalars[name]:.4g}")
         # per-reason skip counts go to TensorBoard and the metrics file only: the line keeps the totals
         parts += [f"{name}: {value:.6g}" for name, value in scalars.items()
                   if name not in LABELS and name != "skipped" and "skipped/" not in name]

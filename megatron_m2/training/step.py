@@ -3,14 +3,17 @@
 `forward_step(data_iterator, model)` is Megatron-LM's step-function shape: it runs one micro-batch through this
 pipeline stage and returns (output, loss_func). The loss function computes the grouped ITC loss of the micro-batch,
 or, when the batch carries a cached embedding gradient (GBA-ITC batch accumulation, see batch_accumulation.py), the
-surrogate loss; with `non_loss_data=True` it returns the embeddings (pass 1 and evaluation).
+surrogate loss; with `non_loss_data=True` it returns the embeddings (pass 1 and evaluation). When the batch carries
+masks (--cmlm-weight / --cmim-weight, training/masked_modeling.py), the model also runs the masked streams and the
+loss function adds alpha x CMIM + beta x CMLM to the contrastive term.
 
 `train_step(forward_step_func, data_iterator, model, optimizer, scheduler, step_config)` reads the step's M
 micro-batches once, moves them to the device (images stay uint8 there; `forward_step` normalises each micro-batch
 when it runs) and either
 - runs megatron's forward-backward schedule with the per-micro-batch loss (M = 1, or --no-itc-batch-accumulation), or
-- computes one ITC loss over all M micro-batches (pass 1: forward-only schedule for the embeddings; pass 2: loss and
-  embedding gradients; pass 3: the forward-backward schedule with the surrogate loss), replaying the same batches.
+- computes one ITC loss over all M micro-batches (pass 1: forward-only schedule for the embeddings of the unmasked
+  inputs; pass 2: loss and embedding gradients; pass 3: the forward-backward schedule with the surrogate loss, plus
+  the masked-modelling terms), replaying the same batches.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from megatron_m2.training.profiling import DATA_WAIT, FORWARD_BACKWARD, ITC_LOSS
 from megatron_m2.training.batch_accumulation import (CachedGradient, embed_microbatches, itc_gradients,
                                                      surrogate_loss)
 from megatron_m2.training.batch_schedule import scheduler_increment
+from megatron_m2.training.masked_modeling import (LOSS_SCALE, MaskedModeling, masked_inputs, masked_modeling_loss,
+                                                  step_scale, without_masks)
 from megatron_m2.training.nan_guard import NanGuard
 
 ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
@@ -59,9 +64,13 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
     """One micro-batch through this stage; on the last stage, the loss function (see the module docstring)."""
     batch = next(data_iterator)
     # the step holds its micro-batches as uint8 (train_step): this one is normalised now, and freed after its forward
+    images = model_images(batch["images"], model_dtype(model))
+    masked = masked_inputs(batch)
     with stimer:
-        output = model(model_images(batch["images"], model_dtype(model)), batch["text_ids"],
-                       batch["text_padding_mask"])
+        if masked is None:
+            output = model(images, batch["text_ids"], batch["text_padding_mask"])
+        else:
+            output = model(images, batch["text_ids"], batch["text_padding_mask"], masked)
 
     def loss_func(output_tensor, non_loss_data: bool = False):
         image_embeds, text_embeds = output_tensor[:2]
@@ -70,10 +79,15 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module,
         logit_scale = unwrap(model).logit_scale
         cached: Optional[CachedGradient] = batch.get(ITC_GRADIENT)
         if cached is not None:
-            return surrogate_loss(image_embeds, text_embeds, logit_scale, cached), {}
-        with phase(ITC_LOSS):
-            return itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group, chunk_size=itc_chunk_size,
-                            timers=unwrap(model).config.timers)
+            loss, metrics = surrogate_loss(image_embeds, text_embeds, logit_scale, cached), {}
+        else:
+            with phase(ITC_LOSS):
+                loss, metrics = itc_loss(image_embeds, text_embeds, logit_scale, group=itc_group,
+                                         chunk_size=itc_chunk_size, timers=unwrap(model).config.timers)
+        if masked is not None:  # the decoders' predictions follow the embeddings
+            term, masked_metrics = masked_modeling_loss(output_tensor[-1], batch, unwrap(model).m2_config.patch_size)
+            loss, metrics = loss + term, {**metrics, **masked_metrics}
+        return loss, metrics
 
     return output, loss_func
 
@@ -88,6 +102,8 @@ class StepConfig:
     itc_batch_accumulation: bool = True
     itc_chunk_size: Optional[int] = None
     scheduler_increment: int = 1  # what the step adds to the learning-rate schedule's count (batch_schedule.py)
+    masked_modeling: MaskedModeling = MaskedModeling()  # CMLM / CMIM weights (off by default)
+    masked_seq_length: int = 0  # the packed sequence with the masked streams (the forward-backward pass)
 
     @property
     def accumulates(self) -> bool:
@@ -99,6 +115,7 @@ def step_config_from_args(args: argparse.Namespace) -> StepConfig:
     """The next step's config: its micro-batches from megatron-core's num_microbatches_calculator (configured by
     batch_schedule.configure_microbatches, updated by the loop before each step)."""
     layout = args.layout
+    objectives = masked_modeling_from_args(args)
     return StepConfig(
         num_microbatches=get_num_microbatches(),
         micro_batch_size=args.micro_batch_size,
@@ -108,7 +125,14 @@ def step_config_from_args(args: argparse.Namespace) -> StepConfig:
         itc_batch_accumulation=args.itc_batch_accumulation,
         itc_chunk_size=args.itc_chunk_size or None,
         scheduler_increment=scheduler_increment(args, get_current_global_batch_size()),
+        masked_modeling=objectives,
+        masked_seq_length=packed_sequence_length(args.model_config, with_masked_images=objectives.cmim,
+                                                 with_masked_text=objectives.cmlm),
     )
+
+
+def masked_modeling_from_args(args: argparse.Namespace) -> MaskedModeling:
+    return MaskedModeling(cmlm_weight=args.cmlm_weight, cmim_weight=args.cmim_weight)
 
 
 def contrastive_batch_size(args: argparse.Namespace, global_batch_size: Optional[int] = None) -> int:
@@ -135,15 +159,25 @@ def _timed(timers, name: str, log_level: int, barrier: bool = False) -> Iterator
 
 
 def reduce_metrics(metrics: list[dict]) -> dict[str, float]:
-    """Average the last stage's metrics over micro-batches (one entry with accumulation) and data-parallel ranks."""
+    """The last stage's metrics of a step, over its micro-batch entries and the data-parallel ranks.
+
+    A scalar metric is averaged over the entries that have it (one entry with batch accumulation) and over DP; a
+    per-token metric, a [sum, count] pair (the masked-modelling losses), is summed over entries and DP, then divided:
+    the mean over every token of the step (Megatron-LM's per-token loss reporting)."""
     metrics = [m for m in metrics if m]
     if not metrics:
         return {}
-    names = sorted(metrics[0])
-    stacked = torch.stack([torch.stack([m[n].float().reshape(()) for n in names]) for m in metrics]).mean(0)
+    names = sorted({n for m in metrics for n in m})
+    totals = []  # (numerator, denominator) per name
+    for name in names:
+        values = [m[name].detach().float().reshape(-1) for m in metrics if name in m]
+        if values[0].numel() == 2:
+            totals.append(torch.stack(values).sum(0))
+        else:
+            totals.append(torch.stack([torch.stack(values).mean(), torch.ones_like(values[0][0])]))
+    stacked = torch.stack(totals)
     dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
-    stacked /= parallel_state.get_data_parallel_world_size()
-    return dict(zip(names, stacked.tolist()))
+    return dict(zip(names, (stacked[:, 0] / stacked[:, 1].clamp_min(1)).tolist()))
 
 
 def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module,
@@ -157,23 +191,30 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
                    for _ in range(config.num_microbatches)]
     itc_group = parallel.get_itc_group()
     step_func = partial(forward_step_func, itc_group=itc_group, itc_chunk_size=config.itc_chunk_size)
+    # the forward-backward pass runs the masked streams too (its packed sequence is longer), GBA-ITC's pass 1 never
+    seq_length = config.masked_seq_length if config.masked_modeling.active else config.seq_length
     schedule = partial(get_forward_backward_func(), model=model, num_microbatches=config.num_microbatches,
-                       seq_length=config.seq_length, micro_batch_size=config.micro_batch_size)
+                       seq_length=seq_length, micro_batch_size=config.micro_batch_size)
+    train_batches = batches
+    if config.masked_modeling.active and parallel_state.is_pipeline_last_stage():
+        scale = step_scale(batches, config.masked_modeling, parallel_state.get_data_parallel_group())
+        train_batches = [dict(batch, **{LOSS_SCALE: scale}) for batch in batches]
     if not config.accumulates:
         with phase(FORWARD_BACKWARD):
-            return schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
+            return schedule(forward_step_func=step_func, data_iterator=iter(train_batches), forward_only=False)
 
     with phase(PASS1_FORWARD), _timed(timers, "itc-embeddings-forward", 1):
-        embeddings = embed_microbatches(step_func, batches, model, config.seq_length, config.micro_batch_size)
+        embeddings = embed_microbatches(step_func, [without_masks(batch) for batch in batches], model,
+                                        config.seq_length, config.micro_batch_size)
     metrics: dict = {}
     if embeddings is not None:  # the last stage
         with phase(ITC_LOSS), _timed(timers, "itc-loss", 1):
             metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size,
                                             timers)
-        batches = [dict(batch, **{ITC_GRADIENT: gradient}) for batch, gradient in zip(batches, cached)]
+        train_batches = [dict(batch, **{ITC_GRADIENT: gradient}) for batch, gradient in zip(train_batches, cached)]
     with phase(FORWARD_BACKWARD):
-        schedule(forward_step_func=step_func, data_iterator=iter(batches), forward_only=False)
-    return [metrics]
+        return [metrics] + schedule(forward_step_func=step_func, data_iterator=iter(train_batches),
+                                    forward_only=False)
 
 
 def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model: torch.nn.Module, optimizer,
