@@ -190,11 +190,10 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
             add("pp", "gradients to the previous stage", "send", "pp", phase, calls, packed)
 
     # once per step ----------------------------------------------------------------------------------------------
-    add("data", "text ids + padding mask (int64) to the replica", "broadcast", "mp", "step", m,
-        8 * (1 + 2 * b * config.max_text_length))
-    mask_bytes = (b * s_txt * 8 * 2 if masked.cmlm else 0) + (b * config.num_patches if masked.cmim else 0)
-    if mask_bytes:  # the masks travel with the text (data/broadcast.py): masked ids int64, targets and patches bool
-        add("data", "the masks of CMLM / CMIM to the replica", "broadcast", "mp", "step", m, mask_bytes)
+    # the masks of CMLM (masked ids, targets) and CMIM (patches) travel in the same int64 tensor (data/broadcast.py)
+    mask_entries = 2 * b * s_txt * masked.cmlm + b * config.num_patches * masked.cmim
+    add("data", "text ids + padding mask (+ the masks) (int64) to the replica", "broadcast", "mp", "step", m,
+        8 * (1 + 2 * b * config.max_text_length + mask_entries))
     if masked.cmim:  # CMIM's pixel targets: every stage of the replica gets the images
         add("data", "uint8 images to the whole replica (CMIM's targets)", "broadcast", "mp", "step", m,
             b * config.num_channels * config.image_size**2)

@@ -15,6 +15,7 @@ import functools
 import pytest
 
 from megatron_m2.config import load_config
+from megatron_m2.data.masking import IMAGE_PATCH_MASK, MASKED_TEXT_IDS, TEXT_TARGETS, num_masked_patches
 
 pytestmark = pytest.mark.slow
 WORLD, TP, PP, MICRO_BATCH, NUM_MICROBATCHES = 8, 2, 2, 2, 2
@@ -130,8 +131,10 @@ def _trainer_args(extra: list[str]):
     return args
 
 
-def _replica_batches(config):
-    """The trainer's data path after the loader: the replica's reader broadcasts each micro-batch."""
+def _replica_batches(config, args):
+    """The trainer's data path after the loader: the replica's reader broadcasts each micro-batch. With CMLM / CMIM
+    each batch carries their masks: exactly text_mask_prob of every caption's tokens (so the planner's expected count
+    of masked tokens is the count), image_mask_ratio of the patches."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -147,12 +150,32 @@ def _replica_batches(config):
             ids = torch.randint(0, config.vocab_size, (MICRO_BATCH, config.max_text_length), generator=g)
             yield dict(images=torch.randint(0, 256, (MICRO_BATCH, config.num_channels, config.image_size,
                                                      config.image_size), generator=g, dtype=torch.uint8),
-                       text_ids=ids, text_padding_mask=torch.zeros_like(ids, dtype=torch.bool))
+                       text_ids=ids, text_padding_mask=torch.zeros_like(ids, dtype=torch.bool),
+                       **_masks(config, args, ids, g))
 
     inner = batches() if torch.distributed.get_rank() == reader else None
-    return ReplicaBatches(inner, micro_batch_size=MICRO_BATCH, image_size=config.image_size,
+    mask_keys = tuple(key for key, on in ((MASKED_TEXT_IDS, args.cmlm_weight), (TEXT_TARGETS, args.cmlm_weight),
+                                          (IMAGE_PATCH_MASK, args.cmim_weight)) if on)
+    return ReplicaBatches(inner, micro_batch_size=MICRO_BATCH, image_size=config.image_size, mask_keys=mask_keys,
+                          num_patches=config.num_patches, images_to_all_stages=bool(args.cmim_weight),
                           text_length=config.max_text_length, reader=reader, first_stage=first_stage,
                           mp_group=mp_group, tp_group=tp_group)
+
+
+def _masks(config, args, ids, generator) -> dict:
+    import torch
+
+    masks = {}
+    if args.cmlm_weight:
+        chosen = round(args.text_mask_prob * config.max_text_length)
+        targets = torch.zeros_like(ids, dtype=torch.bool)
+        targets[:, 1:1 + chosen] = True
+        masks.update({TEXT_TARGETS: targets, MASKED_TEXT_IDS: ids.masked_fill(targets, 3)})
+    if args.cmim_weight:
+        patches = torch.zeros(ids.shape[0], config.num_patches, dtype=torch.bool)
+        patches[:, :num_masked_patches(config.num_patches, args.image_mask_ratio)] = True
+        masks[IMAGE_PATCH_MASK] = patches[:, torch.randperm(config.num_patches, generator=generator)]
+    return masks
 
 
 def _count_one_step(extra: list[str]):
@@ -169,10 +192,11 @@ def _count_one_step(extra: list[str]):
     args = _trainer_args(extra)
     parallel.initialize_model_parallel(TP, PP, args.layout.itc_group_size)
     configure_microbatches(args, args.layout)
-    model = build_model(args.model_config, spec="local", **transformer_overrides(args.recompute_activations))
+    model = build_model(args.model_config, spec="local", cmlm=args.cmlm_weight > 0, cmim=args.cmim_weight > 0,
+                        **transformer_overrides(args.recompute_activations))
     ddp = wrap_ddp(model, args)
     optimizer, scheduler = build_optimizer(ddp, args)
-    data = _replica_batches(args.model_config)
+    data = _replica_batches(args.model_config, args)
     sigterm = object.__new__(SigtermFlag)  # the loop's agreement, without installing its signal handler
     sigterm.received = False
     with _Recorder() as recorder:
@@ -189,7 +213,9 @@ def _planned(extra: list[str], stage: int) -> dict[tuple[str, str], tuple[int, f
     training = planner.Training(
         micro_batch_size=MICRO_BATCH, global_batch_size=args.global_batch_size, bf16=False, spec="local",
         recompute=args.recompute_activations, itc_batch_accumulation=args.itc_batch_accumulation,
-        overlap_grad_reduce=False, clip_grad=True)  # the CPU trainer's DDP: no overlap, one bucket
+        overlap_grad_reduce=False, clip_grad=True,  # the CPU trainer's DDP: no overlap, one bucket
+        masked=planner.MaskedPasses(args.cmlm_weight > 0, args.cmim_weight > 0, args.text_mask_prob,
+                                    args.image_mask_ratio))
     planned: dict = collections.defaultdict(lambda: [0, 0.0])
     for c in stage_collectives(args.model_config, TP, PP, DP, args.layout.itc_group_size, training, stage):
         planned[(c.op, c.group)][0] += c.calls
@@ -201,7 +227,9 @@ def _planned(extra: list[str], stage: int) -> dict[tuple[str, str], tuple[int, f
     # GBA-ITC batch accumulation over the DP group (a forward-only pass, one ITC loss per step), full recompute
     ["--recompute-activations"],
     ["--no-itc-batch-accumulation"],  # one ITC loss (gather, shape check) per micro-batch, inside the 1F1B pass
-], ids=["accumulation-recompute", "per-microbatch"])
+    # M2's full objective: the masked streams, the decoders, CMLM's vocab-parallel head, the masks in the broadcast
+    ["--cmlm-weight", "1", "--cmim-weight", "1", "--text-mask-prob", "0.25", "--recompute-activations"],
+], ids=["accumulation-recompute", "per-microbatch", "cmlm-cmim-recompute"])
 def test_planner_counts_every_collective_of_a_real_step(extra):
     from megatron_m2.testing import run_distributed
 
