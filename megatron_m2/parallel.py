@@ -72,23 +72,19 @@ def initialize_distributed(timeout_minutes: int = 30) -> None:
     """
     if dist.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         _make_megatron_cpu_safe()
-    dist.init_process_group(backend=default_backend(), timeout=timedelta(minutes=timeout_minutes))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    timeout = timedelta(minutes=timeout_minutes)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=default_backend(), timeout=timeout)
+        return
+    # No launcher: a world of one on an in-process store. Neither a port nor os.environ is touched, so a
+    # process that does this (a tool, a test session) never hands a held MASTER_PORT to the children it starts.
+    dist.init_process_group(
+        backend=default_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+    )
 
 
 _ITC_GROUP = None
