@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_m2.config import (M2Config, layers_per_stage, padded_length, transformer_config,
                                 validate_parallel_shapes)
 from megatron_m2.models.decoders import CrossModalDecoders, MaskedInputs
+from megatron_m2.models.drop_path import drop_path_rates
 from megatron_m2.models.init import initialize_weights
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
 from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
@@ -105,7 +106,7 @@ class M2PipelineStage(MegatronModule):
 
     def __init__(self, config: M2Config, transformer_config: TransformerConfig, pre_process: bool,
                  post_process: bool, num_stage_layers: Optional[int] = None, layer_offset: Optional[int] = None,
-                 spec: str = "local", cmlm: bool = False, cmim: bool = False):
+                 spec: str = "local", cmlm: bool = False, cmim: bool = False, drop_path_rate: float = 0.0):
         super().__init__(config=transformer_config)
         self.m2_config = config
         self.model_type = ModelType.encoder_or_decoder
@@ -133,7 +134,10 @@ class M2PipelineStage(MegatronModule):
         if pre_process:
             self.vision_embed = VisionEmbedding(config, tc)
             self.text_embed = TextEmbedding(config, tc)
-        layer_spec, norm = get_layer_spec(self.spec), get_final_norm_spec(self.spec)
+        # stochastic depth over each stack's depth, as the release's two torchscale Encoders (backbone, backbone_vl)
+        self.drop_path_rate = drop_path_rate
+        layer_spec = get_layer_spec(self.spec, drop_path_rates(drop_path_rate, config.num_layers))
+        norm = get_final_norm_spec(self.spec)
         tower_config = _stage_block_config(tc, config.num_layers, stage_layers)
         for name in ("vision_encoder", "text_encoder"):
             block = TransformerBlock(
@@ -146,7 +150,9 @@ class M2PipelineStage(MegatronModule):
         if post_process:
             vl_config = _stage_block_config(tc, config.num_vl_layers, [config.num_vl_layers])
             self.vl_encoder = TransformerBlock(
-                vl_config, TransformerBlockSubmodules([layer_spec] * config.num_vl_layers, norm),
+                vl_config, TransformerBlockSubmodules(
+                    [get_layer_spec(self.spec, drop_path_rates(drop_path_rate, config.num_vl_layers))]
+                    * config.num_vl_layers, norm),
                 post_layer_norm=True, pre_process=True, post_process=True)
             self.image_projection = self._head()
             self.text_projection = self._head()
@@ -170,7 +176,8 @@ class M2PipelineStage(MegatronModule):
             if tc.perform_initialization:
                 tc.init_method(self.cmim_mask_token)
         if post_process and (cmlm or cmim):
-            self.decoders = CrossModalDecoders(config, tc, self.spec, cmlm=cmlm, cmim=cmim)
+            self.decoders = CrossModalDecoders(config, tc, self.spec, cmlm=cmlm, cmim=cmim,
+                                               drop_path_rate=drop_path_rate)
 
     def _head(self) -> torch.nn.Linear:
         """Bias-free projection to out_dim, replicated over TP (it is small)."""
@@ -317,13 +324,14 @@ class M2PipelineStage(MegatronModule):
 
 
 def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None, cmlm: bool = False,
-                cmim: bool = False, **transformer_config_overrides) -> M2PipelineStage:
+                cmim: bool = False, drop_path_rate: float = 0.0, **transformer_config_overrides) -> M2PipelineStage:
     """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
 
     The initial weights are a function of `seed` alone, the same at every TP x PP layout (models/init.py); the
     trainer passes --seed. seed=None draws one from torch's default generator, so `torch.manual_seed(k)` before the
     call picks the weights (the same on every rank that seeded alike).
     cmlm / cmim: build the training-only parts of those objectives (models/decoders.py).
+    drop_path_rate: stochastic depth of every layer stack (models/drop_path.py; --drop-path-rate).
     Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
     Layout errors are raised before anything is allocated.
     """
@@ -336,7 +344,8 @@ def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None
     overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", torch.float32))
     tc = transformer_config(config, tp, pp, **overrides)
     model = M2PipelineStage(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec, cmlm=cmlm, cmim=cmim)
+                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec, cmlm=cmlm, cmim=cmim,
+                           drop_path_rate=drop_path_rate)
     # Every parameter in params_dtype, as Megatron-LM's Float16Module casts them: megatron's torch LayerNorm (local
     # spec) is built in float32 whatever params_dtype says, and float32 parameters in a bf16 model break the
     # mixed-precision optimizer's checkpoint (its sharded_state_dict numbers the 16-bit parameters only).

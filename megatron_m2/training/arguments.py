@@ -28,6 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "when TransformerEngine and CUDA are available")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every transformer layer (less memory, ~30%% more compute)")
+    g.add_argument("--drop-path-rate", type=float, default=0.0,
+                   help="stochastic depth (BEiT-3 / torchscale, M2-Encoder's release trains with 0.1): each residual "
+                   "branch (attention, MLP; cross-attention in the decoders) of a sample is dropped with a per-layer "
+                   "rate rising linearly from 0 to this over each stack's depth (towers, VL layers, decoders), and "
+                   "scaled by 1 / keep otherwise; exact under GBA-ITC's batch accumulation (pass 3 replays pass 1's "
+                   "masks)")
+    g.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout on each residual branch's output (megatron's hidden_dropout); exact under GBA-ITC's "
+                   "batch accumulation")
+    g.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="dropout on the attention probabilities (megatron's attention_dropout); exact under GBA-ITC's "
+                   "batch accumulation")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
@@ -268,6 +280,46 @@ def check_communication_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
 
 
+RANDOMNESS_FLAGS = ("drop_path_rate", "hidden_dropout", "attention_dropout")
+
+
+def check_randomness_flags(args: argparse.Namespace, layout: Layout) -> None:
+    """--drop-path-rate / --hidden-dropout / --attention-dropout in [0, 1), and only where the step stays exact.
+
+    GBA-ITC's exact batch accumulation replays pass 1's random state in pass 3 (training/random_state.py), which
+    reproduces pass 1's masks only if pass 3's forwards draw what pass 1's drew. With --cmlm-weight / --cmim-weight,
+    pass 3's towers run the masked streams beside the unmasked ones ([S, 2b, h]), so their masks are drawn for
+    twice the samples and pass 3's embeddings would not be pass 1's: refused while a step can have more than one
+    micro-batch."""
+    for flag in RANDOMNESS_FLAGS:
+        value = getattr(args, flag)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    on = [f"--{flag.replace('_', '-')}" for flag in RANDOMNESS_FLAGS if getattr(args, flag) > 0]
+    accumulation = getattr(args, "itc_batch_accumulation", False)
+    exact = accumulation is True or accumulation == "exact"
+    several_microbatches = (args.global_batch_size > args.micro_batch_size * layout.data_parallel_size
+                            or bool(getattr(args, "rampup_batch_size", None)))
+    if on and exact and several_microbatches and (args.cmlm_weight or args.cmim_weight):
+        raise ConfigError(
+            f"{' / '.join(on)} with --cmlm-weight / --cmim-weight cannot be exact under GBA-ITC's batch "
+            "accumulation: its pass 3 runs the masked streams beside the unmasked ones and draws other dropout / "
+            "drop-path masks than pass 1, so the cached embedding gradients would not match. Drop the dropout "
+            f"flags, train ITC only, pass --no-itc-batch-accumulation, or use one micro-batch per step "
+            f"(--global-batch-size {args.micro_batch_size * layout.data_parallel_size})")
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """build_model's keyword arguments from the flags: TransformerConfig fields (recompute, bf16, sequence
+    parallelism, dropout) and the drop-path rate; one place for the trainer and the benchmarks."""
+    from megatron_m2.config import transformer_overrides
+
+    return dict(drop_path_rate=args.drop_path_rate,
+                **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel,
+                                        hidden_dropout=args.hidden_dropout,
+                                        attention_dropout=args.attention_dropout))
+
+
 def check_monitoring_flags(args: argparse.Namespace) -> None:
     """The straggler detector's flags (training/monitoring.py)."""
     import torch
@@ -332,6 +384,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
     if args.cmlm_weight or args.cmim_weight:
         check_masking(args.text_mask_prob, args.image_mask_ratio, config.num_patches)
+    check_randomness_flags(args, layout)
     if (args.cmlm_weight or args.cmim_weight) and args.sequence_parallel:
         raise ConfigError("--sequence-parallel does not run the masked streams of --cmlm-weight / --cmim-weight yet "
                           "(their decoders read whole token sequences): drop --sequence-parallel, or train ITC only")
