@@ -271,3 +271,24 @@ def test_a_resume_at_another_data_parallel_size_continues_the_data(demo_data, tm
     train = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == list(range(1, 7))
     assert train[-1]["data/samples"] == 6 * 16  # the job's total, not the resumed run's alone
+
+
+def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
+    # --drop-path-rate / --hidden-dropout / --attention-dropout at PP2 (each stage draws its own masks) with GBA-ITC's
+    # exact accumulation (2 micro-batches): stopped at iteration 2 and resumed, the run trains on the uninterrupted
+    # run's losses: every rank's random state is saved and restored at the same layout (training/random_state.py)
+    randomness = ["--drop-path-rate", "0.1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+                  "--train-iters", "4"]
+    runs = {}
+    for name, extra in (("straight", []), ("stopped", ["--exit-interval", "2"]), ("resumed", [])):
+        run_dir = tmp_path / ("straight" if name == "straight" else "split")
+        run_dir.mkdir(exist_ok=True)
+        if name != "straight":
+            extra = extra + ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
+        result = _run(_command(demo_data, run_dir, 2, 1, 2, *randomness, *extra))
+        runs[name] = _losses(run_dir)
+        if name == "resumed":
+            assert "random states restored" in result.stdout, result.stdout[-2000:]
+    assert sorted(runs["straight"]) == [1, 2, 3, 4] and sorted(runs["resumed"]) == [1, 2, 3, 4]
+    for iteration, loss in runs["straight"].items():
+        assert runs["resumed"][iteration] == pytest.approx(loss, rel=1e-5, abs=1e-6), iteration
