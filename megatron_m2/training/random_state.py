@@ -21,6 +21,9 @@ from megatron.core import tensor_parallel
 
 
 def _clone(state: Any) -> Any:
+    """A copy of one tracker state: a tensor, or a generator (megatron's CUDA-graph-safe tracker keeps those)."""
+    if isinstance(state, torch.Generator):
+        return state.clone_state()
     return state.clone() if isinstance(state, torch.Tensor) else state
 
 
