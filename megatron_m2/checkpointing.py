@@ -272,10 +272,15 @@ def load_random_state(root: str, iteration: int) -> tuple[Optional[dict], str]:
     saved_layout = dist_checkpointing.load_common_state_dict(str(path)).get(LAYOUT_KEY)
     if not files:
         return None, f"--load {root}: no random states in the checkpoint; dropout and drop path start from --seed"
-    if saved_layout != _current_layout() or len(files) != dist.get_world_size():
-        return None, (f"--load {root}: random states saved at TP x PP {saved_layout} with {len(files)} ranks, this "
-                      f"run is {_current_layout()} with {dist.get_world_size()}: dropout and drop path start fresh "
-                      "from --seed")
+    layout = _current_layout()
+    if saved_layout != layout or len(files) != dist.get_world_size():
+        def describe(tp_pp: Optional[dict], ranks: int) -> str:
+            tp_pp = tp_pp or {}
+            return (f"TP {tp_pp.get('tensor_model_parallel_size', '?')} x PP "
+                    f"{tp_pp.get('pipeline_model_parallel_size', '?')} over {ranks} ranks")
+
+        return None, (f"--load {root}: random states saved at {describe(saved_layout, len(files))}, this run is "
+                      f"{describe(layout, dist.get_world_size())}: dropout and drop path start fresh from --seed")
     return torch.load(_random_state_file(path), weights_only=False), f"--load {root}: random states restored"
 
 

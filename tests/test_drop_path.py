@@ -8,7 +8,8 @@
 - TP peers draw the same drop-path masks, also under sequence parallelism (where megatron runs the layers inside the
   per-TP-rank model-parallel RNG fork), and the same hidden-dropout masks without it;
 - the combination that cannot be exact (masked objectives + dropout + exact accumulation) is refused.
-The resume with drop path at the same layout is in tests/test_training.py.
+- checkpoints hold each rank's random state, restored at the same layout only; the trainer's resume with drop path and
+  dropout onto the uninterrupted run's losses is in tests/test_training.py.
 """
 from __future__ import annotations
 
@@ -409,3 +410,41 @@ def test_tp_peers_draw_the_same_drop_path_masks_under_sequence_parallelism():
         # hidden dropout acts on each rank's own tokens here: megatron draws it per TP rank (its sequence-parallel
         # fork), so those masks differ
         assert any(not torch.equal(mask, tp1["dropout"][key]) for key, mask in tp0["dropout"].items())
+
+
+# -- checkpoints: each rank's random state, restored at the same layout only ---------------------------------------
+def _save_and_load_random_states(root: str):
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    from megatron_m2 import checkpointing
+    from megatron_m2.training.random_state import RandomState
+    from tests.test_checkpoint_tracking import _Weights
+
+    parallel.initialize_model_parallel(1, 1, seed=3)  # DP 4 (_Weights is replicated over DP)
+    torch.rand(dist.get_rank() + 1)  # every rank has drawn another amount: each must get its own state back
+    saved = RandomState.capture()
+    process = multiprocessing.current_process()
+    daemon, process.daemon = process.daemon, False  # the checkpoint writer starts processes; pool workers are daemonic
+    try:
+        checkpointing.save_checkpoint(root, 1, _Weights(), None, None, {}, random_state=saved.state_dict())
+    finally:
+        process.daemon = daemon
+    want = torch.rand(4)
+    same, same_note = checkpointing.load_random_state(root, 1)
+    RandomState.from_state_dict(same).restore()
+    restored = torch.equal(torch.rand(4), want)
+    parallel.initialize_model_parallel(2, 1, seed=3)  # another layout: fresh seeding
+    other, other_note = checkpointing.load_random_state(root, 1)
+    return dict(restored=restored, same_note=same_note, other=other, other_note=other_note)
+
+
+def test_checkpoints_restore_each_ranks_random_state_at_the_same_layout_only(tmp_path):
+    results = run_distributed(WORLD, _save_and_load_random_states, str(tmp_path))
+    assert len(list((tmp_path / "iter_0000001" / "extra" / "rng").glob("*.pt"))) == WORLD
+    for r in results:
+        assert r["restored"] and r["same_note"].endswith("random states restored")
+        assert r["other"] is None and r["other_note"].endswith(
+            "random states saved at TP 1 x PP 1 over 4 ranks, this run is TP 2 x PP 1 over 4 ranks: dropout and "
+            "drop path start fresh from --seed"), r["other_note"]
