@@ -9,7 +9,7 @@ The model and optimizer state are saved as global tensors with sharding metadata
 TP/PP layout loads into another. What differs per rank (the data stream position, RNG states) goes into
 `extra/rank_NNNNN.pt`, indexed by the data-parallel rank so that a new layout with the same DP size resumes the
 same streams. Every rank's random state (its generators and megatron's RNG tracker states: dropout and drop path
-draw from them; training/random_state.py) goes into `extra/rng/pp*_tp*_dp*.pt`, as Megatron-LM saves rng_state per
+draw from them; megatron_m2/random_state.py) goes into `extra/rng/pp*_tp*_dp*.pt`, as Megatron-LM saves rng_state per
 rank, and is restored only at the layout it was saved at (`load_random_state`).
 
 At scale (as Megatron-LM by default): the save is spread over the data-parallel ranks (megatron-core's

@@ -138,6 +138,10 @@ def initialize_model_parallel(
     from megatron_m2.models.drop_path import DROP_PATH_RNG, DROP_PATH_SEED_OFFSET
 
     tensor_parallel.get_cuda_rng_tracker().add(DROP_PATH_RNG, seed + DROP_PATH_SEED_OFFSET)
+    # and the masked streams' own generators (CMLM / CMIM: models/m2_model.py, megatron_m2/random_state.py)
+    from megatron_m2.random_state import MASKED_STREAMS_SEED_OFFSET, seed_masked_streams
+
+    seed_masked_streams(seed + MASKED_STREAMS_SEED_OFFSET)
     return layout
 
 

@@ -1,4 +1,4 @@
-"""Stochastic depth and dropout (models/drop_path.py) and GBA-ITC's exact mode with them (training/random_state.py).
+"""Stochastic depth and dropout (models/drop_path.py) and GBA-ITC's exact mode with them (megatron_m2/random_state.py).
 
 - the per-layer rates (linspace over each stack) and one layer's residual adds against a hand computation;
 - world 4 = TP2 x PP2, 2 micro-batches of 2, --drop-path-rate 0.1 --hidden-dropout 0.1: the exact-mode step's loss
@@ -7,7 +7,7 @@
   replay switched off the same comparison fails;
 - TP peers draw the same drop-path masks, also under sequence parallelism (where megatron runs the layers inside the
   per-TP-rank model-parallel RNG fork), and the same hidden-dropout masks without it;
-- the combination that cannot be exact (masked objectives + dropout + exact accumulation) is refused.
+- with CMLM and CMIM on too (their masked streams and decoders draw from generators of their own);
 - checkpoints hold each rank's random state, restored at the same layout only; the trainer's resume with drop path and
   dropout onto the uninterrupted run's losses is in tests/test_training.py.
 """
@@ -52,6 +52,42 @@ def _batch(config, size: int = BATCH):
     lengths = torch.randint(3, config.max_text_length + 1, (size,), generator=g)
     padding = torch.arange(config.max_text_length)[None, :] >= lengths[:, None]
     return images, ids, padding
+
+
+MASKED = ["--cmlm-weight", "0.7", "--cmim-weight", "0.3"]
+
+
+def _masks(config, ids, padding):
+    """CMLM / CMIM masks as data/masking.py delivers them ([MASK] = id 3), uneven counts per sample."""
+    from megatron_m2.data.masking import IMAGE_PATCH_MASK, MASKED_TEXT_IDS, TEXT_TARGETS
+
+    g = torch.Generator().manual_seed(4)
+    targets = (torch.rand(padding.shape, generator=g) < 0.3) & ~padding
+    targets[:, 1] = True  # at least one per caption
+    patches = torch.zeros(ids.shape[0], config.num_patches, dtype=torch.bool)
+    for row in range(ids.shape[0]):
+        patches[row, torch.randperm(config.num_patches, generator=g)[:1 + row % 7]] = True
+    return {TEXT_TARGETS: targets, MASKED_TEXT_IDS: ids.masked_fill(targets, 3), IMAGE_PATCH_MASK: patches}
+
+
+def _masked_reference(reference, config, images, ids, padding, masks, cmlm_weight, cmim_weight):
+    """The reference's embeddings and its CMLM / CMIM means over the whole batch (as tests/test_step.py)."""
+    from megatron_m2.data.masking import IMAGE_PATCH_MASK, MASKED_TEXT_IDS, TEXT_TARGETS
+    from megatron_m2.data.transforms import normalize
+    from megatron_m2.models.decoders import MaskedInputs
+    from tests.test_step import _patch_targets
+
+    masked = MaskedInputs(text_ids=masks[MASKED_TEXT_IDS] if cmlm_weight else None,
+                          text_targets=masks[TEXT_TARGETS] if cmlm_weight else None,
+                          image_patches=masks[IMAGE_PATCH_MASK] if cmim_weight else None)
+    image_embeds, text_embeds, predictions = reference(normalize(images), ids, padding, masked)
+    terms = {}
+    if cmlm_weight:
+        terms["cmlm_loss"] = F.cross_entropy(predictions.cmlm_logits[:, :config.vocab_size], ids[masked.text_targets])
+    if cmim_weight:
+        targets = _patch_targets(normalize(images), config.patch_size)[masked.image_patches]
+        terms["cmim_loss"] = (predictions.cmim_pixels - targets).square().mean()
+    return image_embeds, text_embeds, terms
 
 
 # -- hooks: record the masks a forward draws, or replay given ones -------------------------------------------------
@@ -168,7 +204,7 @@ def test_random_state_replays_every_generator():
     from megatron.core import tensor_parallel
 
     from megatron_m2.models.drop_path import DROP_PATH_RNG
-    from megatron_m2.training.random_state import RandomState
+    from megatron_m2.random_state import RandomState
 
     parallel.initialize_model_parallel(1, 1, seed=9)
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -193,17 +229,12 @@ def test_random_state_replays_every_generator():
     assert all(torch.equal(a, b) for a, b in zip(first, draws()))
 
 
-def test_masked_objectives_with_dropout_and_exact_accumulation_are_refused():
+def test_rates_outside_0_1_are_refused():
     for flag in ("--drop-path-rate", "--hidden-dropout", "--attention-dropout"):
-        with pytest.raises(ConfigError, match=rf"{flag} with --cmlm-weight / --cmim-weight cannot be exact.*"
-                                              r"--no-itc-batch-accumulation"):
-            _trainer_args([flag, "0.1", "--cmlm-weight", "0.5"])
-        with pytest.raises(ConfigError, match=rf"{flag} must be in \[0, 1\)"):
-            _trainer_args([flag, "1.0"])
-    # exact ways: no accumulation, one micro-batch per step, or ITC only
-    _trainer_args(RANDOMNESS + ["--cmim-weight", "0.5", "--no-itc-batch-accumulation"])
-    _trainer_args(RANDOMNESS + ["--cmim-weight", "0.5"], global_batch=MICRO_BATCH)
-    _trainer_args(RANDOMNESS)
+        for value in ("1.0", "-0.1"):
+            with pytest.raises(ConfigError, match=rf"{flag} must be in \[0, 1\)"):
+                _trainer_args([flag, value])
+    _trainer_args(RANDOMNESS + ["--attention-dropout", "0.5", "--cmlm-weight", "1", "--cmim-weight", "1"])
 
 
 # -- world 4: the exact-mode step against the reference -----------------------------------------------------------
@@ -220,7 +251,7 @@ def _exact_step_vs_reference(extra: list[str], replay: bool):
     from megatron_m2.data.transforms import normalize
     from megatron_m2.models import build_model
     from megatron_m2.models.state_dict import canonical_state_dict, load_canonical_state_dict, unshard_state_dicts
-    from megatron_m2.training import random_state
+    from megatron_m2 import random_state
     from megatron_m2.training.arguments import model_overrides
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
     from megatron_m2.training.step import forward_backward, forward_step, reduce_metrics, step_config_from_args
@@ -228,7 +259,9 @@ def _exact_step_vs_reference(extra: list[str], replay: bool):
     args = _trainer_args(extra)
     config = args.model_config
     images, ids, padding = _batch(config)
-    randomness = dict(drop_path_rate=args.drop_path_rate, hidden_dropout=args.hidden_dropout)
+    cmlm, cmim = args.cmlm_weight > 0, args.cmim_weight > 0
+    masks = _masks(config, ids, padding) if cmlm or cmim else {}
+    randomness = dict(drop_path_rate=args.drop_path_rate, hidden_dropout=args.hidden_dropout, cmlm=cmlm, cmim=cmim)
 
     def reference_model():
         parallel.initialize_model_parallel(1, 1)
@@ -239,23 +272,25 @@ def _exact_step_vs_reference(extra: list[str], replay: bool):
 
     parallel.initialize_model_parallel(TP, PP, seed=11)
     torch.manual_seed(1)
-    model = build_model(config, spec="local", **model_overrides(args))
+    model = build_model(config, spec="local", cmlm=cmlm, cmim=cmim, **model_overrides(args))
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     load_canonical_state_dict(model, full, config, tp_rank, TP, pp_rank, PP)
     ddp = wrap_ddp(model, args)
     build_optimizer(ddp, args)
     recorder, calls, embeddings = Recorder(model), [], []
 
-    def step(data_iterator, model, **kwargs):  # forward calls 1..M are pass 1's micro-batches: record their masks
-        recorder.micro = len(calls) if len(calls) < NUM_MICROBATCHES else None
+    def step(data_iterator, model, **kwargs):  # forward calls 1..M: pass 1's micro-batches, then pass 3's
+        recorder.micro = (1 if len(calls) < NUM_MICROBATCHES else 3, len(calls) % NUM_MICROBATCHES)
         calls.append(recorder.micro)
         output, loss_func = forward_step(data_iterator, model, **kwargs)
+        recorder.micro = None  # (activation recompute draws again in the backward pass: not recorded)
         if isinstance(output, tuple):
             embeddings.append(tuple(t.detach().clone() for t in output[:2]))
         return output, loss_func
 
     rows = [slice(m * MICRO_BATCH, (m + 1) * MICRO_BATCH) for m in range(NUM_MICROBATCHES)]
-    batches = iter([dict(images=images[r], text_ids=ids[r], text_padding_mask=padding[r]) for r in rows])
+    batches = iter([dict(images=images[r], text_ids=ids[r], text_padding_mask=padding[r],
+                         **{k: v[r] for k, v in masks.items()}) for r in rows])
     restore = random_state.RandomState.restore
     if not replay:
         random_state.RandomState.restore = lambda self: None
@@ -265,31 +300,42 @@ def _exact_step_vs_reference(extra: list[str], replay: bool):
             metrics = forward_backward(step, batches, ddp, step_config_from_args(args))
     finally:
         random_state.RandomState.restore = restore
-    loss = reduce_metrics(metrics)["itc_loss"] if ps.is_pipeline_last_stage() else None
+    reduced = reduce_metrics(metrics) if ps.is_pipeline_last_stage() else None
     grads = {name: p.main_grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     recorded = [None] * WORLD
     dist.all_gather_object(recorded, dict(drop_path=recorder.drop_path, dropout=recorder.dropout, rank=(tp_rank, pp_rank)))
 
-    # the reference: one process, the whole batch in one forward, each layer's masks of the micro-batches side by side
+    # pass 3 drew pass 1's masks for every draw pass 1 made (the unmasked streams)
+    replayed = all(torch.equal(mask, r[kind][((3, micro), *site)]) for r in recorded for kind in ("drop_path", "dropout")
+                   for ((passed, micro), *site), mask in r[kind].items() if passed == 1)
+    # the reference: one process, the whole batch in one forward, each layer's pass-3 masks of the micro-batches side
+    # by side (pass 3's forward is the one the gradients come from; with CMLM / CMIM it also runs the masked streams)
     per_key: dict = {"drop_path": {}, "dropout": {}}
     for kind, dim in (("drop_path", 0), ("dropout", 1)):
-        sites = {key[1:] for r in recorded for key in r[kind]}
+        sites = {tuple(key[1:]) for r in recorded for key in r[kind] if key[0][0] == 3}
         for site in sites:
             per_micro = []
             for m in range(NUM_MICROBATCHES):
-                peers = [r[kind][(m, *site)] for r in recorded if (m, *site) in r[kind]]
+                peers = [r[kind][((3, m), *site)] for r in recorded if ((3, m), *site) in r[kind]]
                 assert len(peers) == TP, (site, len(peers))  # the stage holding the layer, both TP ranks
                 per_micro.append(peers[0])
             per_key[kind][site] = torch.cat(per_micro, dim=dim)
     reference = reference_model()
     with _hooks(Replayer(reference, per_key["drop_path"], per_key["dropout"])):
-        image_embeds, text_embeds = reference(normalize(images), ids, padding)
-    objective = _clip(image_embeds, text_embeds, reference.logit_scale)
+        if cmlm or cmim:
+            image_embeds, text_embeds, terms = _masked_reference(reference, config, images, ids, padding, masks,
+                                                                 args.cmlm_weight, args.cmim_weight)
+        else:
+            (image_embeds, text_embeds), terms = reference(normalize(images), ids, padding), {}
+    itc = _clip(image_embeds, text_embeds, reference.logit_scale)
+    objective = itc + args.cmlm_weight * terms.get("cmlm_loss", 0.0) + args.cmim_weight * terms.get("cmim_loss", 0.0)
     objective.backward()
     ref_grads = unshard_state_dicts({(0, 0): {n: p.grad for n, p in reference.named_parameters()
                                               if p.grad is not None}}, config)
-    return dict(rank=(tp_rank, pp_rank), loss=loss, grads=grads, embeddings=embeddings, calls=calls,
-                recorded=recorded if dist.get_rank() == 0 else None, objective=objective.item(),
+    return dict(rank=(tp_rank, pp_rank), reduced=reduced, grads=grads, embeddings=embeddings, calls=calls,
+                replayed=replayed,
+                recorded=recorded if dist.get_rank() == 0 else None,
+                losses=dict(itc_loss=itc.item(), **{k: v.item() for k, v in terms.items()}),
                 ref_grads=ref_grads if dist.get_rank() == 0 else None)
 
 
@@ -299,8 +345,9 @@ def _compare(results) -> list[str]:
 
     config, ref, problems = load_config("tiny"), results[0], []
     for r in results:
-        if r["loss"] is not None and r["loss"] != pytest.approx(ref["objective"], rel=1e-5):
-            problems.append(f"loss {r['rank']}: {r['loss']} vs {ref['objective']}")
+        for name, want in ref["losses"].items():  # every last-stage rank reports the step's losses
+            if r["reduced"] is not None and r["reduced"][name] != pytest.approx(want, rel=1e-5):
+                problems.append(f"{name} {r['rank']}: {r['reduced'][name]} vs {want}")
         if r["rank"][1] == PP - 1:  # pass 3's embeddings are pass 1's
             first, second = r["embeddings"][:NUM_MICROBATCHES], r["embeddings"][NUM_MICROBATCHES:]
             if any(not torch.equal(a, b) for x, y in zip(first, second) for a, b in zip(x, y)):
@@ -317,8 +364,10 @@ def _compare(results) -> list[str]:
 @pytest.mark.parametrize("extra,replay", [
     (RANDOMNESS, True),
     (RANDOMNESS + ["--recompute-activations"], True),
+    # + CMLM and CMIM: pass 3 runs the masked streams (on their own generators) and the decoders, pass 1 does not
+    (RANDOMNESS + MASKED, True),
     (RANDOMNESS, False),  # without the replay pass 3 draws other masks: the same comparison must fail
-], ids=["drop-path-dropout", "recompute", "no-replay-fails"])
+], ids=["drop-path-dropout", "recompute", "cmlm-cmim", "no-replay-fails"])
 def test_world4_exact_mode_with_drop_path_matches_reference(extra, replay):
     if "--recompute-activations" in extra:
         # attention dropout too: its masks live on TP-split heads and are not replayed into the reference, so only
@@ -326,7 +375,8 @@ def test_world4_exact_mode_with_drop_path_matches_reference(extra, replay):
         assert all(run_distributed(WORLD, _pass3_replays_pass1, extra + ["--attention-dropout", "0.1"])), \
             "pass 3's embeddings differ from pass 1's with attention dropout and recompute"
     results = run_distributed(WORLD, _exact_step_vs_reference, extra, replay)
-    assert all(r["calls"] == [0, 1, None, None] for r in results)
+    assert all(r["calls"] == [(1, 0), (1, 1), (3, 0), (3, 1)] for r in results)
+    assert results[0]["replayed"] == replay  # pass 3 drew pass 1's masks (mask by mask)
     recorded = results[0]["recorded"]
     # TP peers drew the same drop-path and hidden-dropout masks (replicated hidden states, no sequence parallelism)
     for pp in range(PP):
@@ -419,7 +469,7 @@ def _save_and_load_random_states(root: str):
     import torch.distributed as dist
 
     from megatron_m2 import checkpointing
-    from megatron_m2.training.random_state import RandomState
+    from megatron_m2.random_state import RandomState
     from tests.test_checkpoint_tracking import _Weights
 
     parallel.initialize_model_parallel(1, 1, seed=3)  # DP 4 (_Weights is replicated over DP)

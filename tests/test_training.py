@@ -275,10 +275,11 @@ def test_a_resume_at_another_data_parallel_size_continues_the_data(demo_data, tm
 
 def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
     # --drop-path-rate / --hidden-dropout / --attention-dropout at PP2 (each stage draws its own masks) with GBA-ITC's
-    # exact accumulation (2 micro-batches): stopped at iteration 2 and resumed, the run trains on the uninterrupted
-    # run's losses: every rank's random state is saved and restored at the same layout (training/random_state.py)
+    # exact accumulation (2 micro-batches) and the masked objectives (their streams draw from generators of their
+    # own): stopped at iteration 2 and resumed, the run trains on the uninterrupted run's three losses: every rank's
+    # random states are saved and restored at the same layout (megatron_m2/random_state.py)
     randomness = ["--drop-path-rate", "0.1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
-                  "--train-iters", "4"]
+                  "--train-iters", "4", *MASKED]
     runs = {}
     for name, extra in (("straight", []), ("stopped", ["--exit-interval", "2"]), ("resumed", [])):
         run_dir = tmp_path / ("straight" if name == "straight" else "split")
@@ -286,9 +287,8 @@ def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
         if name != "straight":
             extra = extra + ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
         result = _run(_command(demo_data, run_dir, 2, 1, 2, *randomness, *extra))
-        runs[name] = _losses(run_dir)
+        runs[name] = _all_losses(run_dir)
         if name == "resumed":
             assert "random states restored" in result.stdout, result.stdout[-2000:]
     assert sorted(runs["straight"]) == [1, 2, 3, 4] and sorted(runs["resumed"]) == [1, 2, 3, 4]
-    for iteration, loss in runs["straight"].items():
-        assert runs["resumed"][iteration] == pytest.approx(loss, rel=1e-5, abs=1e-6), iteration
+    _assert_same_losses(runs["resumed"], runs["straight"], rel=1e-5)

@@ -224,7 +224,7 @@ class ImageTextBatches:
     def _start(self):
         # generator: its own, because each new iterator draws its workers' base seed from it, and from torch's default
         # generator without one: that would advance only the reading rank's default generator, which hidden dropout
-        # draws from on CPU (its TP peers' masks would differ) and which a resumed run restores (training/random_state)
+        # draws from on CPU (its TP peers' masks would differ) and which a resumed run restores (megatron_m2/random_state.py)
         loader = torch.utils.data.DataLoader(
             _Decoder(self.tokenizer, self.transform, self.masker), batch_size=None, sampler=_Chunks(self),
             generator=torch.Generator().manual_seed(0),

@@ -18,7 +18,7 @@ is not enough: under sequence parallelism megatron's TransformerBlock runs its l
 tracker's fork, whose state differs per TP rank. The masks are therefore drawn inside a fork of their own tracker state,
 `DROP_PATH_RNG`, seeded alike on every rank (parallel.initialize_model_parallel). Being a tracker state, megatron's
 activation recompute (tensor_parallel.checkpoint) saves and restores it around the recomputed forward, and GBA-ITC's
-replay (training/random_state.py) and the checkpoints carry it.
+replay (megatron_m2/random_state.py) and the checkpoints carry it.
 
 Hooks for tests (module attributes, replace and restore them): `mask_source(layer, branch, batch, keep, device)` gives
 the [batch] 0/1 drop-path mask of one branch call, `dropout(layer, branch, x, p)` the dropped-out branch.

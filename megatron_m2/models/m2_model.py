@@ -11,13 +11,15 @@ With the masked-modelling objectives (CMLM / CMIM, `cmlm=` / `cmim=`), the maske
 image travel in the same tensor, [S_img + S_txt + S_img' + S_txt', b, h] with S_img' = S_img when CMIM is on and
 S_txt' = S_txt when CMLM is on: one tensor shape per schedule call, whatever the objectives. Inside a stage each tower
 runs once over its unmasked and masked streams side by side along the batch ([S, 2b, h]: one set of larger matmuls,
-not two calls). The last stage's decoders (models/decoders.py) then read the unmasked streams as keys/values and the
+not two calls), or, when training draws random masks (dropout, drop path), in two calls, the masked one (and the
+decoders) on generators of its own (megatron_m2/random_state.py). The last stage's decoders (models/decoders.py) then read the unmasked streams as keys/values and the
 masked ones as queries; the VL layers and the ITC heads see only the unmasked streams.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import nullcontext
 from typing import Iterable, Optional, Union
 
 import torch
@@ -37,6 +39,7 @@ from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, r
 from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
 from megatron_m2.models.text import TextEmbedding
 from megatron_m2.models.vision import VisionEmbedding
+from megatron_m2.random_state import masked_streams_random_state
 
 Embeddings = tuple[Optional[torch.Tensor], ...]
 
@@ -297,15 +300,28 @@ class M2PipelineStage(MegatronModule):
             outputs += [self._project(image_h, self.backbone_image_projection),
                         self._project(text_h, self.backbone_text_projection)]
         if masked is not None:
-            outputs.append(self.decoders(image_h, text_h, text_padding_mask, masked_image_h, masked_text_h, masked))
+            with masked_streams_random_state() if self.random else nullcontext():
+                outputs.append(self.decoders(image_h, text_h, text_padding_mask, masked_image_h, masked_text_h,
+                                             masked))
         return tuple(outputs)
 
-    @staticmethod
-    def _tower(block: TransformerBlock, hidden: torch.Tensor, masked_hidden: Optional[torch.Tensor],
+    @property
+    def random(self) -> bool:
+        """Whether training draws random masks (drop path, hidden or attention dropout)."""
+        return self.training and bool(self.drop_path_rate or self.config.hidden_dropout or
+                                      self.config.attention_dropout)
+
+    def _tower(self, block: TransformerBlock, hidden: torch.Tensor, masked_hidden: Optional[torch.Tensor],
                mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The tower over a stream and, if given, its masked copy side by side along the batch (one call)."""
+        """The tower over a stream and, if given, its masked copy side by side along the batch (one call). With random
+        masks the masked copy runs in a second call on the masked streams' generators (megatron_m2/random_state.py),
+        so that the stream draws what it draws without the masked objectives (GBA-ITC's pass 1)."""
         if masked_hidden is None:
             return block(hidden, mask), None
+        if self.random:
+            output = block(hidden, mask)
+            with masked_streams_random_state():
+                return output, block(masked_hidden, mask)
         both_mask = None if mask is None else torch.cat([mask, mask])
         both = block(torch.cat([hidden, masked_hidden], dim=1), both_mask)
         return both.split(hidden.shape[1], dim=1)

@@ -283,30 +283,14 @@ def check_communication_flags(args: argparse.Namespace) -> None:
 RANDOMNESS_FLAGS = ("drop_path_rate", "hidden_dropout", "attention_dropout")
 
 
-def check_randomness_flags(args: argparse.Namespace, layout: Layout) -> None:
-    """--drop-path-rate / --hidden-dropout / --attention-dropout in [0, 1), and only where the step stays exact.
-
-    GBA-ITC's exact batch accumulation replays pass 1's random state in pass 3 (training/random_state.py), which
-    reproduces pass 1's masks only if pass 3's forwards draw what pass 1's drew. With --cmlm-weight / --cmim-weight,
-    pass 3's towers run the masked streams beside the unmasked ones ([S, 2b, h]), so their masks are drawn for
-    twice the samples and pass 3's embeddings would not be pass 1's: refused while a step can have more than one
-    micro-batch."""
+def check_randomness_flags(args: argparse.Namespace) -> None:
+    """--drop-path-rate / --hidden-dropout / --attention-dropout are probabilities in [0, 1). Every combination stays
+    exact under GBA-ITC (megatron_m2/random_state.py: pass 3 replays pass 1's random state, and the masked streams of
+    --cmlm-weight / --cmim-weight draw from generators of their own)."""
     for flag in RANDOMNESS_FLAGS:
         value = getattr(args, flag)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
-    on = [f"--{flag.replace('_', '-')}" for flag in RANDOMNESS_FLAGS if getattr(args, flag) > 0]
-    accumulation = getattr(args, "itc_batch_accumulation", False)
-    exact = accumulation is True or accumulation == "exact"
-    several_microbatches = (args.global_batch_size > args.micro_batch_size * layout.data_parallel_size
-                            or bool(getattr(args, "rampup_batch_size", None)))
-    if on and exact and several_microbatches and (args.cmlm_weight or args.cmim_weight):
-        raise ConfigError(
-            f"{' / '.join(on)} with --cmlm-weight / --cmim-weight cannot be exact under GBA-ITC's batch "
-            "accumulation: its pass 3 runs the masked streams beside the unmasked ones and draws other dropout / "
-            "drop-path masks than pass 1, so the cached embedding gradients would not match. Drop the dropout "
-            f"flags, train ITC only, pass --no-itc-batch-accumulation, or use one micro-batch per step "
-            f"(--global-batch-size {args.micro_batch_size * layout.data_parallel_size})")
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
@@ -384,7 +368,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
     if args.cmlm_weight or args.cmim_weight:
         check_masking(args.text_mask_prob, args.image_mask_ratio, config.num_patches)
-    check_randomness_flags(args, layout)
+    check_randomness_flags(args)
     if (args.cmlm_weight or args.cmim_weight) and args.sequence_parallel:
         raise ConfigError("--sequence-parallel does not run the masked streams of --cmlm-weight / --cmim-weight yet "
                           "(their decoders read whole token sequences): drop --sequence-parallel, or train ITC only")

@@ -24,7 +24,7 @@ from megatron_m2.training.nan_guard import NanGuard
 from megatron_m2.training.optimizer import build_optimizer, parameters_synced, schedule, wrap_ddp
 from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
-from megatron_m2.training.random_state import RandomState
+from megatron_m2.random_state import checkpoint_state, load_checkpoint_state
 from megatron_m2.training.wandb_run import RUN_ID_KEY, build_wandb_run
 from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, masked_modeling_from_args,
                                        step_config_from_args, train_step)
@@ -170,7 +170,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if resume:  # each rank's generators as saved, at the same layout (else fresh from --seed; one line says which)
         saved_random_state, note = checkpointing.load_random_state(args.load, iteration)
         if saved_random_state is not None:
-            RandomState.from_state_dict(saved_random_state).restore()
+            load_checkpoint_state(saved_random_state)
         print_rank_0(note)
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
@@ -200,7 +200,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                 common={"model_config": config.to_dict(), "consumed_train_samples": consumed_samples,
                         RUN_ID_KEY: wandb_run_id},
                 async_save=args.async_save, persistent_worker=bool(args.use_persistent_ckpt_worker),
-                random_state=RandomState.capture().state_dict())
+                random_state=checkpoint_state())
         if args.async_save:
             print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
         else:
