@@ -8,7 +8,9 @@ The runs marked MASKED train M2's full objective, ITC + CMIM + CMLM (their masks
 - a TP=2 x PP=2 checkpoint (decoders included) loads into TP=1 x PP=1 and continues on the same three losses;
 - GBA-ITC: micro-batches accumulate into one contrastive batch, and the CMLM / CMIM losses are means over every masked
   token / patch of the step (TP2 4 x 4 = TP1 1 x 16);
-- a blended --data-path trains and resumes exactly.
+- a blended --data-path trains and resumes exactly;
+- with drop path, hidden and attention dropout (and the masked objectives) a PP2 run resumes onto the uninterrupted
+  run's losses (every rank's random states in the checkpoint).
 """
 from __future__ import annotations
 
