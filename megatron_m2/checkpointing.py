@@ -8,7 +8,9 @@ On disk (names and the publish step: megatron_m2/checkpoint_layout.py):
 The model and optimizer state are saved as global tensors with sharding metadata, so a checkpoint written at one
 TP/PP layout loads into another. What differs per rank (the data stream position, RNG states) goes into
 `extra/rank_NNNNN.pt`, indexed by the data-parallel rank so that a new layout with the same DP size resumes the
-same streams.
+same streams. Every rank's random state (its generators and megatron's RNG tracker states: dropout and drop path
+draw from them; megatron_m2/random_state.py) goes into `extra/rng/pp*_tp*_dp*.pt`, as Megatron-LM saves rng_state per
+rank, and is restored only at the layout it was saved at (`load_random_state`).
 
 At scale (as Megatron-LM by default): the save is spread over the data-parallel ranks (megatron-core's
 FullyParallelSaveStrategyWrapper: each DP replica writes 1/DP of the replicated tensors instead of DP rank 0 writing
@@ -41,7 +43,8 @@ from megatron_m2.checkpoint_layout import (DONE, TRACKER, checkpoint_dir, latest
 from megatron_m2.errors import ConfigError
 
 __all__ = ["DONE", "TRACKER", "checkpoint_dir", "latest_iteration", "save_checkpoint", "finalize_async_saves",
-           "close_async_saves", "load_checkpoint", "load_model_subset", "load_rank_states", "check_schedule"]
+           "close_async_saves", "load_checkpoint", "load_model_subset", "load_rank_states", "load_random_state",
+           "check_schedule"]
 
 # The distributed optimizer's checkpoint format, named: without it megatron-core 0.16.1 falls back to
 # 'fully_sharded_model_space', which it lists as deprecated. 'dp_reshardable' is Megatron-LM's default: each DP rank
@@ -107,8 +110,12 @@ def _load_strategy(path: Path):
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank_state: dict,
-                    common: Optional[dict] = None, async_save: bool = False, persistent_worker: bool = False) -> Path:
+                    common: Optional[dict] = None, async_save: bool = False, persistent_worker: bool = False,
+                    random_state: Optional[dict] = None) -> Path:
     """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker.
+
+    rank_state: this data-parallel rank's extras (written by its TP 0, PP 0 rank); random_state: this rank's random
+    state (RandomState.state_dict(), written by every rank).
 
     async_save: return once the tensors are handed to a writer process (forked for this save, so it sees the state as
     of this call; or, with persistent_worker (CUDA only), megatron-core's persistent writer, once it has copied them
@@ -133,6 +140,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
     if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
         (tmp / "extra").mkdir(exist_ok=True)
         torch.save(rank_state, tmp / "extra" / f"rank_{dp_rank:05d}.pt")
+    if random_state is not None:
+        (tmp / "extra" / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(random_state, _random_state_file(tmp))
     if not async_save:
         dist.barrier()
         if rank == 0:
@@ -244,6 +254,34 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration:
         rank_state = torch.load(extra_file, weights_only=False)
     common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "content_metadata")}
     return iteration, rank_state, common
+
+
+def _random_state_file(path: Path) -> Path:
+    return path / "extra" / "rng" / (f"pp{parallel_state.get_pipeline_model_parallel_rank():03d}_"
+                                      f"tp{parallel_state.get_tensor_model_parallel_rank():03d}_"
+                                      f"dp{parallel_state.get_data_parallel_rank():05d}.pt")
+
+
+def load_random_state(root: str, iteration: int) -> tuple[Optional[dict], str]:
+    """This rank's saved random state if the checkpoint was written at this TP x PP x DP layout, else None; and a
+    line saying which (the caller prints it once). At another layout no rank has a saved counterpart with the same
+    stream of draws (another TP size shards attention dropout differently, another PP size puts other layers on a
+    stage), so the run keeps its fresh seeding from --seed, as Megatron-LM ignores rng_state after a TP/PP change."""
+    path = checkpoint_dir(root, iteration)
+    files = list((path / "extra" / "rng").glob("pp*_tp*_dp*.pt"))
+    saved_layout = dist_checkpointing.load_common_state_dict(str(path)).get(LAYOUT_KEY)
+    if not files:
+        return None, f"--load {root}: no random states in the checkpoint; dropout and drop path start from --seed"
+    layout = _current_layout()
+    if saved_layout != layout or len(files) != dist.get_world_size():
+        def describe(tp_pp: Optional[dict], ranks: int) -> str:
+            tp_pp = tp_pp or {}
+            return (f"TP {tp_pp.get('tensor_model_parallel_size', '?')} x PP "
+                    f"{tp_pp.get('pipeline_model_parallel_size', '?')} over {ranks} ranks")
+
+        return None, (f"--load {root}: random states saved at {describe(saved_layout, len(files))}, this run is "
+                      f"{describe(layout, dist.get_world_size())}: dropout and drop path start fresh from --seed")
+    return torch.load(_random_state_file(path), weights_only=False), f"--load {root}: random states restored"
 
 
 def load_rank_states(root: str, iteration: int) -> list[dict]:

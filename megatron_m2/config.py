@@ -211,10 +211,14 @@ def transformer_config(config: M2Config, tensor_model_parallel_size: int = 1, pi
 
 
 def transformer_overrides(recompute_activations: bool = False, bf16: bool = False,
-                          sequence_parallel: bool = False) -> dict:
+                          sequence_parallel: bool = False, hidden_dropout: float = 0.0,
+                          attention_dropout: float = 0.0) -> dict:
     """The TransformerConfig fields that the trainer's flags set (--recompute-activations, --bf16,
-    --sequence-parallel): one place for the trainer, the planner's measurement and the GPU check."""
+    --sequence-parallel, --hidden-dropout, --attention-dropout): one place for the trainer, the planner's measurement
+    and the GPU check."""
     overrides: dict = {}
+    if hidden_dropout or attention_dropout:
+        overrides.update(hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
     if sequence_parallel:
         overrides.update(sequence_parallel=True)
     if recompute_activations:

@@ -5,6 +5,7 @@ run by `_make_megatron_cpu_safe` (the only monkeypatching in this project).
 """
 from __future__ import annotations
 
+import logging
 import os
 import types
 import warnings
@@ -132,6 +133,15 @@ def initialize_model_parallel(
     _LAYOUT = layout
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # the drop-path masks' own state: the same seed on every rank, so TP peers draw the same per-sample masks even
+    # inside megatron's sequence-parallel fork of the (per-TP-rank) model-parallel state (models/drop_path.py)
+    from megatron_m2.models.drop_path import DROP_PATH_RNG, DROP_PATH_SEED_OFFSET
+
+    tensor_parallel.get_cuda_rng_tracker().add(DROP_PATH_RNG, seed + DROP_PATH_SEED_OFFSET)
+    # and the masked streams' own generators (CMLM / CMIM: models/m2_model.py, megatron_m2/random_state.py)
+    from megatron_m2.random_state import MASKED_STREAMS_SEED_OFFSET, seed_masked_streams
+
+    seed_masked_streams(seed + MASKED_STREAMS_SEED_OFFSET)
     return layout
 
 
@@ -222,6 +232,10 @@ def _make_megatron_cpu_safe() -> None:
 
     # a CUDA tuning hint that megatron's layers print on every rank; it has no meaning on CPU
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
+    # the RNG tracker's fork logs this whenever a draw inside it moves the CPU generator: on CPU the tracked "CUDA"
+    # generator IS the CPU one, so every dropout or drop-path draw in a fork would log it
+    logging.getLogger(megatron_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
 
     cpu_torch = _TorchWithCudaOnCpu()
     for module in (schedules, p2p_communication, megatron_random, megatron_optimizer, clip_grads, megatron_utils,

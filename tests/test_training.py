@@ -8,7 +8,9 @@ The runs marked MASKED train M2's full objective, ITC + CMIM + CMLM (their masks
 - a TP=2 x PP=2 checkpoint (decoders included) loads into TP=1 x PP=1 and continues on the same three losses;
 - GBA-ITC: micro-batches accumulate into one contrastive batch, and the CMLM / CMIM losses are means over every masked
   token / patch of the step (TP2 4 x 4 = TP1 1 x 16);
-- a blended --data-path trains and resumes exactly.
+- a blended --data-path trains and resumes exactly;
+- with drop path, hidden and attention dropout (and the masked objectives) a PP2 run resumes onto the uninterrupted
+  run's losses (every rank's random states in the checkpoint).
 """
 from __future__ import annotations
 
@@ -270,3 +272,24 @@ def test_a_resume_at_another_data_parallel_size_continues_the_data(demo_data, tm
     train = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == list(range(1, 7))
     assert train[-1]["data/samples"] == 6 * 16  # the job's total, not the resumed run's alone
+
+
+def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
+    # --drop-path-rate / --hidden-dropout / --attention-dropout at PP2 (each stage draws its own masks) with GBA-ITC's
+    # exact accumulation (2 micro-batches) and the masked objectives (their streams draw from generators of their
+    # own): stopped at iteration 2 and resumed, the run trains on the uninterrupted run's three losses: every rank's
+    # random states are saved and restored at the same layout (megatron_m2/random_state.py)
+    randomness = ["--drop-path-rate", "0.1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+                  "--train-iters", "4", *MASKED]
+    runs = {}
+    for name, extra in (("straight", []), ("stopped", ["--exit-interval", "2"]), ("resumed", [])):
+        run_dir = tmp_path / ("straight" if name == "straight" else "split")
+        run_dir.mkdir(exist_ok=True)
+        if name != "straight":
+            extra = extra + ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
+        result = _run(_command(demo_data, run_dir, 2, 1, 2, *randomness, *extra))
+        runs[name] = _all_losses(run_dir)
+        if name == "resumed":
+            assert "random states restored" in result.stdout, result.stdout[-2000:]
+    assert sorted(runs["straight"]) == [1, 2, 3, 4] and sorted(runs["resumed"]) == [1, 2, 3, 4]
+    _assert_same_losses(runs["resumed"], runs["straight"], rel=1e-5)

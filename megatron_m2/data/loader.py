@@ -222,8 +222,12 @@ class ImageTextBatches:
 
     # -- workers ---------------------------------------------------------------------------------------------
     def _start(self):
+        # generator: its own, because each new iterator draws its workers' base seed from it, and from torch's default
+        # generator without one: that would advance only the reading rank's default generator, which hidden dropout
+        # draws from on CPU (its TP peers' masks would differ) and which a resumed run restores (megatron_m2/random_state.py)
         loader = torch.utils.data.DataLoader(
             _Decoder(self.tokenizer, self.transform, self.masker), batch_size=None, sampler=_Chunks(self),
+            generator=torch.Generator().manual_seed(0),
             num_workers=self.num_workers, collate_fn=_identity, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             timeout=self.timeout if self.num_workers else 0,

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from megatron_m2.config import M2Config, padded_vocab_size
+from megatron_m2.models.drop_path import drop_path_rates
 from megatron_m2.models.layer_spec import get_decoder_layer_spec, get_final_norm_spec
 
 Mask = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], None]
@@ -63,36 +64,38 @@ def select(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden.transpose(0, 1)[mask]
 
 
-def decoder_block(config: M2Config, transformer_config: TransformerConfig, spec: str) -> TransformerBlock:
+def decoder_block(config: M2Config, transformer_config: TransformerConfig, spec: str,
+                  drop_path_rate: float = 0.0) -> TransformerBlock:
     """One cross-modal decoder: `decoder_num_layers` decoder layers and a final LayerNorm, numbered from 0 (it is
-    never split over pipeline stages)."""
+    never split over pipeline stages); stochastic depth over its own depth, as torchscale's Decoder."""
     import dataclasses
 
     n = config.decoder_num_layers
     block_config = dataclasses.replace(transformer_config, num_layers=n, pipeline_model_parallel_size=1,
                                        num_layers_in_first_pipeline_stage=None,
                                        num_layers_in_last_pipeline_stage=None)
-    return TransformerBlock(block_config,
-                            TransformerBlockSubmodules([get_decoder_layer_spec(spec)] * n, get_final_norm_spec(spec)),
+    layer = get_decoder_layer_spec(spec, drop_path_rates(drop_path_rate, n))
+    return TransformerBlock(block_config, TransformerBlockSubmodules([layer] * n, get_final_norm_spec(spec)),
                             post_layer_norm=True, pre_process=True, post_process=True)
 
 
 class CrossModalDecoders(MegatronModule):
     """The CMLM and/or CMIM decoder with its head (see the module docstring); on the last pipeline stage."""
 
-    def __init__(self, config: M2Config, transformer_config: TransformerConfig, spec: str, cmlm: bool, cmim: bool):
+    def __init__(self, config: M2Config, transformer_config: TransformerConfig, spec: str, cmlm: bool, cmim: bool,
+                 drop_path_rate: float = 0.0):
         super().__init__(config=transformer_config)
         if not (cmlm or cmim):
             raise ValueError("CrossModalDecoders needs CMLM, CMIM or both")
         tc, h = transformer_config, config.hidden_size
         self.spec = spec
         if cmlm:
-            self.cmlm_decoder = decoder_block(config, tc, spec)
+            self.cmlm_decoder = decoder_block(config, tc, spec, drop_path_rate)
             self.cmlm_head = ColumnParallelLinear(
                 h, padded_vocab_size(config.vocab_size, tc.tensor_model_parallel_size), config=tc,
                 init_method=init_method_normal(h ** -0.5), bias=False, gather_output=False)
         if cmim:
-            self.cmim_decoder = decoder_block(config, tc, spec)
+            self.cmim_decoder = decoder_block(config, tc, spec, drop_path_rate)
             self.cmim_head = torch.nn.Linear(h, config.patch_size ** 2 * config.num_channels, dtype=tc.params_dtype)
             if tc.perform_initialization:
                 tc.init_method(self.cmim_head.weight)

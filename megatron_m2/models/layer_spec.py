@@ -28,9 +28,10 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_m2.errors import ConfigError
+from megatron_m2.models.drop_path import M2TransformerLayer
 from megatron_m2.models.sub_ln import SubLNRowParallelLinear
 
 SPECS = ("auto", "local", "te")
@@ -124,12 +125,14 @@ def _te_cross_attention() -> dict:
     )
 
 
-def get_local_layer_spec(cross_attention: bool = False) -> ModuleSpec:
+def get_local_layer_spec(cross_attention: bool = False, drop_path_rates: tuple[float, ...] = ()) -> ModuleSpec:
     """Pure PyTorch layer: torch LayerNorm (sequence-parallel capable), megatron's Column/RowParallelLinear and
     DotProductAttention.
-    cross_attention: the decoder layer (self-attention, cross-attention, FFN)."""
+    cross_attention: the decoder layer (self-attention, cross-attention, FFN).
+    drop_path_rates: the stochastic-depth rate of each layer of the stack (models/drop_path.py), () = none."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=M2TransformerLayer,
+        params={"drop_path_rates": tuple(drop_path_rates)},
         submodules=TransformerLayerSubmodules(
             input_layernorm=TorchNorm,
             self_attention=ModuleSpec(
@@ -161,9 +164,10 @@ def get_local_layer_spec(cross_attention: bool = False) -> ModuleSpec:
     )
 
 
-def get_te_layer_spec(cross_attention: bool = False) -> ModuleSpec:
+def get_te_layer_spec(cross_attention: bool = False, drop_path_rates: tuple[float, ...] = ()) -> ModuleSpec:
     """TransformerEngine layer: fused pre-LN + QKV / fc1, TE attention, TP-aware Sub-LN + TERowParallelLinear.
-    cross_attention: the decoder layer (self-attention, cross-attention, FFN)."""
+    cross_attention: the decoder layer (self-attention, cross-attention, FFN).
+    drop_path_rates: the stochastic-depth rate of each layer of the stack (models/drop_path.py), () = none."""
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
@@ -171,7 +175,8 @@ def get_te_layer_spec(cross_attention: bool = False) -> ModuleSpec:
     )
 
     return ModuleSpec(
-        module=TransformerLayer,
+        module=M2TransformerLayer,
+        params={"drop_path_rates": tuple(drop_path_rates)},
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp,
             self_attention=ModuleSpec(
@@ -198,14 +203,16 @@ def get_te_layer_spec(cross_attention: bool = False) -> ModuleSpec:
     )
 
 
-def get_layer_spec(spec: str = "auto") -> ModuleSpec:
-    return get_te_layer_spec() if resolve_spec(spec) == "te" else get_local_layer_spec()
+def get_layer_spec(spec: str = "auto", drop_path_rates: tuple[float, ...] = ()) -> ModuleSpec:
+    """The towers' and VL layers' layer; drop_path_rates: per layer of the stack (models/drop_path.py)."""
+    te = resolve_spec(spec) == "te"
+    return (get_te_layer_spec if te else get_local_layer_spec)(drop_path_rates=drop_path_rates)
 
 
-def get_decoder_layer_spec(spec: str = "auto") -> ModuleSpec:
+def get_decoder_layer_spec(spec: str = "auto", drop_path_rates: tuple[float, ...] = ()) -> ModuleSpec:
     """The cross-modal decoders' layer (see the module docstring)."""
     te = resolve_spec(spec) == "te"
-    return get_te_layer_spec(cross_attention=True) if te else get_local_layer_spec(cross_attention=True)
+    return (get_te_layer_spec if te else get_local_layer_spec)(cross_attention=True, drop_path_rates=drop_path_rates)
 
 
 def get_final_norm_spec(spec: str = "auto") -> type:

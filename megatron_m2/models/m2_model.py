@@ -11,13 +11,15 @@ With the masked-modelling objectives (CMLM / CMIM, `cmlm=` / `cmim=`), the maske
 image travel in the same tensor, [S_img + S_txt + S_img' + S_txt', b, h] with S_img' = S_img when CMIM is on and
 S_txt' = S_txt when CMLM is on: one tensor shape per schedule call, whatever the objectives. Inside a stage each tower
 runs once over its unmasked and masked streams side by side along the batch ([S, 2b, h]: one set of larger matmuls,
-not two calls). The last stage's decoders (models/decoders.py) then read the unmasked streams as keys/values and the
+not two calls), or, when training draws random masks (dropout, drop path), in two calls, the masked one (and the
+decoders) on generators of its own (megatron_m2/random_state.py). The last stage's decoders (models/decoders.py) then read the unmasked streams as keys/values and the
 masked ones as queries; the VL layers and the ITC heads see only the unmasked streams.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import nullcontext
 from typing import Iterable, Optional, Union
 
 import torch
@@ -31,11 +33,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_m2.config import (M2Config, layers_per_stage, padded_length, transformer_config,
                                 validate_parallel_shapes)
 from megatron_m2.models.decoders import CrossModalDecoders, MaskedInputs
+from megatron_m2.models.drop_path import drop_path_rates
 from megatron_m2.models.init import initialize_weights
 from megatron_m2.models.layer_spec import get_final_norm_spec, get_layer_spec, resolve_spec
 from megatron_m2.models.sequence_parallel import first_token, padded_key_mask, scatter_sequence
 from megatron_m2.models.text import TextEmbedding
 from megatron_m2.models.vision import VisionEmbedding
+from megatron_m2.random_state import masked_streams_random_state
 
 Embeddings = tuple[Optional[torch.Tensor], ...]
 
@@ -105,7 +109,7 @@ class M2PipelineStage(MegatronModule):
 
     def __init__(self, config: M2Config, transformer_config: TransformerConfig, pre_process: bool,
                  post_process: bool, num_stage_layers: Optional[int] = None, layer_offset: Optional[int] = None,
-                 spec: str = "local", cmlm: bool = False, cmim: bool = False):
+                 spec: str = "local", cmlm: bool = False, cmim: bool = False, drop_path_rate: float = 0.0):
         super().__init__(config=transformer_config)
         self.m2_config = config
         self.model_type = ModelType.encoder_or_decoder
@@ -133,7 +137,10 @@ class M2PipelineStage(MegatronModule):
         if pre_process:
             self.vision_embed = VisionEmbedding(config, tc)
             self.text_embed = TextEmbedding(config, tc)
-        layer_spec, norm = get_layer_spec(self.spec), get_final_norm_spec(self.spec)
+        # stochastic depth over each stack's depth, as the release's two torchscale Encoders (backbone, backbone_vl)
+        self.drop_path_rate = drop_path_rate
+        layer_spec = get_layer_spec(self.spec, drop_path_rates(drop_path_rate, config.num_layers))
+        norm = get_final_norm_spec(self.spec)
         tower_config = _stage_block_config(tc, config.num_layers, stage_layers)
         for name in ("vision_encoder", "text_encoder"):
             block = TransformerBlock(
@@ -146,7 +153,9 @@ class M2PipelineStage(MegatronModule):
         if post_process:
             vl_config = _stage_block_config(tc, config.num_vl_layers, [config.num_vl_layers])
             self.vl_encoder = TransformerBlock(
-                vl_config, TransformerBlockSubmodules([layer_spec] * config.num_vl_layers, norm),
+                vl_config, TransformerBlockSubmodules(
+                    [get_layer_spec(self.spec, drop_path_rates(drop_path_rate, config.num_vl_layers))]
+                    * config.num_vl_layers, norm),
                 post_layer_norm=True, pre_process=True, post_process=True)
             self.image_projection = self._head()
             self.text_projection = self._head()
@@ -170,7 +179,8 @@ class M2PipelineStage(MegatronModule):
             if tc.perform_initialization:
                 tc.init_method(self.cmim_mask_token)
         if post_process and (cmlm or cmim):
-            self.decoders = CrossModalDecoders(config, tc, self.spec, cmlm=cmlm, cmim=cmim)
+            self.decoders = CrossModalDecoders(config, tc, self.spec, cmlm=cmlm, cmim=cmim,
+                                               drop_path_rate=drop_path_rate)
 
     def _head(self) -> torch.nn.Linear:
         """Bias-free projection to out_dim, replicated over TP (it is small)."""
@@ -290,15 +300,28 @@ class M2PipelineStage(MegatronModule):
             outputs += [self._project(image_h, self.backbone_image_projection),
                         self._project(text_h, self.backbone_text_projection)]
         if masked is not None:
-            outputs.append(self.decoders(image_h, text_h, text_padding_mask, masked_image_h, masked_text_h, masked))
+            with masked_streams_random_state() if self.random else nullcontext():
+                outputs.append(self.decoders(image_h, text_h, text_padding_mask, masked_image_h, masked_text_h,
+                                             masked))
         return tuple(outputs)
 
-    @staticmethod
-    def _tower(block: TransformerBlock, hidden: torch.Tensor, masked_hidden: Optional[torch.Tensor],
+    @property
+    def random(self) -> bool:
+        """Whether training draws random masks (drop path, hidden or attention dropout)."""
+        return self.training and bool(self.drop_path_rate or self.config.hidden_dropout or
+                                      self.config.attention_dropout)
+
+    def _tower(self, block: TransformerBlock, hidden: torch.Tensor, masked_hidden: Optional[torch.Tensor],
                mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The tower over a stream and, if given, its masked copy side by side along the batch (one call)."""
+        """The tower over a stream and, if given, its masked copy side by side along the batch (one call). With random
+        masks the masked copy runs in a second call on the masked streams' generators (megatron_m2/random_state.py),
+        so that the stream draws what it draws without the masked objectives (GBA-ITC's pass 1)."""
         if masked_hidden is None:
             return block(hidden, mask), None
+        if self.random:
+            output = block(hidden, mask)
+            with masked_streams_random_state():
+                return output, block(masked_hidden, mask)
         both_mask = None if mask is None else torch.cat([mask, mask])
         both = block(torch.cat([hidden, masked_hidden], dim=1), both_mask)
         return both.split(hidden.shape[1], dim=1)
@@ -317,13 +340,14 @@ class M2PipelineStage(MegatronModule):
 
 
 def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None, cmlm: bool = False,
-                cmim: bool = False, **transformer_config_overrides) -> M2PipelineStage:
+                cmim: bool = False, drop_path_rate: float = 0.0, **transformer_config_overrides) -> M2PipelineStage:
     """This rank's pipeline stage, from megatron-core's parallel state (call parallel.initialize_model_parallel first).
 
     The initial weights are a function of `seed` alone, the same at every TP x PP layout (models/init.py); the
     trainer passes --seed. seed=None draws one from torch's default generator, so `torch.manual_seed(k)` before the
     call picks the weights (the same on every rank that seeded alike).
     cmlm / cmim: build the training-only parts of those objectives (models/decoders.py).
+    drop_path_rate: stochastic depth of every layer stack (models/drop_path.py; --drop-path-rate).
     Overrides go to the TransformerConfig (e.g. recompute_granularity="full", bf16=True, params_dtype=...).
     Layout errors are raised before anything is allocated.
     """
@@ -336,7 +360,8 @@ def build_model(config: M2Config, spec: str = "auto", seed: Optional[int] = None
     overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", torch.float32))
     tc = transformer_config(config, tp, pp, **overrides)
     model = M2PipelineStage(config, tc, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec, cmlm=cmlm, cmim=cmim)
+                           post_process=parallel_state.is_pipeline_last_stage(), spec=spec, cmlm=cmlm, cmim=cmim,
+                           drop_path_rate=drop_path_rate)
     # Every parameter in params_dtype, as Megatron-LM's Float16Module casts them: megatron's torch LayerNorm (local
     # spec) is built in float32 whatever params_dtype says, and float32 parameters in a bf16 model break the
     # mixed-precision optimizer's checkpoint (its sharded_state_dict numbers the 16-bit parameters only).

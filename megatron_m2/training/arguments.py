@@ -28,6 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "when TransformerEngine and CUDA are available")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every transformer layer (less memory, ~30%% more compute)")
+    g.add_argument("--drop-path-rate", type=float, default=0.0,
+                   help="stochastic depth (BEiT-3 / torchscale, M2-Encoder's release trains with 0.1): each residual "
+                   "branch (attention, MLP; cross-attention in the decoders) of a sample is dropped with a per-layer "
+                   "rate rising linearly from 0 to this over each stack's depth (towers, VL layers, decoders), and "
+                   "scaled by 1 / keep otherwise; exact under GBA-ITC's batch accumulation (pass 3 replays pass 1's "
+                   "masks)")
+    g.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout on each residual branch's output (megatron's hidden_dropout); exact under GBA-ITC's "
+                   "batch accumulation")
+    g.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="dropout on the attention probabilities (megatron's attention_dropout); exact under GBA-ITC's "
+                   "batch accumulation")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
@@ -268,6 +280,30 @@ def check_communication_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
 
 
+RANDOMNESS_FLAGS = ("drop_path_rate", "hidden_dropout", "attention_dropout")
+
+
+def check_randomness_flags(args: argparse.Namespace) -> None:
+    """--drop-path-rate / --hidden-dropout / --attention-dropout are probabilities in [0, 1). Every combination stays
+    exact under GBA-ITC (megatron_m2/random_state.py: pass 3 replays pass 1's random state, and the masked streams of
+    --cmlm-weight / --cmim-weight draw from generators of their own)."""
+    for flag in RANDOMNESS_FLAGS:
+        value = getattr(args, flag)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """build_model's keyword arguments from the flags: TransformerConfig fields (recompute, bf16, sequence
+    parallelism, dropout) and the drop-path rate; one place for the trainer and the benchmarks."""
+    from megatron_m2.config import transformer_overrides
+
+    return dict(drop_path_rate=args.drop_path_rate,
+                **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel,
+                                        hidden_dropout=args.hidden_dropout,
+                                        attention_dropout=args.attention_dropout))
+
+
 def check_monitoring_flags(args: argparse.Namespace) -> None:
     """The straggler detector's flags (training/monitoring.py)."""
     import torch
@@ -332,6 +368,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, flag)}")
     if args.cmlm_weight or args.cmim_weight:
         check_masking(args.text_mask_prob, args.image_mask_ratio, config.num_patches)
+    check_randomness_flags(args)
     if (args.cmlm_weight or args.cmim_weight) and args.sequence_parallel:
         raise ConfigError("--sequence-parallel does not run the masked streams of --cmlm-weight / --cmim-weight yet "
                           "(their decoders read whole token sequences): drop --sequence-parallel, or train ITC only")

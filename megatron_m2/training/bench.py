@@ -57,7 +57,7 @@ class TrainingPieces:
 def build_training(args: argparse.Namespace, state_dict: Optional[dict] = None) -> TrainingPieces:
     """The model, DDP, optimizer and schedule as `training.loop.pretrain` builds them. `state_dict` (e.g. the weights
     of a float32 model, cast on load) is loaded before the optimizer copies the weights into its master copy."""
-    from megatron_m2.config import transformer_overrides
+    from megatron_m2.training.arguments import model_overrides
     from megatron_m2.models import build_model
     from megatron_m2.training.batch_schedule import configure_microbatches
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
@@ -66,7 +66,7 @@ def build_training(args: argparse.Namespace, state_dict: Optional[dict] = None) 
     configure_microbatches(args, args.layout)
     objectives = masked_modeling_from_args(args)
     model = build_model(args.model_config, spec=args.spec, cmlm=objectives.cmlm, cmim=objectives.cmim,
-                        **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel))
+                        **model_overrides(args))
     if state_dict is not None:
         model.load_state_dict(state_dict)
     ddp = wrap_ddp(model, args)

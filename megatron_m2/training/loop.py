@@ -13,7 +13,7 @@ from megatron.core.num_microbatches_calculator import get_current_global_batch_s
 
 from megatron_m2 import parallel
 from megatron_m2.arithmetic import model_flops_per_sample
-from megatron_m2.config import transformer_overrides
+from megatron_m2.training.arguments import model_overrides
 from megatron_m2.parallel import print_rank_0
 from megatron_m2 import checkpointing
 from megatron_m2.data.filters import sample_filter_from_args
@@ -24,6 +24,7 @@ from megatron_m2.training.nan_guard import NanGuard
 from megatron_m2.training.optimizer import build_optimizer, parameters_synced, schedule, wrap_ddp
 from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
+from megatron_m2.random_state import checkpoint_state, load_checkpoint_state
 from megatron_m2.training.wandb_run import RUN_ID_KEY, build_wandb_run
 from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, masked_modeling_from_args,
                                        step_config_from_args, train_step)
@@ -129,7 +130,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                                        distributed_timeout_minutes=args.distributed_timeout_minutes)
     configure_microbatches(args, layout)
     model = build_model(config, spec=args.spec, seed=args.seed, cmlm=objectives.cmlm, cmim=objectives.cmim,
-                        **transformer_overrides(args.recompute_activations, args.bf16, args.sequence_parallel))
+                        **model_overrides(args))
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[rank {dist.get_rank()}] stage {parallel_state.get_pipeline_model_parallel_rank()} "
           f"tp {parallel_state.get_tensor_model_parallel_rank()}: {num_params:,} parameters, ITC group ranks "
@@ -166,9 +167,13 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                                     sample_filter=sample_filter_from_args(args), timeout=args.dataloader_timeout,
                                     masker=masker)
     nan_guard = NanGuard(args.max_consecutive_nan_iterations) if args.check_for_nan_in_loss_and_grad else None
+    if resume:  # each rank's generators as saved, at the same layout (else fresh from --seed; one line says which)
+        saved_random_state, note = checkpointing.load_random_state(args.load, iteration)
+        if saved_random_state is not None:
+            load_checkpoint_state(saved_random_state)
+        print_rank_0(note)
     if rank_state is not None:
         data.load_state_dict(rank_state["data"])
-        torch.set_rng_state(rank_state["torch_rng"])
         if nan_guard is not None:
             nan_guard.load_state_dict(rank_state.get("nan_guard", {}))
     elif resume:
@@ -187,15 +192,15 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
 
     def save(step: int) -> None:
         finalize_saves(blocking=True)  # one save at a time: an --async-save still being written finishes first
-        rank_state = {"data": data.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "nan_guard": nan_guard.state_dict() if nan_guard is not None else {}}
+        rank_state = {"data": data.state_dict(), "nan_guard": nan_guard.state_dict() if nan_guard is not None else {}}
         start = time.perf_counter()
         with parameters_synced(ddp):
             path = checkpointing.save_checkpoint(
                 args.save, step, model, optimizer, scheduler, rank_state,
                 common={"model_config": config.to_dict(), "consumed_train_samples": consumed_samples,
                         RUN_ID_KEY: wandb_run_id},
-                async_save=args.async_save, persistent_worker=bool(args.use_persistent_ckpt_worker))
+                async_save=args.async_save, persistent_worker=bool(args.use_persistent_ckpt_worker),
+                random_state=checkpoint_state())
         if args.async_save:
             print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
         else:

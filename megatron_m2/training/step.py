@@ -13,7 +13,8 @@ when it runs) and either
 - runs megatron's forward-backward schedule with the per-micro-batch loss (M = 1, or --no-itc-batch-accumulation), or
 - computes one ITC loss over all M micro-batches (pass 1: forward-only schedule for the embeddings of the unmasked
   inputs; pass 2: loss and embedding gradients; pass 3: the forward-backward schedule with the surrogate loss, plus
-  the masked-modelling terms), replaying the same batches.
+  the masked-modelling terms), replaying the same batches and the same random state (dropout and drop-path masks,
+  megatron_m2/random_state.py).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from megatron_m2.training.batch_schedule import scheduler_increment
 from megatron_m2.training.masked_modeling import (LOSS_SCALE, MaskedModeling, masked_inputs, masked_modeling_loss,
                                                   step_scale, without_masks)
 from megatron_m2.training.nan_guard import NanGuard
+from megatron_m2.random_state import RandomState
 
 ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
 # megatron-core's straggler detector (training/monitoring.py configures it; until then its start/stop do nothing)
@@ -203,6 +205,8 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
         with phase(FORWARD_BACKWARD):
             return schedule(forward_step_func=step_func, data_iterator=iter(train_batches), forward_only=False)
 
+    # pass 3's forwards must draw pass 1's dropout and drop-path masks (megatron_m2/random_state.py)
+    random_state = RandomState.capture()
     with phase(PASS1_FORWARD), _timed(timers, "itc-embeddings-forward", 1):
         embeddings = embed_microbatches(step_func, [without_masks(batch) for batch in batches], model,
                                         config.seq_length, config.micro_batch_size)
@@ -212,6 +216,7 @@ def forward_backward(forward_step_func: Callable, data_iterator: Iterator[dict],
             metrics, cached = itc_gradients(embeddings, unwrap(model).logit_scale, itc_group, config.itc_chunk_size,
                                             timers)
         train_batches = [dict(batch, **{ITC_GRADIENT: gradient}) for batch, gradient in zip(train_batches, cached)]
+    random_state.restore()
     with phase(FORWARD_BACKWARD):
         return [metrics] + schedule(forward_step_func=step_func, data_iterator=iter(train_batches),
                                     forward_only=False)
