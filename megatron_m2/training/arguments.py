@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from megatron_m2.contrastive import ACCUMULATION_MODES
+from megatron_m2.contrastive import add_negatives_arguments, check_negatives_arguments
 from megatron_m2.config import PRESETS, M2Config, load_config, validate_parallel_shapes
 from megatron_m2.data.masking import check_masking
 from megatron_m2.errors import ConfigError
@@ -250,41 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --dry-run only: the number of processes to plan for (default: $WORLD_SIZE or 1)")
     g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="for --dry-run: memory per GPU to check against")
     return p
-
-
-def add_negatives_arguments(g) -> None:
-    """--itc-batch-accumulation MODE, --itc-queue-size, --momentum-towers (the trainer's and tools/plan.py's)."""
-    g.add_argument("--itc-batch-accumulation", nargs="?", const="exact", default="exact", choices=ACCUMULATION_MODES,
-                   help="how a step with several micro-batches forms its contrastive batch (GBA-ITC). exact: one "
-                   "loss over ALL micro-batches of a step, so each ITC group scores itc-group-size x "
-                   "global-batch-size / DP pairs against each other (the global batch with the default group), at "
-                   "the cost of one extra forward pass (the bare flag means exact); memory: the paper's GBA-ITC "
-                   "figure (panel c): one loss per micro-batch whose negatives also include the DETACHED group "
-                   "features of the step's earlier micro-batches, no extra forward; off: one loss per micro-batch "
-                   "(itc-group-size x micro-batch-size pairs)")
-    g.add_argument("--no-itc-batch-accumulation", dest="itc_batch_accumulation", action="store_const", const="off",
-                   help="the same as --itc-batch-accumulation off")
-    g.add_argument("--itc-queue-size", type=int, default=0,
-                   help="a FIFO of the detached features of the last K pairs of EARLIER steps, per ITC group, added "
-                   "to every contrastive loss's negatives in both directions (a memory bank; with "
-                   "--momentum-towers BriVL's / MoCo's queue). Filled at the end of each applied step, held in the "
-                   "checkpoint; 0 = off")
-    g.add_argument("--momentum-towers", type=float, default=0.0,
-                   help="BriVL / MoCo: keep an EMA copy of the whole model (theta_m = M theta_m + (1 - M) theta after "
-                   "each applied step, e.g. 0.995) and fill the --itc-queue-size queue with ITS features of each "
-                   "step's batches (one extra forward-only pass) instead of the online ones; needs "
-                   "--itc-queue-size > 0. 0 = off")
-
-
-def check_negatives_arguments(args: argparse.Namespace) -> None:
-    if args.itc_queue_size < 0:
-        raise ConfigError(f"--itc-queue-size must be >= 0 (0 = no queue), got {args.itc_queue_size}")
-    if not 0.0 <= args.momentum_towers < 1.0:
-        raise ConfigError(f"--momentum-towers must be in [0, 1) (an EMA coefficient such as 0.995; 0 = off), got "
-                          f"{args.momentum_towers}")
-    if args.momentum_towers and not args.itc_queue_size:
-        raise ConfigError("--momentum-towers encodes the negatives of the --itc-queue-size queue: it needs "
-                          "--itc-queue-size > 0 (e.g. --itc-queue-size 4096), or drop --momentum-towers")
 
 
 def check_communication_flags(args: argparse.Namespace) -> None:
