@@ -254,7 +254,8 @@ def test_contrastive_batch_counts_pairs_and_negatives_per_mode():
 
     exact = contrastive_batch_of(_trainer_args(["--itc-queue-size", "4096"]))
     assert (exact.pairs, exact.negatives, exact.queued) == (GLOBAL_BATCH, GLOBAL_BATCH - 1, 4096)
-    assert exact.describe() == f"{GLOBAL_BATCH} pairs per ITC group, {GLOBAL_BATCH - 1} negatives per row (+ 4096 queued)"
+    assert exact.describe() == (f"{GLOBAL_BATCH} pairs per ITC group, {GLOBAL_BATCH - 1} negatives per row "
+                                "(+ 4096 queued)")
     memory = contrastive_batch_of(_trainer_args(["--itc-batch-accumulation", "memory"]))
     assert (memory.pairs, memory.negatives, memory.max_negatives) == (DP * MICRO_BATCH, DP * MICRO_BATCH - 1,
                                                                       GLOBAL_BATCH - 1)
@@ -318,3 +319,57 @@ def test_plan_and_dry_run_count_the_queue_and_the_momentum_towers():
     refused = subprocess.run([sys.executable, "tools/plan.py", "--num-gpus", "8", "--momentum-towers", "0.9"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--itc-queue-size" in refused.stderr
+
+
+# -- the trainer: resume and reshard ------------------------------------------------------------------------------
+
+def _trainer_flags(tp: int, pp: int, *extra: str) -> list[str]:
+    # memory mode (2 micro-batches of 8 per step), a queue of 24 (16 pairs a step: it wraps around), momentum towers
+    # with a coefficient far from 1, so a wrong EMA after a load shows in the next steps' queued features
+    return ["--train-iters", "6", "--itc-batch-accumulation", "memory", "--itc-queue-size", "24",
+            "--momentum-towers", "0.5", *extra]
+
+
+def _momentum_tensors(path, scratch) -> dict[str, torch.Tensor]:
+    """The checkpoint's momentum towers as global tensors (read without a process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(path), str(scratch))
+    return {k: v for k, v in torch.load(scratch, weights_only=False).items() if k.startswith("momentum_towers.")}
+
+
+@pytest.mark.slow  # about 3 minutes on the 2-core machine: two TP2 x PP2 runs (4 processes) and one TP1 x PP1 run
+def test_queue_and_momentum_towers_resume_exactly_and_reshard(demo_data, tmp_path):
+    import shutil
+
+    from megatron_m2.checkpoint_layout import checkpoint_dir, publish, staging_dir
+    from tests.test_training import _command, _losses, _run
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    result = _run(_command(demo_data, reference, 4, 2, 2, *_trainer_flags(2, 2, "--save", str(reference / "ckpt"),
+                                                                            "--save-interval", "3")))
+    assert "(+ 24 queued)" in result.stdout and "momentum towers (EMA 0.5)" in result.stdout, result.stdout[-2000:]
+    want = _losses(reference)
+    assert sorted(want) == list(range(1, 7))
+    for name, (nproc, tp, pp) in {"same": (4, 2, 2), "tp1pp1": (1, 1, 1)}.items():
+        run_dir = tmp_path / name
+        ckpt = run_dir / "ckpt"  # the reference's checkpoint of iteration 3, as the latest of a directory
+        shutil.copytree(checkpoint_dir(reference / "ckpt", 3), staging_dir(ckpt, 3))
+        publish(ckpt, 3)
+        result = _run(_command(demo_data, run_dir, nproc, tp, pp, *_trainer_flags(tp, pp, "--load", str(ckpt),
+                                                                                   "--save", str(ckpt))))
+        assert "WARNING: --load" not in result.stdout, result.stdout[-2000:]  # the queue and towers were restored
+        got = _losses(run_dir)
+        assert sorted(got) == [4, 5, 6]
+        if name == "same":  # the same layout: bit for bit
+            assert got == {i: want[i] for i in got}, (got, want)
+        else:  # resharded towers (and the same queue: one ITC group in both layouts)
+            for i, loss in got.items():
+                assert loss == pytest.approx(want[i], rel=1e-5), (i, loss, want[i])
+        # the momentum towers at iteration 6, saved at either layout, are the same global tensors
+        mine = _momentum_tensors(checkpoint_dir(ckpt, 6), tmp_path / "mine.pt")
+        theirs = _momentum_tensors(checkpoint_dir(reference / "ckpt", 6), tmp_path / "theirs.pt")
+        assert mine and sorted(mine) == sorted(theirs)
+        for key, value in mine.items():
+            torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")

@@ -226,7 +226,8 @@ def test_10b_example_dry_run_reports_the_global_contrastive_batch():
     result = subprocess.run(["bash", "examples/pretrain_m2_10b.sh", "--dry-run"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 64 micro-batches" in result.stdout
+    assert ("contrastive batch: 4096 pairs per ITC group, 4095 negatives per row (batch accumulation over 64 "
+            "micro-batches") in result.stdout
 
 
 def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
@@ -333,7 +334,8 @@ def test_the_step_s_micro_batches_are_counted_as_held_uint8_images_in_every_mode
     per_sample = 3 * config.image_size ** 2 + 9 * config.max_text_length
     for accumulate in (True, False):
         few, many = (planner.plan_layout(config, 1, 1, 1, 0, planner.Training(
-            micro_batch_size=8, global_batch_size=8 * m, recompute=False, itc_batch_accumulation="exact" if accumulate else "off"))
+            micro_batch_size=8, global_batch_size=8 * m, recompute=False,
+            itc_batch_accumulation="exact" if accumulate else "off"))
             for m in (2, 16))
         grown = many.memory["activations"] - few.memory["activations"]
         assert grown == pytest.approx(14 * 8 * per_sample), accumulate

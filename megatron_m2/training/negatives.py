@@ -13,8 +13,9 @@ formula):
   (a memory bank, as MoCo's queue). Every rank of an ITC group holds the same queue (it enqueues the gathered group
   features), so every rank's rows see the same negatives, and the loss's gradient scaling argument (loss.py) is
   untouched. A ring buffer: any K works (K need not be a multiple of a step's pairs; a step with more than K pairs
-  keeps its last K). Enqueued at the end of a step only when the optimizer applied the update (a skipped step's
-  features are those of weights that did not change... but also of a step that may have produced NaN features).
+  keeps its last K). Enqueued at the end of a step only when the optimizer applied the update: a skipped step (a
+  non-finite loss or gradient, megatron's found-inf) may have produced non-finite features, and it does not count
+  as a step anywhere else either (the schedule, the EMA).
 - `MomentumTowers` (--momentum-towers M, BriVL / MoCo): an EMA copy of the whole model, built by the same build
   function (so it is sharded exactly like the model under TP/PP, and its sharded_state_dict reshards like the
   towers), updated after each applied step: theta_m = M theta_m + (1 - M) theta, from the optimizer's fp32 main
