@@ -145,9 +145,9 @@ def gather_group_features(features: Features, group: Optional[dist.ProcessGroup]
     towers' features; the online ones come gathered from the loss)."""
     local = torch.cat([features[0].float(), features[1].float()], dim=1).contiguous()
     if group is not None and dist.get_world_size(group) > 1:
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local, group=group)
-        local = torch.cat(parts)
+        gathered = local.new_empty((dist.get_world_size(group) * local.shape[0], local.shape[1]))
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        local = gathered
     dim = features[0].shape[1]
     return local[:, :dim], local[:, dim:]
 

@@ -22,7 +22,7 @@ step) are enqueued after an applied update, and the EMA model moves then too.
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Optional
@@ -48,6 +48,7 @@ from megatron_m2.training.batch_schedule import scheduler_increment
 from megatron_m2.training.masked_modeling import (LOSS_SCALE, MaskedModeling, masked_inputs, masked_modeling_loss,
                                                   step_scale, without_masks)
 from megatron_m2.training.nan_guard import NanGuard
+from megatron_m2.training.optimizer import parameters_synced
 
 ITC_GRADIENT = "itc_gradient"  # batch key of the cached embedding gradient (pass 3 of batch accumulation)
 # megatron-core's straggler detector (training/monitoring.py configures it; until then its start/stop do nothing)
@@ -280,7 +281,10 @@ def train_step(forward_step_func: Callable, data_iterator: Iterator[dict], model
     if update_ok:
         scheduler.step(increment=config.scheduler_increment)
     if negatives is not None:
-        negatives.end_step(bool(update_ok), unwrap(model), optimizer)
+        # the EMA reads the updated weights: with --overlap-param-gather their all-gather would wait for the next
+        # forward, so it is forced here (a no-op otherwise)
+        with parameters_synced(model) if negatives.momentum is not None and update_ok else nullcontext():
+            negatives.end_step(bool(update_ok), unwrap(model), optimizer)
     metrics = reduce_metrics(losses) if parallel_state.is_pipeline_last_stage() else {}
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     if grad_norm is not None:
