@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-core Timers printed at --log-interval (ms per iteration, min and max over ranks), "
                    "as Megatron-LM: 0 = none beyond the iteration time (no overhead); 1 = once-per-step phases: "
                    "forward-backward, optimizer (and its parts), all-grads-sync, GBA-ITC's passes "
-                   "(itc-embeddings-forward, itc-loss); 2 = also per-micro-batch ones: batch-generator (data "
+                   "(itc-embeddings-forward, itc-loss), the momentum towers' pass (momentum-forward); 2 = also per-micro-batch ones: batch-generator (data "
                    "wait), forward-compute, backward-compute, pipeline send/recv, itc-gather. Levels 1 and 2 "
                    "synchronise the device around each timer and may slow the step")
     g.add_argument("--timing-log-option", default="minmax", choices=["max", "minmax", "all"],

@@ -35,10 +35,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import StragglerDetector
 
 from megatron_m2 import parallel
+from megatron_m2.contrastive import ContrastiveBatch, contrastive_batch
 from megatron_m2.data.device import model_images, to_device
 from megatron_m2.loss import itc_loss
 from megatron_m2.models.m2_model import packed_sequence_length
-from megatron_m2.contrastive import ContrastiveBatch, contrastive_batch
 from megatron_m2.training.negatives import NEGATIVES, NegativesState, StepNegatives, gather_group_features
 from megatron_m2.training.profiling import (DATA_WAIT, FORWARD_BACKWARD, ITC_LOSS, MOMENTUM_FORWARD, OPTIMIZER,
                                             PASS1_FORWARD, phase)
