@@ -206,14 +206,18 @@ def _negatives_step(extra: list[str], root: str):
     if negatives.momentum is not None:
         for (name, a), b in zip(fresh.momentum.model.named_parameters(), negatives.momentum.model.parameters()):
             assert torch.equal(a, b), name
-    # a queue of another shape (as another number of ITC groups) cannot be mapped: it restarts empty
+    # a queue of another shape (as another number of ITC groups) cannot be mapped: it restarts empty; momentum towers
+    # the checkpoint lacks start as a copy of the loaded model
     import copy
 
     other_args = copy.copy(args)
-    other_args.itc_queue_size = QUEUE + 1
+    other_args.itc_queue_size, other_args.momentum_towers = QUEUE + 1, 0.9
     other = build_negatives_state(other_args, build(), build)
     checkpointing.load_checkpoint(root, model, step_state=other)
     assert other.queue is None or other.queue.filled == 0
+    want = (negatives.momentum.model if negatives.momentum is not None else model).named_parameters()
+    for (name, a), (_, b) in zip(other.momentum.model.named_parameters(), want):
+        assert torch.equal(a, b), name
     return out
 
 
