@@ -272,6 +272,47 @@ def test_world8_negatives_match_single_process_reference(extra, tmp_path):
         assert len(firsts) == DP and not torch.equal(firsts[0], firsts[1])
 
 
+def _bf16_shadow_round_trip(root: str):
+    import multiprocessing
+
+    from megatron_m2 import checkpointing
+    from megatron_m2.config import transformer_overrides
+    from megatron_m2.models import build_model
+    from megatron_m2.training.negatives import SHADOW_PREFIX, build_negatives_state
+
+    args = _trainer_args(["--itc-queue-size", "4", "--momentum-towers", "0.995"])
+    parallel.initialize_model_parallel(TP, PP)
+    build = lambda: build_model(args.model_config, spec="local", **transformer_overrides(bf16=True))  # noqa: E731
+    model = build()
+    negatives = build_negatives_state(args, model, build)
+    towers = negatives.momentum
+    assert next(towers.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():  # an fp32 average that bf16 cannot hold
+        for shadow in towers.shadow:
+            shadow.add_(torch.rand_like(shadow) * 1e-4)
+    saved = towers.sharded_state_dict()
+    assert sum(k.startswith(SHADOW_PREFIX) for k in saved) == len(towers.shadow)  # every parameter's shadow
+    process = multiprocessing.current_process()
+    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
+    try:
+        checkpointing.save_checkpoint(root, 1, model, None, None, {}, step_state=negatives)
+    finally:
+        process.daemon = daemon
+    torch.manual_seed(3)
+    fresh = build_negatives_state(args, build(), build)
+    checkpointing.load_checkpoint(root, model, step_state=fresh)
+    for a, b in zip(fresh.momentum.shadow, towers.shadow):
+        assert torch.equal(a, b)
+    for a, b in zip(fresh.momentum.model.parameters(), towers.model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # a few seconds once the world-8 pool runs
+def test_bf16_momentum_towers_keep_their_fp32_shadow_in_the_checkpoint(tmp_path):
+    # bf16 on CPU: the EMA model and its shadow are built and checkpointed, nothing runs forward
+    run_distributed(WORLD, _bf16_shadow_round_trip, str(tmp_path / "ckpt"))
+
+
 def test_contrastive_batch_counts_pairs_and_negatives_per_mode():
     from megatron_m2.training.step import contrastive_batch_of
 

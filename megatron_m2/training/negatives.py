@@ -35,11 +35,13 @@ momentum towers reshard with TP/PP like the model. A checkpoint without momentum
 converted) starts them as a copy of the loaded model, with a warning.
 
 bf16: the EMA model is held in the model's dtype with an fp32 shadow that the update accumulates in (a 0.995 EMA
-step is below bf16's resolution). The checkpoint holds the EMA model in its dtype, so a bf16 resume restarts the
-shadow from those weights (a rounding-level difference; fp32 runs resume exactly).
+step is below bf16's resolution). The checkpoint holds the shadow too, as ShardedTensors beside the EMA model's,
+under `momentum_towers_fp32.` (same sharding), so a bf16 resume continues the same fp32 average; a checkpoint
+without it (written by an fp32 run) restarts the shadow from the EMA weights.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -53,6 +55,7 @@ NEGATIVES = "itc_negatives"  # batch key of the step's StepNegatives
 QUEUE_SECTION, MOMENTUM_SECTION = "negatives_queue", "momentum_towers"
 QUEUE_COMMON = "negatives_queue_layout"  # in the common state: the queue's (num groups, size, dim)
 MOMENTUM_PREFIX = "momentum_towers."
+SHADOW_PREFIX = "momentum_towers_fp32."  # the fp32 shadow of a bf16 EMA model
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (image [n, d], text [n, d]), float32, detached
 
@@ -210,15 +213,33 @@ class MomentumTowers:
         embeddings = embed_microbatches(step_func, batches, self.model, seq_length, micro_batch_size)
         return None if embeddings is None else _cat([(i.float(), t.float()) for i, t in embeddings])
 
-    def sharded_state_dict(self) -> dict:
-        return self.model.sharded_state_dict(prefix=MOMENTUM_PREFIX)
+    def sharded_state_dict(self, with_shadow: bool = True) -> dict:
+        """The EMA model's sharded state under `momentum_towers.` and, in bf16, its fp32 shadow under
+        `momentum_towers_fp32.`: each parameter's ShardedTensor again (same shape, offsets, replicas), on the
+        shadow's data."""
+        state = self.model.sharded_state_dict(prefix=MOMENTUM_PREFIX)
+        if self._shadow is None or not with_shadow:
+            return state
+        for (name, param), shadow in zip(self.model.named_parameters(), self._shadow):
+            sharded = state.get(MOMENTUM_PREFIX + name)
+            if isinstance(sharded, ShardedTensor) and sharded.data is param and sharded.flattened_range is None:
+                state[SHADOW_PREFIX + name] = dataclasses.replace(
+                    sharded, key=SHADOW_PREFIX + sharded.key[len(MOMENTUM_PREFIX):], data=shadow,
+                    dtype=torch.float32)
+        return state
 
     def load_state_dict(self, loaded: dict) -> None:
-        state = {k[len(MOMENTUM_PREFIX):]: v for k, v in loaded.items()}
-        missing, unexpected = self.model.load_state_dict(state, strict=True), None
-        del missing, unexpected
-        self._shadow = (None if self._shadow is None else [p.detach().float().clone()
-                                                           for p in self.model.parameters()])
+        state = {k[len(MOMENTUM_PREFIX):]: v for k, v in loaded.items() if k.startswith(MOMENTUM_PREFIX)}
+        self.model.load_state_dict(state, strict=True)
+        if self._shadow is not None:
+            with torch.no_grad():
+                for i, (name, param) in enumerate(self.model.named_parameters()):
+                    saved = loaded.get(SHADOW_PREFIX + name)
+                    self._shadow[i] = (saved if saved is not None else param).detach().float().clone()
+
+    @property
+    def shadow(self) -> Optional[list[torch.Tensor]]:
+        return self._shadow
 
 
 class NegativesState:
@@ -270,6 +291,9 @@ class NegativesState:
         if self.momentum is not None and not any(k.startswith(MOMENTUM_PREFIX) for k in saved_keys):
             print_rank_0(f"WARNING: --load {root} holds no momentum towers: they start as a copy of the loaded model")
             sections.pop(MOMENTUM_SECTION, None)
+        elif self.momentum is not None and not any(k.startswith(SHADOW_PREFIX) for k in saved_keys):
+            # an fp32 run's checkpoint loaded in bf16: the shadow restarts from the EMA weights
+            sections[MOMENTUM_SECTION] = self.momentum.sharded_state_dict(with_shadow=False)
         return sections
 
     def load_sections(self, loaded: dict[str, dict], online: torch.nn.Module) -> None:
