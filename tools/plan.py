@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--itc-batch", type=int, default=None,
                    help="only layouts whose contrastive batch (pairs each ITC loss scores against each other, the "
                    "ITC batch column) is at least this; default: the global batch (GBA-ITC over the whole data-"
-                   "parallel group); 0 = any")
+                   "parallel group) with --itc-batch-accumulation exact, any with memory / off (their losses "
+                   "score a micro-batch's pairs); 0 = any")
     g.add_argument("--explain", action="store_true",
                    help="after the table, the breakdown of the best layout's step time (or of the layout that "
                    "--tensor-model-parallel-size / --pipeline-model-parallel-size / --itc-group-size name): every "
@@ -117,7 +118,8 @@ def _check(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.itc_batch is None:
-        args.itc_batch = args.global_batch_size
+        # memory / off score a micro-batch's pairs per loss: the global batch is exact accumulation's alone
+        args.itc_batch = args.global_batch_size if args.itc_batch_accumulation == "exact" else 0
     if args.itc_batch < 0:
         raise ConfigError(f"--itc-batch must be >= 0 (0 = any contrastive batch), got {args.itc_batch}")
     if not 0 < args.mfu <= 1:
