@@ -84,6 +84,24 @@ def test_the_queue_is_a_ring_that_keeps_the_last_rows():
     assert queue.filled == 5 and torch.equal(queue.negatives()[1], torch.ones(5, 2))
 
 
+def test_a_skipped_step_enqueues_nothing_and_leaves_the_momentum_towers():
+    from megatron_m2.training.negatives import NegativesQueue, NegativesState
+
+    class Towers:  # records the EMA updates
+        updates = 0
+
+        def update(self, online, optimizer):
+            self.updates += 1
+
+    state = NegativesState(4, 2, NegativesQueue(4, 2, torch.device("cpu")), Towers())
+    state.pending = (torch.ones(3, 2), torch.ones(3, 2))
+    state.end_step(False, None, None)  # a skipped step (non-finite loss or gradients)
+    assert state.queue.filled == 0 and state.momentum.updates == 0 and state.pending is None
+    state.pending = (torch.ones(3, 2), torch.ones(3, 2))
+    state.end_step(True, None, None)
+    assert state.queue.filled == 3 and state.momentum.updates == 1
+
+
 # -- the step at world 8 ----------------------------------------------------------------------------------------
 
 def _queues(config, num_groups: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
