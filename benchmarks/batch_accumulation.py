@@ -1,12 +1,14 @@
-"""Step time with GBA-ITC batch accumulation on vs off, the trainer's own train_step on CPU (gloo).
+"""Step time of the ways to form the contrastive batch, the trainer's own train_step on CPU (gloo).
 
-    .venv/bin/python -m benchmarks.batch_accumulation [--steps 10] [--json out.json]
+    .venv/bin/python -m benchmarks.batch_accumulation [--steps 10] [--json out.json] [--layouts tp1]
 
-Two layouts of the tiny preset, 4 micro-batches per step each: TP1 x PP1 (1 process, micro-batch 8) and TP2 x PP2
-(4 processes, micro-batch 8). On and off alternate step by step in one process group, so both see the same machine
-load; the median step time of each is reported with the ratio and the planner's prediction (1 + 1/3: one extra
-forward of the three forward units of forward + backward). Synthetic data (uint8 images, random tokens): the
-data path is not part of the ratio.
+Settings: --itc-batch-accumulation exact (GBA-ITC's two-pass method), memory (the paper's feature memory), off;
+off + --itc-queue-size 4096; off + the queue + --momentum-towers 0.995 (BriVL / MoCo). Two layouts of the tiny preset,
+4 micro-batches per step each: TP1 x PP1 (1 process, micro-batch 8) and TP2 x PP2 (4 processes, micro-batch 8). The
+settings alternate step by step in one process group, so all see the same machine load; the median step time of each
+is reported with its ratio to off and the planner's prediction (exact and momentum: 1 + 1/3, one extra forward of
+the three forward units of forward + backward; memory and the queue: ~1). Synthetic data (uint8 images, random
+tokens): the data path is not part of the ratio.
 """
 from __future__ import annotations
 
@@ -19,16 +21,25 @@ import time
 import torch
 
 MICRO_BATCH, NUM_MICROBATCHES = 8, 4
+QUEUE = 4096
+SETTINGS = {  # name: flags, the planner's predicted ratio to off
+    "exact": (["--itc-batch-accumulation", "exact"], 4 / 3),
+    "memory": (["--itc-batch-accumulation", "memory"], 1.0),
+    "off": (["--itc-batch-accumulation", "off"], 1.0),
+    "off+queue": (["--itc-batch-accumulation", "off", "--itc-queue-size", str(QUEUE)], 1.0),
+    "off+queue+momentum": (["--itc-batch-accumulation", "off", "--itc-queue-size", str(QUEUE), "--momentum-towers",
+                            "0.995"], 4 / 3),
+}
 
 
-def _args(tp: int, pp: int, world: int, accumulate: bool):
+def _args(tp: int, pp: int, world: int, extra: list[str]):
     from megatron_m2.config import load_config
     from megatron_m2.training.arguments import build_parser, validate_args
     from megatron_m2.training.batch_schedule import configure_microbatches
 
     flags = ["--model", "tiny", "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
              "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(MICRO_BATCH * NUM_MICROBATCHES),
-             "--dry-run", "--itc-batch-accumulation" if accumulate else "--no-itc-batch-accumulation"]
+             "--dry-run", *extra]
     args = build_parser().parse_args(flags)
     args.model_config = load_config("tiny")
     args.layout = validate_args(args, world_size=world)
@@ -47,53 +58,62 @@ def _batches(config, seed: int):
             text_padding_mask=torch.arange(config.max_text_length)[None, :] >= lengths[:, None])
 
 
-def time_steps(tp: int, pp: int, steps: int) -> dict:
-    """Runs on every rank of a pool; returns median seconds per step, on and off."""
+def time_steps(tp: int, pp: int, steps: int, settings: list[str]) -> dict:
+    """Runs on every rank of a pool; returns median seconds per step of each setting."""
     import torch.distributed as dist
 
     from megatron_m2 import parallel
     from megatron_m2.models import build_model
+    from megatron_m2.training.negatives import build_negatives_state
     from megatron_m2.training.optimizer import build_optimizer, wrap_ddp
     from megatron_m2.training.step import forward_step, step_config_from_args, train_step
 
     world = dist.get_world_size()
     parallel.initialize_model_parallel(tp, pp)
     runs = {}
-    for accumulate in (True, False):
-        args = _args(tp, pp, world, accumulate)
+    for name in settings:
+        args = _args(tp, pp, world, SETTINGS[name][0])
         torch.manual_seed(0)
         model = build_model(args.model_config, spec="local")
+        negatives = build_negatives_state(args, model, lambda: build_model(args.model_config, spec="local"))
         ddp = wrap_ddp(model, args)
         optimizer, scheduler = build_optimizer(ddp, args)
-        runs[accumulate] = (ddp, optimizer, scheduler, step_config_from_args(args), _batches(args.model_config, 0))
-    times: dict[bool, list[float]] = {True: [], False: []}
+        runs[name] = (ddp, optimizer, scheduler, step_config_from_args(args), _batches(args.model_config, 0),
+                      negatives)
+    times: dict[str, list[float]] = {name: [] for name in settings}
     for step in range(steps + 2):  # 2 warm-up steps
-        for accumulate, (ddp, optimizer, scheduler, config, data) in runs.items():
+        for name, (ddp, optimizer, scheduler, config, data, negatives) in runs.items():
             dist.barrier()
             start = time.perf_counter()
-            train_step(forward_step, data, ddp, optimizer, scheduler, config)
+            train_step(forward_step, data, ddp, optimizer, scheduler, config, negatives=negatives)
             dist.barrier()
             if step >= 2:
-                times[accumulate].append(time.perf_counter() - start)
-    return {"on": statistics.median(times[True]), "off": statistics.median(times[False])}
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per setting (after 2 warm-up steps)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--layouts", nargs="+", default=["tp1", "tp2pp2"], choices=["tp1", "tp2pp2"],
+                        help="which layouts to time")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="which settings to time (off is always timed: the ratios are to it)")
     args = parser.parse_args(argv)
+    settings = list(dict.fromkeys(["off", *args.settings]))
     from megatron_m2.testing import run_distributed, shutdown_pools
 
     results = {}
+    layouts = {"tp1": ("TP1 x PP1", 1, 1, 1), "tp2pp2": ("TP2 x PP2", 4, 2, 2)}
     try:
-        for name, world, tp, pp in (("TP1 x PP1", 1, 1, 1), ("TP2 x PP2", 4, 2, 2)):
-            measured = run_distributed(world, time_steps, tp, pp, args.steps)[0]
-            measured["ratio"] = measured["on"] / measured["off"]
-            results[name] = measured
-            print(f"tiny {name}, {NUM_MICROBATCHES} micro-batches of {MICRO_BATCH}: accumulation on "
-                  f"{1000 * measured['on']:.0f} ms/step, off {1000 * measured['off']:.0f} ms/step, ratio "
-                  f"{measured['ratio']:.2f} (planner: {4 / 3:.2f})", flush=True)
+        for name, world, tp, pp in (layouts[key] for key in args.layouts):
+            measured = run_distributed(world, time_steps, tp, pp, args.steps, settings)[0]
+            results[name] = {setting: dict(seconds=seconds, ratio=seconds / measured["off"],
+                                           planner=SETTINGS[setting][1]) for setting, seconds in measured.items()}
+            print(f"tiny {name}, {NUM_MICROBATCHES} micro-batches of {MICRO_BATCH}: " + "; ".join(
+                f"{setting} {1000 * r['seconds']:.0f} ms/step (x{r['ratio']:.2f}, planner x{r['planner']:.2f})"
+                for setting, r in results[name].items()), flush=True)
     finally:
         shutdown_pools()
     if args.json:

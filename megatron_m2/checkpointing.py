@@ -73,9 +73,11 @@ def _save_metadata(optimizer) -> Optional[dict]:
 
 
 def _sharded_state(model, optimizer=None, scheduler=None, iteration: int = 0, extra_common: Optional[dict] = None,
-                   is_loading: bool = False, metadata: Optional[dict] = None):
+                   is_loading: bool = False, metadata: Optional[dict] = None, sections: Optional[dict] = None):
+    """The state dict_checkpointing saves or fills. `sections`: further sharded sections beside the model's (the
+    negatives queue and the momentum towers of training/negatives.py), each {key: ShardedTensor}."""
     model_state = model.sharded_state_dict()
-    state: dict[str, Any] = {"model": model_state, "iteration": iteration}
+    state: dict[str, Any] = {"model": model_state, "iteration": iteration, **(sections or {})}
     if optimizer is not None:
         # Loading: megatron-core first creates the (empty) Adam moments, otherwise a fresh optimizer asks for no
         # state at all and the moments silently restart from zero.
@@ -111,7 +113,7 @@ def _load_strategy(path: Path):
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank_state: dict,
                     common: Optional[dict] = None, async_save: bool = False, persistent_worker: bool = False,
-                    random_state: Optional[dict] = None) -> Path:
+                    random_state: Optional[dict] = None, step_state=None) -> Path:
     """Save atomically: write into iter_N.tmp, rename to iter_N when every rank has finished, then the tracker.
 
     rank_state: this data-parallel rank's extras (written by its TP 0, PP 0 rank); random_state: this rank's random
@@ -120,6 +122,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
     async_save: return once the tensors are handed to a writer process (forked for this save, so it sees the state as
     of this call; or, with persistent_worker (CUDA only), megatron-core's persistent writer, once it has copied them
     to host memory); the rename and tracker update happen in `finalize_async_saves`, which the loop calls every step.
+    step_state: state the step owns beside the model (training/negatives.py's NegativesState: the queue and the
+    momentum towers), saved as sharded sections of its own with its common entries.
     Returns the directory the checkpoint has (or will have, once finalized).
     """
     global _ASYNC_QUEUE
@@ -132,8 +136,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, rank
         tmp.mkdir(parents=True)  # empty: megatron warns "Overwriting old incomplete / corrupted" into a used one
     dist.barrier()
     metadata = _save_metadata(optimizer)
-    state = _sharded_state(model, optimizer, scheduler, iteration, {**(common or {}), LAYOUT_KEY: _current_layout()},
-                           metadata=metadata)
+    step_common = step_state.common() if step_state is not None else {}
+    state = _sharded_state(model, optimizer, scheduler, iteration,
+                           {**(common or {}), **step_common, LAYOUT_KEY: _current_layout()}, metadata=metadata,
+                           sections=step_state.sharded_sections() if step_state is not None else None)
     request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
                                       async_sharded_save=async_save, content_metadata=metadata)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -210,7 +216,7 @@ def check_schedule(root: str, flags_schedule: dict) -> None:
 
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration: Optional[int] = None,
-                    load_optimizer_state: bool = True) -> tuple[int, Optional[dict], dict]:
+                    load_optimizer_state: bool = True, step_state=None) -> tuple[int, Optional[dict], dict]:
     """Load the latest (or given) complete checkpoint into model/optimizer/scheduler, in place.
 
     optimizer: the optimizer built on `model`, if any. Its state is loaded when `load_optimizer_state` (False:
@@ -218,6 +224,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration:
     the loaded weights (`reload_model_params`): a mixed-precision optimizer cloned its fp32 master weights when it
     was built, before this load, and its first step would write those back. One path for every case, so a caller
     cannot load the weights and forget the masters.
+    step_state: training/negatives.py's NegativesState: it picks the sections the checkpoint can restore (saying
+    what restarts) and takes them, or restarts from the loaded model.
     Returns (iteration, this DP rank's extra state or None if the DP size changed, the common state).
     """
     if iteration is None:
@@ -234,7 +242,9 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration:
     if optimizer_to_load is not None:
         check_optimizer_resharding(root, metadata, saved_common.get(LAYOUT_KEY), _current_layout())
     fresh = _objectives_to_start_fresh(root, path, model, optimizer_to_load)
-    state = _sharded_state(model, optimizer_to_load, scheduler, iteration, is_loading=True, metadata=metadata)
+    sections = step_state.sections_to_load(root, path, saved_common) if step_state is not None else {}
+    state = _sharded_state(model, optimizer_to_load, scheduler, iteration, is_loading=True, metadata=metadata,
+                           sections=sections)
     if fresh:
         state["model"] = {k: v for k, v in state["model"].items() if not model.objectives_of([k]) & fresh}
     loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy(path))
@@ -247,12 +257,15 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, iteration:
         optimizer.reload_model_params()
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
+    if step_state is not None:
+        step_state.load_sections({name: loaded[name] for name in sections}, model)
     extra_file = path / "extra" / f"rank_{parallel_state.get_data_parallel_rank():05d}.pt"
     num_extra = len(list((path / "extra").glob("rank_*.pt")))
     rank_state = None
     if extra_file.exists() and num_extra == parallel_state.get_data_parallel_world_size():
         rank_state = torch.load(extra_file, weights_only=False)
-    common = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "content_metadata")}
+    common = {k: v for k, v in loaded.items()
+              if k not in ("model", "optimizer", "scheduler", "content_metadata", *sections)}
     return iteration, rank_state, common
 
 

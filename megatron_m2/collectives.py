@@ -22,14 +22,17 @@ a text copy; a VL layer runs once per modality):
   parallelism into the embeddings and heads is the assumption here; the rest is megatron-core's.
 - pipeline parallelism: one activation message to the next stage per micro-batch, one gradient message to the
   previous stage (the packed [S_img + S_txt, b, h] tensor, sequence-sharded with sequence parallelism).
-- GBA-ITC batch accumulation (more than one micro-batch): a forward-only pass first, with the forward TP collectives
-  and activation messages once more.
+- GBA-ITC batch accumulation (--itc-batch-accumulation exact, more than one micro-batch): a forward-only pass first,
+  with the forward TP collectives and activation messages once more; --momentum-towers: the EMA model's
+  forward-only pass, the same collectives once more again (both counted in the "forward" phase). Memory mode and the
+  --itc-queue-size queue add none: their negatives are features the loss gathered anyway.
 Once per step (the "step" phase):
 - the data: the reading rank of a replica broadcasts each micro-batch's text (int64, with a status word) to the
   model-parallel group and its uint8 images to the first stage's TP group (data/broadcast.py);
 - the ITC loss on the last stage (loss.py): a 2 x int64 shape check (all-reduce), the all-gather of the rows'
   [image; text] features and, in backward, their reduce-scatter; once per step with batch accumulation (fp32),
-  else once per micro-batch (model dtype);
+  else once per micro-batch (model dtype); with --momentum-towers, the all-gather of the EMA model's [image; text]
+  features of the step (fp32, no backward) for the queue;
 - data-parallel gradients (megatron-core DDP, grad_reduce_in_fp32): an all-reduce per bucket, or with the
   distributed optimizer a reduce-scatter per bucket and an all-gather of the updated (model-dtype) weights. One
   bucket per stage unless --overlap-grad-reduce, which splits the first stage's grads into buckets of
@@ -120,7 +123,7 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
     world = tp * pp * dp
     b, h = training.micro_batch_size, config.hidden_size
     m = num_microbatches(training.global_batch_size, b, dp)
-    accumulate = training.itc_batch_accumulation and m > 1
+    accumulate = training.accumulates(m)
     sp = training.sequence_parallel and tp > 1
     dt = 2 if training.bf16 else 4
     first, last = stage == 0, stage == pp - 1
@@ -134,7 +137,8 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
             out.append(Collective(kind, what, op, group, sizes[group], spans[group], phase, calls, float(nbytes)))
 
     masked = training.masked
-    passes = [("main", m)] + ([("forward", m)] if accumulate else [])
+    forward_passes = training.forward_only_passes(m)
+    passes = [("main", m)] + ([("forward", m * forward_passes)] if forward_passes else [])
     for phase, calls in passes:
         fwd_only = phase == "forward"
         for tower, seq, n, factor in _layer_groups(config, pp, stage, masked, phase):
@@ -209,6 +213,9 @@ def stage_collectives(config: M2Config, tensor_model_parallel_size: int, pipelin
             "step" if accumulate else "main", loss_calls, features)
         add("other", "ITC shape check (2 x int64)", "all_reduce", "itc", "step" if accumulate else "main",
             loss_calls, 4 * 8)
+        if training.momentum_towers:
+            add("itc", "gather of the momentum towers' [image; text] features (the queue's)", "all_gather", "itc",
+                "step", 1, g * m * b * 2 * config.out_dim * 4)
         # each metric as a (sum, count) pair (training/step.py's reduce_metrics)
         metrics = LOSS_METRICS + int(masked.cmlm) + int(masked.cmim)
         add("other", "loss metrics", "all_reduce", "dp", "step", 1, 4 * 2 * metrics)

@@ -21,6 +21,23 @@ So every rank returns its own l_r; nothing is rescaled here. With local_loss=Fal
 builds the full N x N logits and returns L_G; its gradient through the gather is again g * dL_G/dx_s, so both modes
 train identically and differ only in cost.
 
+Negatives beyond the step's pairs (`negatives`, training/negatives.py): detached (image, text) feature columns appended
+to the group's columns in both directions: an i2t row scores against the group's texts + the negative texts, a t2i
+row against the group's images + the negative images; the positives stay the diagonal of the group batch. They carry
+no gradient, so the argument above holds unchanged: the loss of rank r is still a function of the gathered group
+features (and the scale) alone, each row's softmax just has more terms in its denominator. What the trainer passes,
+per --itc-batch-accumulation mode (x_m = micro-batch m's group features, b rows per rank, g ranks, M micro-batches,
+Q = the --itc-queue-size queue of earlier steps' features, sg = stop-gradient):
+  * exact (GBA-ITC, batch_accumulation.py): one loss over the step, rows and positives = all M x g x b pairs,
+    columns = [x_1..x_M (with gradient); sg(Q)]: (g M b - 1) + |Q| negatives per row;
+  * memory (the paper's GBA-ITC figure, panel c): micro-batch m's loss, rows and positives = x_m's g x b pairs,
+    columns = [x_m (with gradient); sg(x_1..x_{m-1}); sg(Q)]: (g b - 1) + (m - 1) g b + |Q| negatives per row; the
+    schedule averages the M losses (1/M, as for any loss). No extra forward: the earlier micro-batches' features are
+    the ones their own losses gathered;
+  * off: micro-batch m's loss with columns [x_m; sg(Q)]: (g b - 1) + |Q| negatives per row.
+Gradients flow into x_m (exact: all x) through the gather's reduce-scatter exactly as without negatives; with
+--momentum-towers Q holds the momentum (EMA) towers' features (BriVL / MoCo), still detached.
+
 `chunk_size` bounds the logit memory (Inf-CL style): the logsumexp of each local row over the gathered columns is
 computed chunk by chunk with an online logsumexp, and the backward recomputes each chunk's logits, so the extra memory
 is O(b x chunk) instead of O(b x N), with the same loss and gradients.
@@ -105,7 +122,8 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
 
 def _row_loss(rows, cols, scale, labels, chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of `rows` against all `cols` (positive of row i = column labels[i]), and its accuracy."""
+    """Mean cross-entropy of `rows` against all `cols` (positive of row i = column labels[i]), and its accuracy
+    (a negative column scored above the positive counts as a miss)."""
     if chunk_size is None:
         logits = scale * (rows @ cols.T)
         correct = (logits.argmax(dim=1) == labels).float().mean()
@@ -150,6 +168,8 @@ def itc_loss(
     chunk_size: Optional[int] = None,
     local_loss: bool = True,
     timers=None,
+    negatives: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    gathered_out: Optional[list] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's symmetric InfoNCE loss over its rows of the group logits, and detached metrics.
 
@@ -160,6 +180,10 @@ def itc_loss(
     chunk_size: tile the softmax over this many columns.
     local_loss=False: every rank builds the full group logits and returns the group loss (same gradients).
     timers: megatron-core Timers (the model config's `timers`); the gather is timed as `itc-gather` (log level 2).
+    negatives: (image [n, d], text [n, d]) extra columns, detached here whatever the caller passes (see the module
+    docstring); n may be 0.
+    gathered_out: a list to which the group's gathered (image, text) features are appended, detached float32
+    ([g*b, d] each, rank-major), so the caller can keep them as later negatives without gathering again.
     """
     _check_inputs(image_embeds, text_embeds, logit_scale, group, chunk_size, local_loss)
     # float32 whatever the model's dtype, in every mode (batch accumulation's pass 2 upcasts too): the logits of a
@@ -176,14 +200,20 @@ def itc_loss(
         # one collective for both modalities
         gathered = _gather_rows(torch.cat([image_embeds, text_embeds], dim=1), group, timers)
         all_image, all_text = gathered.split(image_embeds.shape[1], dim=1)
+    if gathered_out is not None:
+        gathered_out.append((all_image.detach(), all_text.detach()))
+    columns_image, columns_text = all_image, all_text
+    if negatives is not None and negatives[0].shape[0]:
+        neg_image, neg_text = (t.detach().float() for t in negatives)
+        columns_image, columns_text = torch.cat([all_image, neg_image]), torch.cat([all_text, neg_text])
     if local_loss:
         rows_image, rows_text = image_embeds, text_embeds
         labels = torch.arange(rank * b, (rank + 1) * b, device=image_embeds.device)
     else:
         rows_image, rows_text = all_image, all_text
         labels = torch.arange(all_image.shape[0], device=image_embeds.device)
-    loss_i2t, acc_i2t = _row_loss(rows_image, all_text, scale, labels, chunk_size)
-    loss_t2i, acc_t2i = _row_loss(rows_text, all_image, scale, labels, chunk_size)
+    loss_i2t, acc_i2t = _row_loss(rows_image, columns_text, scale, labels, chunk_size)
+    loss_t2i, acc_t2i = _row_loss(rows_text, columns_image, scale, labels, chunk_size)
     loss = (loss_i2t + loss_t2i) / 2
     metrics = {
         # a copy: megatron-core's schedule divides the returned loss by num_microbatches in place

@@ -42,6 +42,7 @@ from typing import Iterable, Optional
 
 from megatron_m2.arithmetic import Gemm, MaskedPasses, model_flops_per_sample, stage_gemms, stage_parameters
 from megatron_m2.collectives import Collective, stage_collectives
+from megatron_m2.contrastive import ContrastiveBatch, contrastive_batch
 from megatron_m2.config import M2Config, layers_per_stage, padded_length, validate_parallel_shapes
 from megatron_m2.errors import ConfigError
 
@@ -83,11 +84,29 @@ class Training:
     recompute: Optional[bool] = None  # None = off if the layout fits without it, else on
     spec: str = "te"  # te: flash attention (no s^2 activations); local: megatron's unfused attention
     itc_chunk_size: int = 0  # the loss's column chunk; 0 = the whole group's logits at once
-    itc_batch_accumulation: bool = True  # GBA-ITC: one loss over all micro-batches of a step (one extra forward)
+    # GBA-ITC (contrastive.py): exact = one loss over all micro-batches of a step (one extra forward); memory = one
+    # loss per micro-batch with the step's earlier micro-batches' features as detached negatives; off = one per
+    # micro-batch. A bool is read as exact (True) / off (False), as the flag once was.
+    itc_batch_accumulation: str = "exact"
+    itc_queue_size: int = 0  # --itc-queue-size: queued negatives per row (their bytes on the last stage)
+    momentum_towers: float = 0.0  # --momentum-towers: an EMA copy of the model and its forward-only pass per step
     sequence_parallel: bool = False  # --sequence-parallel (TP > 1): activations and collectives change
     overlap_grad_reduce: bool = False  # --overlap-grad-reduce: first-stage grads in buckets of max(40M, 1M x DP)
     clip_grad: bool = True  # --clip-grad > 0: the optimizer all-reduces the gradient norm
     masked: MaskedPasses = MaskedPasses()  # CMLM / CMIM on (--cmlm-weight / --cmim-weight > 0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.itc_batch_accumulation, bool):
+            object.__setattr__(self, "itc_batch_accumulation", "exact" if self.itc_batch_accumulation else "off")
+
+    def accumulates(self, num_microbatches: int) -> bool:
+        """Batch accumulation's forward-only pass runs (exact mode, more than one micro-batch)."""
+        return self.itc_batch_accumulation == "exact" and num_microbatches > 1
+
+    def forward_only_passes(self, num_microbatches: int) -> int:
+        """Forward-only passes over the step's micro-batches besides the 1F1B pass: exact accumulation's pass 1 and
+        the momentum towers' pass."""
+        return int(self.accumulates(num_microbatches)) + int(bool(self.momentum_towers))
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,7 @@ class Plan:
     time: dict[str, float]  # seconds per step: compute, tp, pp, dp, itc, step
     fits: bool
     contrastive_batch: int = 0  # pairs each contrastive loss scores against each other (per ITC group)
-    extra_forward: float = 0.0  # compute added by batch accumulation's forward-only pass, as a fraction
+    extra_forward: float = 0.0  # compute added by the forward-only passes (accumulation, momentum), as a fraction
     cpu_cores_per_gpu: float = 0.0  # data decoding that keeps up with the step (one decode per model replica)
     stages: tuple = ()  # StageCost per pipeline stage: what the time is made of (format_explain prints it)
     critical_stage: int = 0  # the stage whose 1F1B slot paces the pipeline
@@ -117,6 +136,7 @@ class Plan:
         return 0.0 if not self.time["step"] else self._global_batch / self.time["step"]
 
     _global_batch: int = 0
+    negatives: Optional[ContrastiveBatch] = None  # pairs and negatives per row (contrastive.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,16 +228,20 @@ def _stage_activation_bytes(config: M2Config, backbone_layers: int, is_first: bo
 
 
 def itc_bytes(config: M2Config, micro_batch_size: int, itc_group_size: int, chunk_size: int = 0,
-              num_microbatches: int = 1) -> float:
+              num_microbatches: int = 1, negatives: int = 0, held_rows: int = 0) -> float:
     """Loss memory on the last stage: the gathered image and text features of the group (fp32) and, for both
     directions, the logits and their softmax of b_local x (g x b_local) (or x chunk with --itc-chunk-size).
 
     With batch accumulation (num_microbatches M > 1) b_local is the rank's whole step, M x micro-batch rows, and the
-    step also keeps the rows' embeddings and their cached gradients (fp32, both modalities)."""
+    step also keeps the rows' embeddings and their cached gradients (fp32, both modalities).
+    negatives: detached columns each row also scores (the queue; memory mode's earlier micro-batches), which widen
+    the logits and are concatenated to the gathered columns (a copy per modality); held_rows: feature rows the step
+    keeps for them (the --itc-queue-size queue; memory mode's recorded micro-batches), fp32 image + text."""
     b, g, d = micro_batch_size * num_microbatches, itc_group_size, config.out_dim
-    columns = g * b if not chunk_size else min(chunk_size, g * b)
+    columns = g * b + negatives if not chunk_size else min(chunk_size, g * b + negatives)
     cache = 2 * 2 * b * d if num_microbatches > 1 else 0
-    return 4 * (2 * g * b * d + 2 * 2 * b * columns + cache)
+    concatenated = 2 * (g * b + negatives) * d if negatives else 0
+    return 4 * (2 * g * b * d + 2 * 2 * b * columns + cache + concatenated + 2 * held_rows * d)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,6 +284,7 @@ class StageCost:
     accumulates: bool  # GBA-ITC batch accumulation's forward-only pass runs first
     layers: int = 0  # layers of each tower on the stage (backbone + VL)
     forward_only_compute: float = 0.0  # seconds of one micro-batch's forward in a forward-only pass (no masked stream)
+    forward_only_passes: int = 0  # accumulation's pass 1 and the momentum towers' pass (0, 1 or 2)
 
     @property
     def forward_compute(self) -> float:
@@ -278,10 +303,10 @@ class StageCost:
 
     @property
     def forward_slot(self) -> float:
-        """One micro-batch of batch accumulation's forward-only pass (0 without it)."""
-        if not self.accumulates:
+        """One micro-batch of the forward-only passes (batch accumulation's, the momentum towers'; 0 without them)."""
+        if not self.forward_only_passes:
             return 0.0
-        return self.forward_only_compute + self.comm("forward") / self.num_microbatches
+        return self.forward_only_passes * self.forward_only_compute + self.comm("forward") / self.num_microbatches
 
 
 def stage_cost(config: M2Config, tp: int, pp: int, dp: int, itc_group_size: int, training: Training,
@@ -300,7 +325,7 @@ def stage_cost(config: M2Config, tp: int, pp: int, dp: int, itc_group_size: int,
     m = training.global_batch_size // (training.micro_batch_size * dp)
     layers = layers_per_stage(config, pp)[stage] + (config.num_vl_layers if stage == pp - 1 else 0)
     return StageCost(tuple(gemms), tuple(collectives), 4 if training.recompute else 3, m,
-                     training.itc_batch_accumulation and m > 1, layers, forward_only)
+                     training.accumulates(m), layers, forward_only, training.forward_only_passes(m))
 
 
 def _step_time(costs: list[StageCost], m: int, pp: int) -> tuple[dict[str, float], int]:
@@ -313,8 +338,8 @@ def _step_time(costs: list[StageCost], m: int, pp: int) -> tuple[dict[str, float
     forward = max(range(pp), key=lambda s: costs[s].forward_slot)
     last_out = max(range(pp), key=lambda s: costs[s].comm("step"))
     main, fwd, step = costs[critical], costs[forward], costs[last_out]
-    time = dict(compute=slots * (main.units * main.forward_compute + (fwd.forward_only_compute if fwd.accumulates
-                                                                      else 0.0)))
+    time = dict(compute=slots * (main.units * main.forward_compute
+                                 + fwd.forward_only_passes * fwd.forward_only_compute))
     for kind in KINDS:
         time[kind] = slots * (main.comm("main", kind) + fwd.comm("forward", kind)) / m + step.comm("step", kind)
     time["step"] = sum(time.values())
@@ -338,8 +363,12 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
         raise ConfigError(f"--global-batch-size {training.global_batch_size} is not divisible by --micro-batch-size "
                           f"{b} x data-parallel size {dp}")
     m = training.global_batch_size // (b * dp)
-    accumulate = training.itc_batch_accumulation and m > 1
-    loss_rows = m * b if training.itc_batch_accumulation else b  # a rank's rows in one contrastive loss
+    accumulate = training.accumulates(m)
+    negatives = contrastive_batch(g, b, m, training.itc_batch_accumulation, training.itc_queue_size)
+    loss_rows = negatives.pairs // g  # a rank's rows in one contrastive loss
+    # the loss's detached columns (the queue, memory mode's earlier micro-batches) and the rows the step keeps for them
+    extra_columns = negatives.max_negatives + 1 - negatives.pairs + training.itc_queue_size
+    held_rows = training.itc_queue_size + (g * m * b if training.itc_batch_accumulation == "memory" and m > 1 else 0)
     if training.recompute is None:
         plain = plan_layout(config, num_gpus, tp, pp, itc_group_size,
                             dataclasses.replace(training, recompute=False), hardware)
@@ -352,6 +381,9 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     dt = 2 if training.bf16 else 4
     optimizer_bytes = 12 if training.bf16 else 8  # (fp32 master +) two fp32 Adam moments
     stages = stage_parameters(config, tp, pp, training.masked)
+    # --momentum-towers: an EMA copy of the model without the decoders, in the model's dtype (+ an fp32 shadow in bf16)
+    momentum_bytes = [p.per_gpu(tp) * (dt + (4 if training.bf16 else 0)) if training.momentum_towers else 0
+                      for p in stage_parameters(config, tp, pp)]
     per_stage_layers = layers_per_stage(config, pp)
     memories = []
     for stage, (params, backbone_layers) in enumerate(zip(stages, per_stage_layers)):
@@ -360,13 +392,14 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
                                                 recompute)
         in_flight = min(pp - stage, m)
         memory = dict(
-            params=float(n * dt),
+            params=float(n * dt + momentum_bytes[stage]),
             grads=float(n * 4),
             optimizer=n * optimizer_bytes / (dp if training.use_distributed_optimizer else 1),
             # the step reads its m micro-batches before its schedule runs (batch accumulation replays them) and holds
             # them on the device as they came: uint8 images on the first stage, token ids and padding masks on all
             activations=kept * in_flight + working + m * b * _batch_bytes(config, images=stage == 0),
-            itc=itc_bytes(config, b, g, training.itc_chunk_size, m if accumulate else 1) if stage == pp - 1 else 0.0,
+            itc=itc_bytes(config, b, g, training.itc_chunk_size, m if accumulate else 1, extra_columns, held_rows)
+            if stage == pp - 1 else 0.0,
             reserved=hardware.reserved_gb * GB,
         )
         memory["total"] = sum(memory.values())
@@ -377,15 +410,15 @@ def plan_layout(config: M2Config, num_gpus: int, tensor_model_parallel_size: int
     training = dataclasses.replace(training, recompute=recompute)
     costs = [stage_cost(config, tp, pp, dp, g, training, hardware, stage) for stage in range(pp)]
     communication = {kind: max(c.bytes_sent(kind) for c in costs) for kind in KINDS}
-    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1 (of the
-    # ITC-only model: the masked streams are not in that pass)
+    # in forward-pass units: forward + backward = 3, full recompute +1, batch accumulation's extra forward +1 and the
+    # momentum towers' +1 (of the ITC-only model: the masked streams are not in those passes)
     units = 4 if recompute else 3
-    extra_forward = (model_flops_per_sample(config) / (units * model_flops_per_sample(config, training.masked))
-                     if accumulate else 0.0)
+    extra_forward = (training.forward_only_passes(m) * model_flops_per_sample(config)
+                     / (units * model_flops_per_sample(config, training.masked)))
     time, critical = _step_time(costs, m, pp)
     return Plan(tp, pp, dp, g, recompute, m, peak_stage, n_peak, memory, communication, time,
                 fits=memory["total"] <= hardware.gpu_memory_gb * GB, contrastive_batch=g * loss_rows,
-                extra_forward=extra_forward, _global_batch=training.global_batch_size,
+                extra_forward=extra_forward, _global_batch=training.global_batch_size, negatives=negatives,
                 cpu_cores_per_gpu=decode_cores_per_gpu(training.global_batch_size, time["step"], num_gpus, hardware),
                 stages=tuple(costs), critical_stage=critical)
 
@@ -483,6 +516,15 @@ def _domain(collective: Collective, hardware: Hardware) -> str:
     return "NVLink" if collective.span <= hardware.gpus_per_node else "network"
 
 
+def _forward_only_note(plan: Plan) -> str:
+    passes = plan.stages[0].forward_only_passes if plan.stages else 0
+    if not passes:
+        return "no forward-only pass"
+    which = ["batch accumulation"] * plan.stages[0].accumulates + ["momentum towers"] * (
+        passes - plan.stages[0].accumulates)
+    return f"forward-only pass(es) first: {' + '.join(which)}"
+
+
 def format_explain(plan: Plan, hardware: Hardware = Hardware()) -> str:
     """What one layout's predicted step time is made of: the time per column, every stage's 1F1B slot, the GEMMs
     of the slowest stage with their MFU, and every collective of every stage (calls, bytes, seconds per step)."""
@@ -490,7 +532,7 @@ def format_explain(plan: Plan, hardware: Hardware = Hardware()) -> str:
     slots = m + pp - 1
     lines = [f"TP {plan.tensor_model_parallel_size} PP {pp} DP {plan.data_parallel_size} ITC group "
              f"{plan.itc_group_size}: {m} micro-batches per step, recompute {'on' if plan.recompute else 'off'}, "
-             f"{'batch accumulation (one forward-only pass first)' if plan.extra_forward else 'no forward-only pass'}",
+             f"{_forward_only_note(plan)}",
              f"step {t['step']:.3f} s = " + " + ".join(f"{k} {t[k]:.3f}" for k in ("compute", *KINDS)),
              f"pipeline: {slots} slots of the slowest stage per pass (M + PP - 1; bubble {(pp - 1) / slots:.1%})",
              "", "stage  layers/tower  1F1B slot ms (compute + collectives)  forward-only slot ms  once per step ms"]

@@ -194,13 +194,16 @@ def _count_one_step(extra: list[str]):
     configure_microbatches(args, args.layout)
     model = build_model(args.model_config, spec="local", cmlm=args.cmlm_weight > 0, cmim=args.cmim_weight > 0,
                         **transformer_overrides(args.recompute_activations))
+    from megatron_m2.training.negatives import build_negatives_state
+
+    negatives = build_negatives_state(args, model, lambda: build_model(args.model_config, spec="local"))
     ddp = wrap_ddp(model, args)
     optimizer, scheduler = build_optimizer(ddp, args)
     data = _replica_batches(args.model_config, args)
     sigterm = object.__new__(SigtermFlag)  # the loop's agreement, without installing its signal handler
     sigterm.received = False
     with _Recorder() as recorder:
-        train_step(forward_step, data, ddp, optimizer, scheduler, step_config_from_args(args))
+        train_step(forward_step, data, ddp, optimizer, scheduler, step_config_from_args(args), negatives=negatives)
         sigterm.any_rank()
     return ps.get_pipeline_model_parallel_rank(), {key: tuple(value) for key, value in recorder.calls.items()}
 
@@ -213,7 +216,7 @@ def _planned(extra: list[str], stage: int) -> dict[tuple[str, str], tuple[int, f
     training = planner.Training(
         micro_batch_size=MICRO_BATCH, global_batch_size=args.global_batch_size, bf16=False, spec="local",
         recompute=args.recompute_activations, itc_batch_accumulation=args.itc_batch_accumulation,
-        overlap_grad_reduce=False, clip_grad=True,  # the CPU trainer's DDP: no overlap, one bucket
+        itc_queue_size=args.itc_queue_size, momentum_towers=args.momentum_towers, overlap_grad_reduce=False, clip_grad=True,  # the CPU trainer's DDP: no overlap, one bucket
         masked=planner.MaskedPasses(args.cmlm_weight > 0, args.cmim_weight > 0, args.text_mask_prob,
                                     args.image_mask_ratio))
     planned: dict = collections.defaultdict(lambda: [0, 0.0])
@@ -229,7 +232,9 @@ def _planned(extra: list[str], stage: int) -> dict[tuple[str, str], tuple[int, f
     ["--no-itc-batch-accumulation"],  # one ITC loss (gather, shape check) per micro-batch, inside the 1F1B pass
     # M2's full objective: the masked streams, the decoders, CMLM's vocab-parallel head, the masks in the broadcast
     ["--cmlm-weight", "1", "--cmim-weight", "1", "--text-mask-prob", "0.25", "--recompute-activations"],
-], ids=["accumulation-recompute", "per-microbatch", "cmlm-cmim-recompute"])
+    # the paper's feature memory and a queue filled by the momentum towers: their forward-only pass and gather
+    ["--itc-batch-accumulation", "memory", "--itc-queue-size", "8", "--momentum-towers", "0.9"],
+], ids=["accumulation-recompute", "per-microbatch", "cmlm-cmim-recompute", "memory-queue-momentum"])
 def test_planner_counts_every_collective_of_a_real_step(extra):
     from megatron_m2.testing import run_distributed
 

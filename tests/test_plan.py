@@ -202,7 +202,7 @@ def test_batch_accumulation_contrastive_batch_and_extra_forward():
     on = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=4096,
                                                                    recompute=False))
     off = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=4096,
-                                                                    recompute=False, itc_batch_accumulation=False))
+                                                                    recompute=False, itc_batch_accumulation="off"))
     full = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=4096,
                                                                      recompute=True))
     single = planner.plan_layout(config, 32, 1, 4, 2, planner.Training(micro_batch_size=8, global_batch_size=64))
@@ -226,7 +226,8 @@ def test_10b_example_dry_run_reports_the_global_contrastive_batch():
     result = subprocess.run(["bash", "examples/pretrain_m2_10b.sh", "--dry-run"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "contrastive batch: 4096 pairs per ITC group (batch accumulation over 64 micro-batches" in result.stdout
+    assert ("contrastive batch: 4096 pairs per ITC group, 4095 negatives per row (batch accumulation over 64 "
+            "micro-batches") in result.stdout
 
 
 def test_cpu_cores_per_gpu_keep_decoding_up_with_the_step():
@@ -274,7 +275,7 @@ def test_sub_ln_all_reduces_and_per_call_latency_are_counted():
 
 def test_sequence_parallelism_splits_collectives_and_activations():
     config = load_config("10b")
-    training = planner.Training(recompute=False, itc_batch_accumulation=False)
+    training = planner.Training(recompute=False, itc_batch_accumulation="off")
     plain = planner.plan_layout(config, 32, 8, 4, 0, training)
     sp = planner.plan_layout(config, 32, 8, 4, 0, dataclasses.replace(training, sequence_parallel=True))
     ops = lambda plan: {c.op for c, _ in plan.stages[1].collectives if c.kind == "tp"}  # noqa: E731
@@ -333,7 +334,8 @@ def test_the_step_s_micro_batches_are_counted_as_held_uint8_images_in_every_mode
     per_sample = 3 * config.image_size ** 2 + 9 * config.max_text_length
     for accumulate in (True, False):
         few, many = (planner.plan_layout(config, 1, 1, 1, 0, planner.Training(
-            micro_batch_size=8, global_batch_size=8 * m, recompute=False, itc_batch_accumulation=accumulate))
+            micro_batch_size=8, global_batch_size=8 * m, recompute=False,
+            itc_batch_accumulation="exact" if accumulate else "off"))
             for m in (2, 16))
         grown = many.memory["activations"] - few.memory["activations"]
         assert grown == pytest.approx(14 * 8 * per_sample), accumulate

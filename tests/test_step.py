@@ -157,7 +157,7 @@ def _step_vs_reference(extra: list[str], freeze_vision: bool = False):
     else:
         (image_embeds, text_embeds), terms = reference(normalize(images), ids, padding), {}
     itc = _reference_objective(image_embeds, text_embeds, reference.logit_scale, args.layout.itc_group_size,
-                               args.itc_batch_accumulation)
+                               args.itc_batch_accumulation == "exact")
     objective = itc + args.cmlm_weight * terms.get("cmlm_loss", 0.0) + args.cmim_weight * terms.get("cmim_loss", 0.0)
     objective.backward()
     ref_grads = unshard_state_dicts({(0, 0): {n: p.grad for n, p in reference.named_parameters()

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from megatron_m2 import planner  # noqa: E402
 from megatron_m2.config import PRESETS, load_config  # noqa: E402
 from megatron_m2.errors import ConfigError  # noqa: E402
+from megatron_m2.contrastive import add_negatives_arguments, check_negatives_arguments  # noqa: E402
+from megatron_m2.training.dry_run import negatives_note  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec", choices=["te", "local"], default=tr.spec,
                    help="te: TransformerEngine with flash attention (GPU); local: megatron's unfused attention")
     g.add_argument("--itc-chunk-size", type=int, default=0, help="the loss's column chunk (0 = whole logits)")
-    g.add_argument("--itc-batch-accumulation", action=argparse.BooleanOptionalAction,
-                   default=tr.itc_batch_accumulation,
-                   help="GBA-ITC: one contrastive loss over all micro-batches of a step (the ITC batch column); "
-                   "costs one extra forward (the +fwd column) when a step has several micro-batches")
+    add_negatives_arguments(g)
     g.add_argument("--sequence-parallel", action="store_true",
                    help="megatron's sequence parallelism (TP > 1): TP all-reduces become reduce-scatter + "
                    "all-gather and the activations outside the TP regions are split over TP")
@@ -71,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--itc-batch", type=int, default=None,
                    help="only layouts whose contrastive batch (pairs each ITC loss scores against each other, the "
                    "ITC batch column) is at least this; default: the global batch (GBA-ITC over the whole data-"
-                   "parallel group); 0 = any")
+                   "parallel group) with --itc-batch-accumulation exact, any with memory / off (their losses "
+                   "score a micro-batch's pairs); 0 = any")
     g.add_argument("--explain", action="store_true",
                    help="after the table, the breakdown of the best layout's step time (or of the layout that "
                    "--tensor-model-parallel-size / --pipeline-model-parallel-size / --itc-group-size name): every "
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
+    check_negatives_arguments(args)
     if args.num_gpus is None:
         if not args.measure:
             raise ConfigError("--num-gpus is required: the number of GPUs to plan for")
@@ -117,7 +118,8 @@ def _check(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.itc_batch is None:
-        args.itc_batch = args.global_batch_size
+        # memory / off score a micro-batch's pairs per loss: the global batch is exact accumulation's alone
+        args.itc_batch = args.global_batch_size if args.itc_batch_accumulation == "exact" else 0
     if args.itc_batch < 0:
         raise ConfigError(f"--itc-batch must be >= 0 (0 = any contrastive batch), got {args.itc_batch}")
     if not 0 < args.mfu <= 1:
@@ -229,6 +231,7 @@ def training_from_args(args: argparse.Namespace) -> "planner.Training":
         use_distributed_optimizer=args.use_distributed_optimizer,
         recompute={"auto": None, "full": True, "none": False}[args.recompute], spec=args.spec,
         itc_chunk_size=args.itc_chunk_size, itc_batch_accumulation=args.itc_batch_accumulation,
+        itc_queue_size=args.itc_queue_size, momentum_towers=args.momentum_towers,
         sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce,
         clip_grad=args.clip_grad > 0,
         masked=planner.MaskedPasses(args.cmlm_weight > 0, args.cmim_weight > 0, args.text_mask_prob,
@@ -277,6 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + f"; showing {len(shown)} (fastest first)")
     if shown:
         print(planner.format_table(shown))
+        best = shown[0]
+        print(f"contrastive batch of the first layout: {best.negatives.describe()} ({negatives_note(best, args)})")
     if args.all and skipped:
         print("skipped:\n  " + "\n  ".join(skipped))
     if args.explain and (fitting or plans):

@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megatron_m2.contrastive import add_negatives_arguments, check_negatives_arguments
 from megatron_m2.config import PRESETS, M2Config, load_config, validate_parallel_shapes
 from megatron_m2.data.masking import check_masking
 from megatron_m2.errors import ConfigError
@@ -55,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--itc-chunk-size", type=int, default=0,
                    help="compute the contrastive softmax in column chunks of this size to bound logit memory; "
                    "0 = unchunked")
-    g.add_argument("--itc-batch-accumulation", action=argparse.BooleanOptionalAction, default=True,
-                   help="GBA-ITC batch accumulation: one contrastive loss over ALL micro-batches of a step, so each "
-                   "ITC group scores itc-group-size x global-batch-size / DP pairs against each other (the global "
-                   "batch with the default group), exact, at the cost of one extra forward pass when a step has "
-                   "more than one micro-batch; --no-itc-batch-accumulation: one loss per micro-batch (each "
-                   "contrastive batch is itc-group-size x micro-batch-size pairs)")
+    add_negatives_arguments(g)
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron-LM's sequence parallelism (needs TP > 1): the LayerNorms, residuals and dropout "
                    "of every layer run on 1/TP of the tokens, so their activations take 1/TP of the memory; the "
@@ -238,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-core Timers printed at --log-interval (ms per iteration, min and max over ranks), "
                    "as Megatron-LM: 0 = none beyond the iteration time (no overhead); 1 = once-per-step phases: "
                    "forward-backward, optimizer (and its parts), all-grads-sync, GBA-ITC's passes "
-                   "(itc-embeddings-forward, itc-loss); 2 = also per-micro-batch ones: batch-generator (data "
+                   "(itc-embeddings-forward, itc-loss), the momentum towers' pass (momentum-forward); 2 = also per-micro-batch ones: batch-generator (data "
                    "wait), forward-compute, backward-compute, pipeline send/recv, itc-gather. Levels 1 and 2 "
                    "synchronise the device around each timer and may slow the step")
     g.add_argument("--timing-log-option", default="minmax", choices=["max", "minmax", "all"],
@@ -361,6 +357,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ConfigError(f"--distributed-timeout-minutes must be >= 1, got {args.distributed_timeout_minutes}")
     if args.itc_chunk_size < 0:
         raise ConfigError("--itc-chunk-size must be >= 0")
+    check_negatives_arguments(args)
     if args.max_consecutive_nan_iterations < 0:
         raise ConfigError(f"--max-consecutive-nan-iterations must be >= 0, got {args.max_consecutive_nan_iterations}")
     for flag in ("cmlm_weight", "cmim_weight"):

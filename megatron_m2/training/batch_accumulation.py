@@ -56,20 +56,24 @@ def embed_microbatches(forward_step_func: Callable, batches: list[dict], model: 
 
 
 def itc_gradients(embeddings: list[tuple[torch.Tensor, torch.Tensor]], logit_scale: torch.Tensor,
-                  group: Optional[dist.ProcessGroup], chunk_size: Optional[int], timers=None
+                  group: Optional[dist.ProcessGroup], chunk_size: Optional[int], timers=None,
+                  negatives: Optional[tuple[torch.Tensor, torch.Tensor]] = None, gathered_out: Optional[list] = None
                   ) -> tuple[dict[str, torch.Tensor], list[CachedGradient]]:
     """Pass 2: the ITC loss over all micro-batches of this rank (and of its ITC group) and its cached gradients.
 
     float32 whatever the model's dtype: the logits of a large contrastive batch need it, and the embeddings are small.
     The logit scale is a detached copy, so no gradient reaches the parameter (and DDP's hooks) before pass 3.
     timers: megatron-core Timers for the loss's gather (loss.py), or None.
+    negatives, gathered_out: loss.itc_loss's (the --itc-queue-size queue's detached columns; the gathered group
+    features, for the queue).
     """
     sizes = [image.shape[0] for image, _ in embeddings]
     image = torch.cat([image for image, _ in embeddings]).float().requires_grad_(True)
     text = torch.cat([text for _, text in embeddings]).float().requires_grad_(True)
     scale = logit_scale.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
-        loss, metrics = itc_loss(image, text, scale, group=group, chunk_size=chunk_size, timers=timers)
+        loss, metrics = itc_loss(image, text, scale, group=group, chunk_size=chunk_size, timers=timers,
+                                 negatives=negatives, gathered_out=gathered_out)
         loss.backward()
     cached = [CachedGradient(grad_image, grad_text, scale.grad, len(sizes))
               for grad_image, grad_text in zip(image.grad.split(sizes), text.grad.split(sizes))]

@@ -13,13 +13,31 @@ def masked_passes(args: argparse.Namespace) -> MaskedPasses:
                         image_mask_ratio=args.image_mask_ratio)
 
 
+def negatives_note(plan, args: argparse.Namespace) -> str:
+    """How the step forms its contrastive batch, for --dry-run and tools/plan.py (the counts: plan.negatives)."""
+    mode, m = args.itc_batch_accumulation, plan.num_microbatches
+    how = ("one micro-batch per step" if m == 1 else
+           f"batch accumulation over {m} micro-batches, one extra forward" if mode == "exact" else
+           "one loss per micro-batch, the step's earlier micro-batches' features as detached negatives "
+           "(--itc-batch-accumulation memory)" if mode == "memory" else
+           "one loss per micro-batch (--itc-batch-accumulation off)")
+    if args.itc_queue_size:
+        how += (f"; a queue of {args.itc_queue_size} earlier pairs per ITC group"
+                + (f" encoded by momentum towers (EMA {args.momentum_towers:g}, one more forward-only pass and "
+                   "a copy of the model)" if args.momentum_towers else ""))
+    if plan.extra_forward:
+        how += f"; forward-only passes +{100 * plan.extra_forward:.0f}% compute"
+    return how
+
+
 def dry_run(args: argparse.Namespace) -> None:
     layout = args.layout
     training = Training(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
                         bf16=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
                         recompute=args.recompute_activations,
                         spec="local" if args.spec == "local" else "te", itc_chunk_size=args.itc_chunk_size,
-                        itc_batch_accumulation=args.itc_batch_accumulation, clip_grad=args.clip_grad > 0,
+                        itc_batch_accumulation=args.itc_batch_accumulation, itc_queue_size=args.itc_queue_size,
+                        momentum_towers=args.momentum_towers, clip_grad=args.clip_grad > 0,
                         sequence_parallel=args.sequence_parallel, overlap_grad_reduce=args.overlap_grad_reduce,
                         masked=masked_passes(args))
     plan = plan_layout(args.model_config, layout.world_size, layout.tensor_model_parallel_size,
@@ -29,11 +47,7 @@ def dry_run(args: argparse.Namespace) -> None:
           f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} "
           f"ITC group {layout.itc_group_size}")
     print(format_table([plan]))
-    how = (f"batch accumulation over {plan.num_microbatches} micro-batches, one extra forward "
-           f"(+{100 * plan.extra_forward:.0f}% compute)" if plan.extra_forward else
-           "one loss per micro-batch (--no-itc-batch-accumulation)" if plan.num_microbatches > 1
-           else "one micro-batch per step")
-    print(f"contrastive batch: {plan.contrastive_batch} pairs per ITC group ({how})")
+    print(f"contrastive batch: {plan.negatives.describe()} ({negatives_note(plan, args)})")
     masked = training.masked
     if masked.active:
         decoders = decoder_parameters(args.model_config, layout.tensor_model_parallel_size, masked)

@@ -26,8 +26,9 @@ from megatron_m2.training.profiling import build_profiler
 from megatron_m2.training.progress import MetricsLogger
 from megatron_m2.random_state import checkpoint_state, load_checkpoint_state
 from megatron_m2.training.wandb_run import RUN_ID_KEY, build_wandb_run
-from megatron_m2.training.step import (StepConfig, contrastive_batch_size, forward_step, masked_modeling_from_args,
-                                       step_config_from_args, train_step)
+from megatron_m2.training.negatives import build_negatives_state
+from megatron_m2.training.step import (StepConfig, contrastive_batch_of, contrastive_batch_size, forward_step,
+                                       masked_modeling_from_args, step_config_from_args, train_step)
 
 
 class SigtermFlag:
@@ -54,12 +55,21 @@ def _objectives_note(step_config: StepConfig, args: argparse.Namespace) -> str:
     return "objective " + " + ".join(terms)
 
 
-def _accumulation_note(step_config: StepConfig) -> str:
+def _accumulation_note(step_config: StepConfig, args: argparse.Namespace) -> str:
     if step_config.accumulates:
-        return "GBA-ITC batch accumulation over the step's micro-batches: one extra forward"
-    if step_config.num_microbatches > 1:
-        return "--no-itc-batch-accumulation: one loss per micro-batch"
-    return "one micro-batch per step"
+        note = "GBA-ITC batch accumulation over the step's micro-batches: one extra forward"
+    elif step_config.num_microbatches > 1 and step_config.itc_batch_accumulation == "memory":
+        note = ("--itc-batch-accumulation memory: one loss per micro-batch, the step's earlier micro-batches' "
+                "features as detached negatives")
+    elif step_config.num_microbatches > 1:
+        note = "--itc-batch-accumulation off: one loss per micro-batch"
+    else:
+        note = "one micro-batch per step"
+    if args.itc_queue_size:
+        note += (f"; a queue of {args.itc_queue_size} earlier pairs' features per ITC group, "
+                 + (f"encoded by momentum towers (EMA {args.momentum_towers:g}): one more forward-only pass"
+                    if args.momentum_towers else "the online model's"))
+    return note
 
 
 def _next_step_config(args: argparse.Namespace, consumed_samples: int, current: StepConfig) -> StepConfig:
@@ -71,7 +81,7 @@ def _next_step_config(args: argparse.Namespace, consumed_samples: int, current: 
         return current
     print_rank_0(f"ramping up the global batch from {before} to {get_current_global_batch_size()} samples at "
                  f"{consumed_samples} consumed samples (contrastive batch "
-                 f"{contrastive_batch_size(args, get_current_global_batch_size())} pairs per ITC group)")
+                 f"{contrastive_batch_of(args, get_current_global_batch_size()).describe()})")
     return step_config_from_args(args)
 
 
@@ -146,11 +156,20 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                 print_rank_0(f"initialised the {tower} tower from {root} ({len(names)} tensors)")
     if args.freeze_vision:
         print_rank_0(f"--freeze-vision: {freeze_vision_tower(model):,} parameters frozen on rank 0")
+    def build_momentum_copy() -> torch.nn.Module:
+        # the model's build without the decoders, sharded like it; its throw-away init must not move torch's RNG
+        with torch.random.fork_rng(devices=[]):
+            return build_model(config, spec=args.spec, seed=args.seed,
+                               **transformer_overrides(False, args.bf16, args.sequence_parallel))
+
+    # the queue and the momentum towers (a copy of the model as it stands: after --load-vision / --load-text)
+    negatives = build_negatives_state(args, model, build_momentum_copy)
     ddp = wrap_ddp(model, args)
     optimizer, scheduler = build_optimizer(ddp, args)
     if resume:
         iteration, rank_state, saved_common = checkpointing.load_checkpoint(
-            args.load, model, optimizer, scheduler, load_optimizer_state=not args.no_load_optim)
+            args.load, model, optimizer, scheduler, load_optimizer_state=not args.no_load_optim,
+            step_state=negatives)
         # checkpoints from before the batch ramp-up existed trained with a constant batch
         consumed_samples = saved_common.get("consumed_train_samples", iteration * args.global_batch_size)
         print_rank_0(f"resumed from {args.load} at iteration {iteration}")
@@ -200,7 +219,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                 common={"model_config": config.to_dict(), "consumed_train_samples": consumed_samples,
                         RUN_ID_KEY: wandb_run_id},
                 async_save=args.async_save, persistent_worker=bool(args.use_persistent_ckpt_worker),
-                random_state=checkpoint_state())
+                random_state=checkpoint_state(), step_state=negatives)
         if args.async_save:
             print_rank_0(f"async save of {path} started: training blocked {time.perf_counter() - start:.1f} s")
         else:
@@ -216,8 +235,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
                  f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} ITC group "
                  f"{layout.itc_group_size}, global batch {get_current_global_batch_size()} = "
                  f"{step_config.num_microbatches} micro-batches of {args.micro_batch_size} per data-parallel rank; "
-                 f"contrastive batch {contrastive_batch_size(args, get_current_global_batch_size())} pairs per ITC "
-                 f"group ({_accumulation_note(step_config)}); {_objectives_note(step_config, args)}")
+                 f"contrastive batch {contrastive_batch_of(args, get_current_global_batch_size()).describe()} "
+                 f"({_accumulation_note(step_config, args)}); {_objectives_note(step_config, args)}")
     if args.rampup_batch_size:
         start, increment, samples = args.rampup_batch_size
         print_rank_0(f"batch size ramp-up: global batch {start} to {args.global_batch_size} by {increment} over "
@@ -239,7 +258,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         batch_size = get_current_global_batch_size()
         if profiler is not None:
             profiler.before_step(iteration)
-        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config, nan_guard=nan_guard)
+        metrics = train_step(forward_step_func, data, ddp, optimizer, scheduler, step_config, nan_guard=nan_guard,
+                             negatives=negatives)
         iteration += 1
         if profiler is not None:
             profiler.after_step(iteration)

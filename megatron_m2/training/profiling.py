@@ -17,6 +17,8 @@ PASS1_FORWARD = "m2/pass1-forward"  # GBA-ITC batch accumulation: the forward-on
 ITC_LOSS = "m2/itc-loss"  # the grouped contrastive loss (with the ITC gather)
 FORWARD_BACKWARD = "m2/pass2-forward-backward"  # megatron's forward-backward schedule
 OPTIMIZER = "m2/optimizer"  # the optimizer step (gradient clipping included)
+# --momentum-towers: the EMA model's forward-only pass (not in PHASES: a default run has none)
+MOMENTUM_FORWARD = "m2/momentum-forward"
 PHASES = (DATA_WAIT, PASS1_FORWARD, ITC_LOSS, FORWARD_BACKWARD, OPTIMIZER)
 
 
