@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_current_global_batch_size, update_num_microbatches
 
 from megatron_m2 import parallel
+from megatron_m2.config import transformer_overrides
 from megatron_m2.arithmetic import model_flops_per_sample
 from megatron_m2.training.arguments import model_overrides
 from megatron_m2.parallel import print_rank_0
