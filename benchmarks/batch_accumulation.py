@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -32,13 +33,14 @@ SETTINGS = {  # name: flags, the planner's predicted ratio to off
 }
 
 
-def _args(tp: int, pp: int, world: int, extra: list[str]):
+def _args(tp: int, pp: int, world: int, extra: list[str], micro_batch: int = MICRO_BATCH,
+          num_microbatches: int = NUM_MICROBATCHES):
     from megatron_m2.config import load_config
     from megatron_m2.training.arguments import build_parser, validate_args
     from megatron_m2.training.batch_schedule import configure_microbatches
 
     flags = ["--model", "tiny", "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-             "--micro-batch-size", str(MICRO_BATCH), "--global-batch-size", str(MICRO_BATCH * NUM_MICROBATCHES),
+             "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch * num_microbatches),
              "--dry-run", *extra]
     args = build_parser().parse_args(flags)
     args.model_config = load_config("tiny")
@@ -47,19 +49,21 @@ def _args(tp: int, pp: int, world: int, extra: list[str]):
     return args
 
 
-def _batches(config, seed: int):
+def _batches(config, seed: int, micro_batch: int = MICRO_BATCH):
     g = torch.Generator().manual_seed(seed)
     while True:
-        lengths = torch.randint(3, config.max_text_length + 1, (MICRO_BATCH,), generator=g)
+        lengths = torch.randint(3, config.max_text_length + 1, (micro_batch,), generator=g)
         yield dict(
-            images=torch.randint(0, 256, (MICRO_BATCH, config.num_channels, config.image_size, config.image_size),
+            images=torch.randint(0, 256, (micro_batch, config.num_channels, config.image_size, config.image_size),
                                  dtype=torch.uint8, generator=g),
-            text_ids=torch.randint(0, config.vocab_size, (MICRO_BATCH, config.max_text_length), generator=g),
+            text_ids=torch.randint(0, config.vocab_size, (micro_batch, config.max_text_length), generator=g),
             text_padding_mask=torch.arange(config.max_text_length)[None, :] >= lengths[:, None])
 
 
-def time_steps(tp: int, pp: int, steps: int, settings: list[str]) -> dict:
-    """Runs on every rank of a pool; returns median seconds per step of each setting."""
+def time_steps(tp: int, pp: int, steps: int, settings: list[str], micro_batch: int = MICRO_BATCH,
+               num_microbatches: int = NUM_MICROBATCHES, flags: Optional[dict[str, list[str]]] = None) -> dict:
+    """Runs on every rank of a pool; returns median seconds per step of each setting (its flags from `flags`, else
+    SETTINGS)."""
     import torch.distributed as dist
 
     from megatron_m2 import parallel
@@ -72,13 +76,15 @@ def time_steps(tp: int, pp: int, steps: int, settings: list[str]) -> dict:
     parallel.initialize_model_parallel(tp, pp)
     runs = {}
     for name in settings:
-        args = _args(tp, pp, world, SETTINGS[name][0])
+        args = _args(tp, pp, world, (flags or {}).get(name, SETTINGS.get(name, ([],))[0]), micro_batch,
+                     num_microbatches)
         torch.manual_seed(0)
         model = build_model(args.model_config, spec="local")
         negatives = build_negatives_state(args, model, lambda: build_model(args.model_config, spec="local"))
         ddp = wrap_ddp(model, args)
         optimizer, scheduler = build_optimizer(ddp, args)
-        runs[name] = (ddp, optimizer, scheduler, step_config_from_args(args), _batches(args.model_config, 0),
+        runs[name] = (ddp, optimizer, scheduler, step_config_from_args(args),
+                      _batches(args.model_config, 0, micro_batch),
                       negatives)
     times: dict[str, list[float]] = {name: [] for name in settings}
     for step in range(steps + 2):  # 2 warm-up steps

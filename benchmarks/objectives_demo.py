@@ -19,42 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-METRICS = ("en/top1", "zh/top1", "retrieval/MR", "fine/en/position", "fine/zh/position", "fine/en/count",
-           "fine/zh/count", "fine/mean")
-
-
-def _train(out: Path, data: Path, run: str, iters: int, seed: int, nproc: int, objectives: list[str]) -> dict:
-    run_dir = out / run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                                   if nproc > 1 else [])
-    cmd = [*launcher, "-m", "megatron_m2.train", "--model", "tiny", "--micro-batch-size", "32",
-           "--global-batch-size", "128", "--train-iters", str(iters), "--lr", "1e-3", "--min-lr", "1e-5",
-           "--lr-warmup-iters", "20", "--weight-decay", "0.05", "--clip-grad", "1.0", "--no-hflip", "--seed", str(seed),
-           "--data-path", str(data / "data" / "train"), "--tokenizer-model", str(data / "tokenizer.model"),
-           "--eval-interval", str(iters), "--eval-batch-size", "128",
-           "--zeroshot-data", str(data / "data" / "eval"),
-           "--zeroshot-classnames", f"en={data / 'data' / 'classnames_en.txt'}",
-           f"zh={data / 'data' / 'classnames_zh.txt'}", "--retrieval-data", str(data / "data" / "retrieval.jsonl"),
-           "--fine-grained-data", str(data / "data" / "fine_grained.jsonl"), "--log-interval", "10",
-           "--metrics-file", str(run_dir / "metrics.jsonl"), *objectives]
-    start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{run} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    step_ms = [float(m) for m in re.findall(r"elapsed time per iteration \(ms\): ([\d.]+)", result.stdout)]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    final = [r for r in records if r["kind"] == "eval"][-1]
-    return dict(iterations=iters, ms_per_step=statistics.median(step_ms[1:] or step_ms),
-                wall_s=time.perf_counter() - start, **{k: final[k] for k in METRICS if k in final})
+from benchmarks.demo_training import METRICS, train_and_evaluate
 
 
 def main(argv=None) -> int:
@@ -87,9 +56,9 @@ def main(argv=None) -> int:
           f"(x{ratio:.2f}): equal wall time = {iters} steps of the full objective", flush=True)
     runs: dict[str, list[dict]] = {"itc": [], "full, equal iterations": [], "full, equal wall time": []}
     for seed in args.seeds:
-        itc = _train(out, out, f"itc-{seed}", args.iters, seed, args.nproc, [])
-        full = _train(out, out, f"full-{seed}", args.iters, seed, args.nproc, objectives)
-        equal_time = _train(out, out, f"full-{iters}-{seed}", iters, seed, args.nproc, objectives)
+        itc = train_and_evaluate(out, out, f"itc-{seed}", args.iters, seed, args.nproc, [])
+        full = train_and_evaluate(out, out, f"full-{seed}", args.iters, seed, args.nproc, objectives)
+        equal_time = train_and_evaluate(out, out, f"full-{iters}-{seed}", iters, seed, args.nproc, objectives)
         for name, result in zip(runs, (itc, full, equal_time)):
             runs[name].append(dict(seed=seed, **result))
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
