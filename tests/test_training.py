@@ -275,10 +275,11 @@ def test_a_resume_at_another_data_parallel_size_continues_the_data(demo_data, tm
 
 
 def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
-    # --drop-path-rate / --hidden-dropout / --attention-dropout at PP2 (each stage draws its own masks) with GBA-ITC's
-    # exact accumulation (2 micro-batches) and the masked objectives (their streams draw from generators of their
-    # own): stopped at iteration 2 and resumed, the run trains on the uninterrupted run's three losses: every rank's
-    # random states are saved and restored at the same layout (megatron_m2/random_state.py)
+    # --drop-path-rate / --hidden-dropout / --attention-dropout with GBA-ITC's exact accumulation (2 micro-batches)
+    # and the masked objectives (their streams draw from generators of their own): stopped at iteration 2 and
+    # resumed, the run trains on the uninterrupted run's three losses: the random states are saved and restored
+    # (megatron_m2/random_state.py). One process: tests/test_drop_path.py restores every rank's states of a TP2 x PP2
+    # layout, and fresh ones at another layout.
     randomness = ["--drop-path-rate", "0.1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
                   "--train-iters", "4", *MASKED]
     runs = {}
@@ -287,7 +288,7 @@ def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
         run_dir.mkdir(exist_ok=True)
         if name != "straight":
             extra = extra + ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
-        result = _run(_command(demo_data, run_dir, 2, 1, 2, *randomness, *extra))
+        result = _run([sys.executable, "-m", "megatron_m2.train", *_flags(demo_data, run_dir, 1, 1, *randomness, *extra)])
         runs[name] = _all_losses(run_dir)
         if name == "resumed":
             assert "random states restored" in result.stdout, result.stdout[-2000:]
