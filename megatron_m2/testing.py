@@ -7,6 +7,7 @@ runs many functions in them; tests and benchmarks share it. A failing or hung fu
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 import multiprocessing as mp
 import os
 import socket
@@ -16,6 +17,18 @@ from datetime import timedelta
 from typing import Any, Callable
 
 _STARTUP_TIMEOUT_S = 300
+
+
+@contextmanager
+def forking_allowed():
+    """Let a pool worker start child processes (the checkpoint writer forks): multiprocessing forbids a daemonic
+    process, which every pool worker is, to have children."""
+    process = mp.current_process()
+    daemon, process.daemon = process.daemon, False
+    try:
+        yield
+    finally:
+        process.daemon = daemon
 
 
 class RemoteError(AssertionError):

@@ -172,15 +172,13 @@ def _stub_distributed_optimizer():
 
 
 def _save_load_at_scale(root: str, async_save: bool):
-    import multiprocessing
     from pathlib import Path
 
     from megatron_m2 import parallel
+    from megatron_m2.testing import forking_allowed
 
     parallel.initialize_model_parallel(1, 1)
-    process = multiprocessing.current_process()
-    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
-    try:
+    with forking_allowed():
         model, optimizer = _Weights(), _stub_distributed_optimizer()
         path = ckpt.save_checkpoint(root, 5, model, optimizer, None, {"rank": torch.distributed.get_rank()},
                                     async_save=async_save)
@@ -188,8 +186,6 @@ def _save_load_at_scale(root: str, async_save: bool):
         with torch.no_grad():  # training goes on while the writer runs: the checkpoint must keep step 5's values
             model.a.add_(1000.0)
         finalized = ckpt.finalize_async_saves(blocking=True)
-    finally:
-        process.daemon = daemon
     torch.distributed.barrier()
     sizes = {p.name: p.stat().st_size for p in Path(path).glob("*.distcp")}
     fresh, fresh_optimizer = _Weights(), _stub_distributed_optimizer()
@@ -273,15 +269,11 @@ def _weights_after_loading_into_bf16_optimizer(root: str, how: str):
     optimizer.step()  # zero gradients: the weights stay, Adam's state exists (as in any checkpoint of a run)
     saved = {name: param.detach().clone() for name, param in model.named_parameters()}
     common = {"converted_from_hf": True} if how == "model-only checkpoint" else None
-    import multiprocessing
+    from megatron_m2.testing import forking_allowed
 
-    process = multiprocessing.current_process()
-    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
-    try:
+    with forking_allowed():
         ckpt.save_checkpoint(root, 1, model, None if common else optimizer, None if common else scheduler, {},
                              common=common)
-    finally:
-        process.daemon = daemon
     model, optimizer, scheduler = _bf16_training_state(seed=1)
     ckpt.load_checkpoint(root, model, optimizer, scheduler, load_optimizer_state=how != "--no-load-optim")
     optimizer.step()

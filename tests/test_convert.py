@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 
 from megatron_m2 import parallel
 from megatron_m2.config import load_config
-from megatron_m2.testing import run_distributed
+from megatron_m2.testing import forking_allowed, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 4
@@ -50,12 +49,8 @@ def _embeddings(model, config):
 def _save(root, model, config, iteration):
     from megatron_m2.checkpointing import save_checkpoint
 
-    process = multiprocessing.current_process()
-    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
-    try:
+    with forking_allowed():
         save_checkpoint(root, iteration, model, None, None, {}, common={"model_config": config.to_dict()})
-    finally:
-        process.daemon = daemon
 
 
 def _train_layout_save(root, tp, pp, backbone_heads, decoders=False):

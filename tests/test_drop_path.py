@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from megatron_m2 import parallel
 from megatron_m2.config import load_config
 from megatron_m2.errors import ConfigError
-from megatron_m2.testing import run_distributed
+from megatron_m2.testing import forking_allowed, run_distributed
+from tests.test_step import _masked_reference
 
 WORLD, TP, PP, MICRO_BATCH, NUM_MICROBATCHES = 4, 2, 2, 2, 2
 BATCH = NUM_MICROBATCHES * MICRO_BATCH  # DP 1
@@ -68,26 +69,6 @@ def _masks(config, ids, padding):
     for row in range(ids.shape[0]):
         patches[row, torch.randperm(config.num_patches, generator=g)[:1 + row % 7]] = True
     return {TEXT_TARGETS: targets, MASKED_TEXT_IDS: ids.masked_fill(targets, 3), IMAGE_PATCH_MASK: patches}
-
-
-def _masked_reference(reference, config, images, ids, padding, masks, cmlm_weight, cmim_weight):
-    """The reference's embeddings and its CMLM / CMIM means over the whole batch (as tests/test_step.py)."""
-    from megatron_m2.data.masking import IMAGE_PATCH_MASK, MASKED_TEXT_IDS, TEXT_TARGETS
-    from megatron_m2.data.transforms import normalize
-    from megatron_m2.models.decoders import MaskedInputs
-    from tests.test_step import _patch_targets
-
-    masked = MaskedInputs(text_ids=masks[MASKED_TEXT_IDS] if cmlm_weight else None,
-                          text_targets=masks[TEXT_TARGETS] if cmlm_weight else None,
-                          image_patches=masks[IMAGE_PATCH_MASK] if cmim_weight else None)
-    image_embeds, text_embeds, predictions = reference(normalize(images), ids, padding, masked)
-    terms = {}
-    if cmlm_weight:
-        terms["cmlm_loss"] = F.cross_entropy(predictions.cmlm_logits[:, :config.vocab_size], ids[masked.text_targets])
-    if cmim_weight:
-        targets = _patch_targets(normalize(images), config.patch_size)[masked.image_patches]
-        terms["cmim_loss"] = (predictions.cmim_pixels - targets).square().mean()
-    return image_embeds, text_embeds, terms
 
 
 # -- hooks: record the masks a forward draws, or replay given ones -------------------------------------------------
@@ -464,8 +445,6 @@ def test_tp_peers_draw_the_same_drop_path_masks_under_sequence_parallelism():
 
 # -- checkpoints: each rank's random state, restored at the same layout only ---------------------------------------
 def _save_and_load_random_states(root: str):
-    import multiprocessing
-
     import torch.distributed as dist
 
     from megatron_m2 import checkpointing
@@ -475,12 +454,8 @@ def _save_and_load_random_states(root: str):
     parallel.initialize_model_parallel(1, 1, seed=3)  # DP 4 (_Weights is replicated over DP)
     torch.rand(dist.get_rank() + 1)  # every rank has drawn another amount: each must get its own state back
     saved = RandomState.capture()
-    process = multiprocessing.current_process()
-    daemon, process.daemon = process.daemon, False  # the checkpoint writer starts processes; pool workers are daemonic
-    try:
+    with forking_allowed():
         checkpointing.save_checkpoint(root, 1, _Weights(), None, None, {}, random_state=saved.state_dict())
-    finally:
-        process.daemon = daemon
     want = torch.rand(4)
     same, same_note = checkpointing.load_random_state(root, 1)
     RandomState.from_state_dict(same).restore()

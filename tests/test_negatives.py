@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from megatron_m2 import parallel
 from megatron_m2.errors import ConfigError
-from megatron_m2.testing import run_distributed
+from megatron_m2.testing import forking_allowed, run_distributed
 from tests.test_step import (DP, GLOBAL_BATCH, MICRO_BATCH, NUM_MICROBATCHES, PP, TOL, TP, WORLD, _global_batch,
                              _rows, _trainer_args)
 
@@ -217,14 +217,8 @@ def _negatives_step(extra: list[str], root: str):
         out["ema_moved"] = any(not torch.equal(ema, towers_before[n]) for n, ema in
                                negatives.momentum.model.named_parameters())
     # checkpoint round trip: every ITC group's queue and the momentum towers come back
-    import multiprocessing
-
-    process = multiprocessing.current_process()
-    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
-    try:
+    with forking_allowed():
         checkpointing.save_checkpoint(root, 1, model, None, None, {}, step_state=negatives)
-    finally:
-        process.daemon = daemon
     torch.manual_seed(2)
     fresh = build_negatives_state(args, build(), build)
     checkpointing.load_checkpoint(root, model, step_state=fresh)
@@ -291,8 +285,6 @@ def test_world8_negatives_match_single_process_reference(extra, tmp_path):
 
 
 def _bf16_shadow_round_trip(root: str):
-    import multiprocessing
-
     from megatron_m2 import checkpointing
     from megatron_m2.config import transformer_overrides
     from megatron_m2.models import build_model
@@ -310,12 +302,8 @@ def _bf16_shadow_round_trip(root: str):
             shadow.add_(torch.rand_like(shadow) * 1e-4)
     saved = towers.sharded_state_dict()
     assert sum(k.startswith(SHADOW_PREFIX) for k in saved) == len(towers.shadow)  # every parameter's shadow
-    process = multiprocessing.current_process()
-    daemon, process.daemon = process.daemon, False  # the checkpoint writer forks; pool workers are daemonic
-    try:
+    with forking_allowed():
         checkpointing.save_checkpoint(root, 1, model, None, None, {}, step_state=negatives)
-    finally:
-        process.daemon = daemon
     torch.manual_seed(3)
     fresh = build_negatives_state(args, build(), build)
     checkpointing.load_checkpoint(root, model, step_state=fresh)
