@@ -42,3 +42,19 @@ def train_and_evaluate(out: Path, data: Path, run: str, iters: int, seed: int, n
     final = [r for r in records if r["kind"] == "eval"][-1]
     return dict(iterations=iters, ms_per_step=statistics.median(step_ms[1:] or step_ms),
                 wall_s=time.perf_counter() - start, **{k: final[k] for k in METRICS if k in final})
+
+
+COLUMNS = {"iterations": ("steps", "{:.0f}"), "ms_per_step": ("ms/step", "{:.0f}"), "wall_s": ("wall s", "{:.0f}")}
+
+
+def mean_table(runs: dict[str, list[dict]], label: str, columns: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per setting, the mean over seeds of `columns` (keys of COLUMNS) and of the METRICS every run has; printed as
+    a markdown table whose first column is `label`."""
+    table = {name: {key: statistics.mean(r[key] for r in results) for key in (*columns, *METRICS)
+                    if all(key in r for r in results)} for name, results in runs.items()}
+    header = f"| {label} | {' | '.join(COLUMNS[c][0] for c in columns)} | {' | '.join(METRICS)} |"
+    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(COLUMNS[c][1].format(row[c]) for c in columns) + " | "
+              + " | ".join(f"{row[k]:.1f}" for k in METRICS if k in row) + " |")
+    return table

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.demo_training import METRICS, train_and_evaluate
+from benchmarks.demo_training import mean_table, train_and_evaluate
 
 QUEUE = 512
 SETTINGS = {
@@ -62,14 +61,7 @@ def main(argv=None) -> int:
             result = train_and_evaluate(out, out, f"{name}-{seed}", steps[name], seed, args.nproc, SETTINGS[name])
             runs[name].append(dict(seed=seed, **result))
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
-    table = {name: {key: statistics.mean(r[key] for r in results)
-                    for key in ("iterations", "ms_per_step", "wall_s", *METRICS) if all(key in r for r in results)}
-             for name, results in runs.items()}
-    header = f"| setting | steps | ms/step | wall s | {' | '.join(METRICS)} |"
-    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
-    for name, row in table.items():
-        print(f"| {name} | {row['iterations']:.0f} | {row['ms_per_step']:.0f} | {row['wall_s']:.0f} | "
-              + " | ".join(f"{row[k]:.1f}" for k in METRICS if k in row) + " |")
+    table = mean_table(runs, "setting", ("iterations", "ms_per_step", "wall_s"))
     (out / "results.json").write_text(json.dumps({"mean": table, "runs": runs, "seeds": args.seeds,
                                                   "timing": timing, "steps": steps}, indent=1))
     return 0

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.demo_training import METRICS, train_and_evaluate
+from benchmarks.demo_training import mean_table, train_and_evaluate
 
 
 def main(argv=None) -> int:
@@ -62,13 +61,7 @@ def main(argv=None) -> int:
         for name, result in zip(runs, (itc, full, equal_time)):
             runs[name].append(dict(seed=seed, **result))
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
-    table = {name: {key: statistics.mean(r[key] for r in results) for key in ("iterations", "ms_per_step", *METRICS)
-                    if all(key in r for r in results)} for name, results in runs.items()}
-    header = f"| run | steps | ms/step | {' | '.join(METRICS)} |"
-    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
-    for name, row in table.items():
-        print(f"| {name} | {row['iterations']:.0f} | {row['ms_per_step']:.0f} | "
-              + " | ".join(f"{row[k]:.1f}" for k in METRICS if k in row) + " |")
+    table = mean_table(runs, "run", ("iterations", "ms_per_step"))
     (out / "results.json").write_text(json.dumps({"mean": table, "runs": runs, "seeds": args.seeds,
                                                   "timing": timing, "equal_time_steps": iters}, indent=1))
     return 0
