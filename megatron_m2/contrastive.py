@@ -55,6 +55,20 @@ def contrastive_batch(itc_group_size: int, micro_batch_size: int, num_microbatch
     return ContrastiveBatch(mode, g * b, g * b - 1, g * b - 1, queue_size, True)
 
 
+def describe_mode(mode: str, num_microbatches: int, queue_size: int = 0, momentum_towers: float = 0.0) -> str:
+    """How a step forms its contrastive batch, in words: the training start line, --dry-run and tools/plan.py."""
+    how = ("one micro-batch per step" if num_microbatches == 1 else
+           f"batch accumulation over {num_microbatches} micro-batches, one extra forward" if mode == "exact" else
+           "one loss per micro-batch, the step's earlier micro-batches' features as detached negatives "
+           "(--itc-batch-accumulation memory)" if mode == "memory" else
+           "one loss per micro-batch (--itc-batch-accumulation off)")
+    if queue_size:
+        how += f"; a queue of {queue_size} earlier pairs per ITC group, " + (
+            f"encoded by momentum towers (EMA {momentum_towers:g}): one more forward-only pass and a copy of the model"
+            if momentum_towers else "the online model's features")
+    return how
+
+
 def add_negatives_arguments(g) -> None:
     """--itc-batch-accumulation MODE, --itc-queue-size, --momentum-towers (the trainer's and tools/plan.py's)."""
     g.add_argument("--itc-batch-accumulation", nargs="?", const="exact", default="exact", choices=ACCUMULATION_MODES,

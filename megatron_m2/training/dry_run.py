@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_m2.arithmetic import MaskedPasses, decoder_parameters
+from megatron_m2.contrastive import describe_mode
 from megatron_m2.planner import Hardware, Training, format_table, plan_layout
 
 
@@ -15,16 +16,7 @@ def masked_passes(args: argparse.Namespace) -> MaskedPasses:
 
 def negatives_note(plan, args: argparse.Namespace) -> str:
     """How the step forms its contrastive batch, for --dry-run and tools/plan.py (the counts: plan.negatives)."""
-    mode, m = args.itc_batch_accumulation, plan.num_microbatches
-    how = ("one micro-batch per step" if m == 1 else
-           f"batch accumulation over {m} micro-batches, one extra forward" if mode == "exact" else
-           "one loss per micro-batch, the step's earlier micro-batches' features as detached negatives "
-           "(--itc-batch-accumulation memory)" if mode == "memory" else
-           "one loss per micro-batch (--itc-batch-accumulation off)")
-    if args.itc_queue_size:
-        how += (f"; a queue of {args.itc_queue_size} earlier pairs per ITC group"
-                + (f" encoded by momentum towers (EMA {args.momentum_towers:g}, one more forward-only pass and "
-                   "a copy of the model)" if args.momentum_towers else ""))
+    how = describe_mode(args.itc_batch_accumulation, plan.num_microbatches, args.itc_queue_size, args.momentum_towers)
     if plan.extra_forward:
         how += f"; forward-only passes +{100 * plan.extra_forward:.0f}% compute"
     return how

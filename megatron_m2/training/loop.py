@@ -13,6 +13,7 @@ from megatron.core.num_microbatches_calculator import get_current_global_batch_s
 
 from megatron_m2 import parallel
 from megatron_m2.config import transformer_overrides
+from megatron_m2.contrastive import describe_mode
 from megatron_m2.arithmetic import model_flops_per_sample
 from megatron_m2.training.arguments import model_overrides
 from megatron_m2.parallel import print_rank_0
@@ -54,23 +55,6 @@ def _objectives_note(step_config: StepConfig, args: argparse.Namespace) -> str:
     terms = ["L_ITC"] + [f"{args.cmim_weight:g} x L_CMIM (image mask ratio {args.image_mask_ratio:.3f})"] * \
         objectives.cmim + [f"{args.cmlm_weight:g} x L_CMLM (text mask prob {args.text_mask_prob:g})"] * objectives.cmlm
     return "objective " + " + ".join(terms)
-
-
-def _accumulation_note(step_config: StepConfig, args: argparse.Namespace) -> str:
-    if step_config.accumulates:
-        note = "GBA-ITC batch accumulation over the step's micro-batches: one extra forward"
-    elif step_config.num_microbatches > 1 and step_config.itc_batch_accumulation == "memory":
-        note = ("--itc-batch-accumulation memory: one loss per micro-batch, the step's earlier micro-batches' "
-                "features as detached negatives")
-    elif step_config.num_microbatches > 1:
-        note = "--itc-batch-accumulation off: one loss per micro-batch"
-    else:
-        note = "one micro-batch per step"
-    if args.itc_queue_size:
-        note += (f"; a queue of {args.itc_queue_size} earlier pairs' features per ITC group, "
-                 + (f"encoded by momentum towers (EMA {args.momentum_towers:g}): one more forward-only pass"
-                    if args.momentum_towers else "the online model's"))
-    return note
 
 
 def _next_step_config(args: argparse.Namespace, consumed_samples: int, current: StepConfig) -> StepConfig:
@@ -231,13 +215,15 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
         for step in checkpointing.finalize_async_saves(blocking=blocking):
             print_rank_0(f"saved checkpoint {checkpointing.checkpoint_dir(args.save, step)} (async)")
 
+    how = describe_mode(args.itc_batch_accumulation, step_config.num_microbatches, args.itc_queue_size,
+                        args.momentum_towers)
     print_rank_0(f"training {args.model} ({model.spec} layer spec, {'bf16' if args.bf16 else 'fp32'}) for "
                  f"{args.train_iters} iterations: TP {layout.tensor_model_parallel_size} "
                  f"PP {layout.pipeline_model_parallel_size} DP {layout.data_parallel_size} ITC group "
                  f"{layout.itc_group_size}, global batch {get_current_global_batch_size()} = "
                  f"{step_config.num_microbatches} micro-batches of {args.micro_batch_size} per data-parallel rank; "
                  f"contrastive batch {contrastive_batch_of(args, get_current_global_batch_size()).describe()} "
-                 f"({_accumulation_note(step_config, args)}); {_objectives_note(step_config, args)}")
+                 f"({how}); {_objectives_note(step_config, args)}")
     if args.rampup_batch_size:
         start, increment, samples = args.rampup_batch_size
         print_rank_0(f"batch size ramp-up: global batch {start} to {args.global_batch_size} by {increment} over "
