@@ -12,8 +12,9 @@ image travel in the same tensor, [S_img + S_txt + S_img' + S_txt', b, h] with S_
 S_txt' = S_txt when CMLM is on: one tensor shape per schedule call, whatever the objectives. Inside a stage each tower
 runs once over its unmasked and masked streams side by side along the batch ([S, 2b, h]: one set of larger matmuls,
 not two calls), or, when training draws random masks (dropout, drop path), in two calls, the masked one (and the
-decoders) on generators of its own (megatron_m2/random_state.py). The last stage's decoders (models/decoders.py) then read the unmasked streams as keys/values and the
-masked ones as queries; the VL layers and the ITC heads see only the unmasked streams.
+decoders) on generators of its own (megatron_m2/random_state.py). The last stage's decoders (models/decoders.py)
+then read the unmasked streams as keys/values and the masked ones as queries; the VL layers and the ITC heads see
+only the unmasked streams.
 """
 from __future__ import annotations
 
