@@ -1,17 +1,17 @@
 """--rampup-batch-size end to end: the per-step global batches follow megatron-core's calculator, the learning-rate
 schedule counts samples, and a run stopped mid-ramp resumes on the same batches, learning rates and losses.
 
-One process (CPU), the tiny preset on the digits data, micro-batches of 4: the ramp 4 -> 16 by 4 over 24 samples
+One rank (CPU, on the worker pool), the tiny preset on the digits data, micro-batches of 4: the ramp 4 -> 16 by 4 over 24 samples
 (8 samples per increment) gives the global batches 4, 4, 8, 12, then 16 (6 steps for 60 samples).
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_m2.testing import run_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +20,12 @@ WARMUP_SAMPLES, PEAK_LR = 16, 5e-4
 
 
 def _train(data: Path, run_dir: Path, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "megatron_m2.train", "--model", "tiny", "--micro-batch-size", "4",
-           "--global-batch-size", "16", "--train-samples", "60", "--rampup-batch-size", "4", "4", "24",
-           "--lr", str(PEAK_LR), "--lr-warmup-samples", str(WARMUP_SAMPLES), "--log-interval", "1", "--seed", "5",
-           "--num-workers", "0", "--data-path", str(data / "data" / "train"),
-           "--tokenizer-model", str(data / "tokenizer.model"), "--metrics-file", str(run_dir / "metrics.jsonl"),
-           *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    argv = ["--model", "tiny", "--micro-batch-size", "4", "--global-batch-size", "16", "--train-samples", "60",
+            "--rampup-batch-size", "4", "4", "24", "--lr", str(PEAK_LR), "--lr-warmup-samples", str(WARMUP_SAMPLES),
+            "--log-interval", "1", "--seed", "5", "--num-workers", "0", "--data-path", str(data / "data" / "train"),
+            "--tokenizer-model", str(data / "tokenizer.model"), "--metrics-file", str(run_dir / "metrics.jsonl"),
+            *extra]
+    result = run_trainer(1, argv)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_m2.testing import run_command
+
 pytestmark = pytest.mark.slow
 ITERS = 250
 
@@ -60,11 +62,11 @@ def test_training_lifts_zero_shot_accuracy_well_above_the_untrained_model(traine
 def test_standalone_eval_reproduces_the_in_training_numbers_at_another_layout(demo_data, trained, tmp_path):
     run_dir, _, final = trained
     output = tmp_path / "results.json"
-    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                   "-m", "megatron_m2.eval", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                   "--load", str(run_dir / "ckpt"),
-                   "--tokenizer-model", str(demo_data / "tokenizer.model"), *_eval_flags(demo_data),
-                   "--output", str(output)])
+    # `torchrun --nproc-per-node=4 -m megatron_m2.eval ...`, on the worker pool
+    result = run_command(4, "megatron_m2.eval.__main__", [
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--load", str(run_dir / "ckpt"),
+        "--tokenizer-model", str(demo_data / "tokenizer.model"), *_eval_flags(demo_data), "--output", str(output)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert f"iteration {ITERS} at TP 2 PP 2" in result.stdout
     standalone = json.loads(output.read_text())
     assert standalone["iteration"] == ITERS

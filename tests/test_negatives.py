@@ -393,7 +393,7 @@ def test_plan_and_dry_run_count_the_queue_and_the_momentum_towers():
 
 # -- the trainer: resume and reshard ------------------------------------------------------------------------------
 
-def _trainer_flags(tp: int, pp: int, *extra: str) -> list[str]:
+def _trainer_flags(*extra: str) -> list[str]:
     # memory mode (2 micro-batches of 8 per step), a queue of 24 (16 pairs a step: it wraps around), momentum towers
     # with a coefficient far from 1, so a wrong EMA after a load shows in the next steps' queued features
     return ["--train-iters", "6", "--itc-batch-accumulation", "memory", "--itc-queue-size", "24",
@@ -408,17 +408,17 @@ def _momentum_tensors(path, scratch) -> dict[str, torch.Tensor]:
     return {k: v for k, v in torch.load(scratch, weights_only=False).items() if k.startswith("momentum_towers.")}
 
 
-@pytest.mark.slow  # about 80 s on the 2-core machine: two TP2 x PP2 runs (4 processes) and one TP1 x PP1 run
+@pytest.mark.slow  # about 25 s on the 2-core machine: two TP2 x PP2 runs and one TP1 x PP1 run (pooled ranks)
 def test_queue_and_momentum_towers_resume_exactly_and_reshard(demo_data, tmp_path):
     import shutil
 
     from megatron_m2.checkpoint_layout import checkpoint_dir, publish, staging_dir
-    from tests.test_training import _command, _losses, _run
+    from tests.test_training import _flags, _losses, _train
 
     reference = tmp_path / "reference"
     reference.mkdir()
-    result = _run(_command(demo_data, reference, 4, 2, 2, *_trainer_flags(2, 2, "--save", str(reference / "ckpt"),
-                                                                            "--save-interval", "3")))
+    result = _train(4, _flags(demo_data, reference, 2, 2, *_trainer_flags("--save", str(reference / "ckpt"),
+                                                                         "--save-interval", "3")))
     assert "(+ 24 queued)" in result.stdout and "momentum towers (EMA 0.5)" in result.stdout, result.stdout[-2000:]
     want = _losses(reference)
     assert sorted(want) == list(range(1, 7))
@@ -427,8 +427,8 @@ def test_queue_and_momentum_towers_resume_exactly_and_reshard(demo_data, tmp_pat
         ckpt = run_dir / "ckpt"  # the reference's checkpoint of iteration 3, as the latest of a directory
         shutil.copytree(checkpoint_dir(reference / "ckpt", 3), staging_dir(ckpt, 3))
         publish(ckpt, 3)
-        result = _run(_command(demo_data, run_dir, nproc, tp, pp, *_trainer_flags(tp, pp, "--load", str(ckpt),
-                                                                                   "--save", str(ckpt))))
+        result = _train(nproc, _flags(demo_data, run_dir, tp, pp, *_trainer_flags("--load", str(ckpt), "--save",
+                                                                                   str(ckpt))))
         assert "WARNING: --load" not in result.stdout, result.stdout[-2000:]  # the queue and towers were restored
         got = _losses(run_dir)
         assert sorted(got) == [4, 5, 6]

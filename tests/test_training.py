@@ -11,6 +11,10 @@ The runs marked MASKED train M2's full objective, ITC + CMIM + CMLM (their masks
 - a blended --data-path trains and resumes exactly;
 - with drop path, hidden and attention dropout (and the masked objectives) a PP2 run resumes onto the uninterrupted
   run's losses (every rank's random states in the checkpoint).
+
+Runs whose process matters (killed, signalled) are real torchrun launches; the others run the same command line on the
+shared worker pool (megatron_m2.testing.run_trainer), which saves each rank's seconds of imports. The real runs
+resume onto the pooled reference's losses, so the two agree.
 """
 from __future__ import annotations
 
@@ -23,15 +27,17 @@ from pathlib import Path
 
 import pytest
 
+from megatron_m2.testing import CommandRun, run_trainer
+
 pytestmark = pytest.mark.slow
 ITERS = 8
 MASKED = ("--cmlm-weight", "0.5", "--cmim-weight", "1")
 LOSSES = ("itc_loss", "cmlm_loss", "cmim_loss")
 
 
-def _command(data: Path, run_dir: Path, nproc: int, tp: int, pp: int, *extra: str) -> list[str]:
+def _torchrun(nproc: int, flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "megatron_m2.train", *_flags(data, run_dir, tp, pp, *extra)]
+            "-m", "megatron_m2.train", *flags]
 
 
 def _flags(data: Path, run_dir: Path, tp: int, pp: int, *extra: str) -> list[str]:
@@ -61,8 +67,9 @@ def _assert_same_losses(got: dict, want: dict, rel: float) -> None:
             assert value == pytest.approx(want[iteration][name], rel=rel, abs=1e-6), (iteration, name)
 
 
-def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
+def _train(world_size: int, flags: list[str]) -> CommandRun:
+    """`torchrun --nproc-per-node=world_size -m megatron_m2.train FLAGS`, on the worker pool; must succeed."""
+    result = run_trainer(world_size, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -72,7 +79,7 @@ def reference_checkpoints(demo_data, tmp_path_factory) -> tuple[dict[int, dict],
     """The uninterrupted TP2 x PP2 run with ITC + CMIM + CMLM: its per-step losses, and its checkpoints of iterations
     4 and 8 (decoders included)."""
     run_dir = tmp_path_factory.mktemp("reference")
-    _run(_command(demo_data, run_dir, 4, 2, 2, *MASKED, "--save", str(run_dir / "ckpt"), "--save-interval", "4"))
+    _train(4, _flags(demo_data, run_dir, 2, 2, *MASKED, "--save", str(run_dir / "ckpt"), "--save-interval", "4"))
     losses = _all_losses(run_dir)
     assert sorted(losses) == list(range(1, ITERS + 1))
     return losses, run_dir / "ckpt"
@@ -120,9 +127,10 @@ def test_kill9_during_async_save_resumes_from_the_last_complete_checkpoint(demo_
     import threading
 
     ckpt = tmp_path / "ckpt"
-    cmd = _command(demo_data, tmp_path, 4, 2, 2, *MASKED, "--save", str(ckpt), "--load", str(ckpt),
-                   "--save-interval", "3", "--async-save")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    flags = _flags(demo_data, tmp_path, 2, 2, *MASKED, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3",
+                   "--async-save")
+    proc = subprocess.Popen(_torchrun(4, flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     started = f"async save of {ckpt / 'iter_0000006'} started"
@@ -142,7 +150,7 @@ def test_kill9_during_async_save_resumes_from_the_last_complete_checkpoint(demo_
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert (ckpt / "iter_0000006.tmp").is_dir() and not (ckpt / "iter_0000006").exists()
     (tmp_path / "metrics.jsonl").unlink()
-    _run(cmd)
+    _train(4, flags)
     resumed = _all_losses(tmp_path)
     assert min(resumed) == 4, resumed
     _assert_same_losses(resumed, reference_run, rel=1e-5)
@@ -160,9 +168,9 @@ def test_sigterm_to_every_process_saves_exits_and_resumes_exactly(demo_data, ref
 
     num_workers = 2
     ckpt = tmp_path / "ckpt"
-    cmd = _command(demo_data, tmp_path, 4, 2, 2, *MASKED, "--save", str(ckpt), "--load", str(ckpt),
-                   "--num-workers", str(num_workers))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    flags = _flags(demo_data, tmp_path, 2, 2, *MASKED, "--save", str(ckpt), "--load", str(ckpt), "--num-workers",
+                   str(num_workers))
+    proc = subprocess.Popen(_torchrun(4, flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     _wait_for_iteration(tmp_path, 2, proc)
     trainers = psutil.Process(proc.pid).children()
@@ -178,7 +186,7 @@ def test_sigterm_to_every_process_saves_exits_and_resumes_exactly(demo_data, ref
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= saved < ITERS and (ckpt / f"iter_{saved:07d}" / "checkpoint_complete").exists()
     (tmp_path / "metrics.jsonl").unlink()
-    _run(cmd)
+    _train(4, flags)
     resumed = _all_losses(tmp_path)
     assert sorted(resumed) == list(range(saved + 1, ITERS + 1))
     _assert_same_losses(resumed, reference_run, rel=1e-5)
@@ -194,22 +202,18 @@ def test_checkpoint_loads_into_another_layout(demo_data, reference_checkpoints, 
     shutil.copytree(checkpoint_dir(reference_ckpt, 4), staging_dir(ckpt, 4))
     publish(ckpt, 4)
     # a changed schedule is refused before anything is built, naming the two ways out
-    changed = subprocess.run([sys.executable, "-m", "megatron_m2.train",
-                              *_flags(demo_data, tmp_path, 1, 1, *MASKED, "--load", str(ckpt), "--train-iters", "12")],
-                             capture_output=True, text=True, timeout=300)
+    changed = run_trainer(1, _flags(demo_data, tmp_path, 1, 1, *MASKED, "--load", str(ckpt), "--train-iters", "12"))
     assert changed.returncode == 2 and "lr_decay_steps: checkpoint 8 vs flags 12" in changed.stderr, changed.stderr
     assert "--override-opt-param-scheduler" in changed.stderr and "parameters" not in changed.stdout
     # so is a resume with the optimizer's state but without the objectives whose decoders it holds
-    dropped = subprocess.run([sys.executable, "-m", "megatron_m2.train",
-                              *_flags(demo_data, tmp_path, 1, 1, "--load", str(ckpt))],
-                             capture_output=True, text=True, timeout=300)
+    dropped = run_trainer(1, _flags(demo_data, tmp_path, 1, 1, "--load", str(ckpt)))
     assert dropped.returncode == 2 and "trained with the masked-modelling objectives [cmim, cmlm]" in \
         dropped.stderr and "--no-load-optim" in dropped.stderr, dropped.stderr
     second = tmp_path / "tp1pp1"
     second.mkdir()
     # 3 steps at TP1 x PP1 from the TP2 x PP2 checkpoint (megatron reshards the towers and the decoders) agree with
     # the TP2 x PP2 run on all three losses
-    _run(_command(demo_data, second, 1, 1, 1, *MASKED, "--load", str(ckpt), "--exit-interval", "7"))
+    _train(1, _flags(demo_data, second, 1, 1, *MASKED, "--load", str(ckpt), "--exit-interval", "7"))
     resumed = _all_losses(second)
     assert sorted(resumed) == [5, 6, 7]
     _assert_same_losses(resumed, reference_run, rel=1e-5)
@@ -225,8 +229,7 @@ def test_micro_batches_accumulate_into_one_contrastive_batch(demo_data, tmp_path
         run_dir.mkdir()
         flags = _flags(demo_data, run_dir, tp, 1, *MASKED, "--train-iters", "4")
         flags[flags.index("--micro-batch-size") + 1] = str(micro)
-        result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                       "-m", "megatron_m2.train", *flags])
+        result = _train(nproc, flags)
         assert "contrastive batch 16 pairs per ITC group" in result.stdout, result.stdout[-2000:]
         runs[name] = _all_losses(run_dir)
     assert sorted(runs["tp2_micro4"]) == [1, 2, 3, 4]
@@ -248,7 +251,7 @@ def test_blended_data_path_trains_and_resumes_exactly(demo_data, tmp_path):
         flags[at:at + 2] = blend
         if name != "straight":
             flags += ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
-        _run([sys.executable, "-m", "megatron_m2.train", *flags])
+        _train(1, flags)
         runs[name] = _losses(run_dir)
     assert sorted(runs["straight"]) == list(range(1, 7)) and sorted(runs["resumed"]) == list(range(1, 7))
     for iteration, loss in runs["straight"].items():
@@ -264,9 +267,8 @@ def test_a_resume_at_another_data_parallel_size_continues_the_data(demo_data, tm
     # trainer takes that path: every old rank's position from the checkpoint, the job's sample counts going on)
     ckpt = tmp_path / "ckpt"
     flags = _flags(demo_data, tmp_path, 1, 1, "--train-iters", "6", "--save", str(ckpt), "--load", str(ckpt))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-          "megatron_m2.train", *flags, "--exit-interval", "3"])
-    resumed = _run([sys.executable, "-m", "megatron_m2.train", *flags])
+    _train(2, [*flags, "--exit-interval", "3"])
+    resumed = _train(1, flags)
     assert "data-parallel size 2 in the checkpoint, 1 now: the data continues the old ranks' epochs" in resumed.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -288,7 +290,7 @@ def test_drop_path_and_dropout_resume_exactly(demo_data, tmp_path):
         run_dir.mkdir(exist_ok=True)
         if name != "straight":
             extra = extra + ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
-        result = _run([sys.executable, "-m", "megatron_m2.train", *_flags(demo_data, run_dir, 1, 1, *randomness, *extra)])
+        result = _train(1, _flags(demo_data, run_dir, 1, 1, *randomness, *extra))
         runs[name] = _all_losses(run_dir)
         if name == "resumed":
             assert "random states restored" in result.stdout, result.stdout[-2000:]
