@@ -10,9 +10,10 @@ import logging
 import os
 import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -168,6 +169,24 @@ def destroy_model_parallel() -> None:
         # hold theirs in reference cycles: without a collection a worker that ran a few dozen layouts kept ~400
         # groups' threads alive (1,200 threads per process, load average 170 on 2 cores)
         gc.collect()
+
+
+@contextmanager
+def command_process_groups() -> Iterator[None]:
+    """The process groups of one command (the trainer, the evaluator): when it ends normally, every group it made is
+    destroyed, the default one too if it was made here (not in a process that made it before: the tests' workers).
+
+    torch asks for this at the end of main(). Without it, gloo's worker threads can still hold finished work when the
+    interpreter shuts down and abort the process (SIGABRT, "terminate called without an active exception",
+    pytorch#190489) after a run that succeeded, which torchrun and Slurm report as a failed job; seen once in CI at
+    TP 2 with --sequence-parallel. After an error nothing is destroyed: the peers may be inside a collective, and
+    destroying would wait for them.
+    """
+    created = not dist.is_initialized()
+    yield
+    destroy_model_parallel()
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_logging_rank() -> bool:

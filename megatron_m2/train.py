@@ -17,9 +17,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             dry_run(args)
             return 0
+        from megatron_m2.parallel import command_process_groups
         from megatron_m2.training.loop import pretrain
 
-        pretrain(args, eval_fn=_eval_fn(args))
+        with command_process_groups():
+            pretrain(args, eval_fn=_eval_fn(args))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

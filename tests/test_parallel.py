@@ -55,6 +55,38 @@ def test_destroy_frees_the_process_groups_and_their_threads():
     assert many == once, (once, many)
 
 
+def _groups_around_a_command():
+    from megatron.core import parallel_state as ps
+
+    with parallel.command_process_groups():
+        parallel.initialize_model_parallel(2, 2)
+        inside = len(dist.distributed_c10d._world.pg_map)
+    return inside, len(dist.distributed_c10d._world.pg_map), ps.model_parallel_is_initialized(), dist.is_initialized()
+
+
+_FRESH_COMMAND = """
+import torch.distributed as dist
+from megatron_m2 import parallel
+with parallel.command_process_groups():
+    parallel.initialize_model_parallel(1, 1)
+    assert dist.is_initialized()
+print(dist.is_initialized())
+"""
+
+
+def test_a_command_destroys_the_process_groups_it_made_when_it_ends():
+    # a worker that made the default group before the command keeps it (the tests' pools); the command's own go
+    for inside, after, model_parallel, default in run_distributed(4, _groups_around_a_command):
+        assert inside > 1 and after == 1 and not model_parallel and default
+    # a process whose command made the default group (python -m megatron_m2.train) ends without any: gloo's threads
+    # are joined before the interpreter exits, not in its teardown (pytorch#190489: SIGABRT after a good run)
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FRESH_COMMAND], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split() == ["False"], result.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "world,tp,pp,group,flag",
     [

@@ -103,8 +103,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_m2 import parallel
+
     try:
-        evaluate_checkpoint(args)
+        with parallel.command_process_groups():
+            evaluate_checkpoint(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
