@@ -163,12 +163,14 @@ def destroy_model_parallel() -> None:
     if dist.is_initialized():
         # torch has no public list of process groups; `_world.pg_map` is where destroy_process_group looks them up
         world = dist.distributed_c10d._world
-        for group in [g for g in world.pg_map if g is not dist.GroupMember.WORLD]:
+        groups = [g for g in world.pg_map if g is not dist.GroupMember.WORLD]
+        for group in groups:
             dist.destroy_process_group(group)
         # a destroyed group's threads end only when its last reference goes, and models, DDP wrappers and optimizers
         # hold theirs in reference cycles: without a collection a worker that ran a few dozen layouts kept ~400
         # groups' threads alive (1,200 threads per process, load average 170 on 2 cores)
-        gc.collect()
+        if groups:
+            gc.collect()
 
 
 @contextmanager
