@@ -169,7 +169,8 @@ def run_distributed(world_size: int, fn: Callable, *args, **kwargs) -> list:
     """
     pool = _POOLS.get(world_size)
     if pool is None or not pool.alive:
-        pool = _POOLS[world_size] = WorkerPool(world_size)
+        # the machine's cores shared by the ranks, as torchrun's processes share them (one each when oversubscribed)
+        pool = _POOLS[world_size] = WorkerPool(world_size, num_threads=max(1, (os.cpu_count() or 1) // world_size))
     return pool.run(fn, *args, **kwargs)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from megatron_m2 import parallel
 from megatron_m2.config import load_config
-from megatron_m2.testing import forking_allowed, run_distributed
+from megatron_m2.testing import forking_allowed, run_command, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 4
@@ -98,12 +98,9 @@ def _load_and_compare(original_root, converted_root, backbone_heads, decoders=Fa
     return diffs, sorted(a) == sorted(b), _embeddings(models[1], config), fresh
 
 
-def _convert_from_hf(hf_dir, out_root, tp=1, pp=1):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_from_hf.py"), "--hf-input", str(hf_dir),
-                           "--save", str(out_root), "--tensor-model-parallel-size", str(tp),
-                           "--pipeline-model-parallel-size", str(pp)],
-                          env=env, capture_output=True, text=True, timeout=300)
+def _convert_from_hf_flags(hf_dir, out_root, tp=1, pp=1) -> list[str]:
+    return ["--hf-input", str(hf_dir), "--save", str(out_root), "--tensor-model-parallel-size", str(tp),
+            "--pipeline-model-parallel-size", str(pp)]
 
 
 @pytest.mark.slow
@@ -136,7 +133,7 @@ def test_round_trip_tp2pp2_to_hf_to_tp1pp1_is_bit_exact(tmp_path, capsys, backbo
         torch.testing.assert_close(hf.get_text_features(ids, (~padding).long()), text_ref, atol=1e-5, rtol=0)
 
     converted = tmp_path / "megatron_tp1pp1"
-    result = _convert_from_hf(hf_dir, converted)
+    result = run_command(1, "tools.convert_from_hf", _convert_from_hf_flags(hf_dir, converted))  # on the pool
     assert result.returncode == 0, result.stderr[-3000:]
     diffs, same_keys, (image, text), fresh = run_distributed(4, _load_and_compare, str(original), str(converted),
                                                              backbone_heads, True)[0]
@@ -161,7 +158,10 @@ def test_convert_from_hf_layout_error(tmp_path):
 
     config = load_config("tiny")
     save_hf_folder(M2EncoderModel(M2EncoderConfig(**config.to_dict())), tmp_path / "hf")
-    result = _convert_from_hf(tmp_path / "hf", tmp_path / "out", tp=3)  # 4 heads: TP 3 cannot split them
+    # the script itself (4 heads: TP 3 cannot split them)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_from_hf.py"),
+                             *_convert_from_hf_flags(tmp_path / "hf", tmp_path / "out", tp=3)],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--tensor-model-parallel-size 3" in result.stderr
     assert not (tmp_path / "out").exists()
 

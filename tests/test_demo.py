@@ -1,19 +1,18 @@
 """The embedded default end to end (what `make demo` runs, shortened): train the tiny preset on the digits with
 zero-shot evaluation at the start and the end. The trained model must beat the untrained one clearly in both prompt
 languages and in retrieval, and the standalone evaluator (`python -m megatron_m2.eval`) must reproduce the
-in-training numbers from the checkpoint at another layout. Training runs at TP=1 x PP=1 (one process: 4 on 2 cores
-took 2.5 minutes of the suite; TP2 x PP2 training is tested in test_training.py) and the evaluator at TP=2 x PP=2.
+in-training numbers from the checkpoint at another layout. Training runs at TP=1 x PP=1 (one rank: 4 on 2 cores
+took 2.5 minutes of the suite; TP2 x PP2 training is tested in test_training.py) and the evaluator at TP=2 x PP=2,
+both on the worker pool (megatron_m2.testing.run_command: the command lines, without each process's imports).
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_m2.testing import run_command
+from megatron_m2.testing import run_command, run_trainer
 
 pytestmark = pytest.mark.slow
 ITERS = 250
@@ -29,21 +28,16 @@ def _eval_flags(data: Path) -> list[str]:
             "--fine-grained-data", str(data / "data" / "fine_grained.jsonl"), "--eval-batch-size", "128"]
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo_run")
-    _run([sys.executable, "-m", "megatron_m2.train", "--model", "tiny",
-          "--micro-batch-size", "32", "--global-batch-size", "32", "--train-iters", str(ITERS),
-          "--lr", "1e-3", "--min-lr", "1e-5", "--lr-warmup-iters", "20", "--weight-decay", "0.05", "--no-hflip",
-          "--seed", "7", "--log-interval", "25", "--eval-interval", str(ITERS), "--eval-at-start",
-          "--data-path", str(demo_data / "data" / "train"), "--tokenizer-model", str(demo_data / "tokenizer.model"),
-          *_eval_flags(demo_data), "--save", str(run_dir / "ckpt"), "--metrics-file", str(run_dir / "metrics.jsonl")])
+    result = run_trainer(1, [  # `python -m megatron_m2.train ...`, on the one-rank worker pool
+        "--model", "tiny", "--micro-batch-size", "32", "--global-batch-size", "32", "--train-iters", str(ITERS),
+        "--lr", "1e-3", "--min-lr", "1e-5", "--lr-warmup-iters", "20", "--weight-decay", "0.05", "--no-hflip",
+        "--seed", "7", "--log-interval", "25", "--eval-interval", str(ITERS), "--eval-at-start",
+        "--data-path", str(demo_data / "data" / "train"), "--tokenizer-model", str(demo_data / "tokenizer.model"),
+        *_eval_flags(demo_data), "--save", str(run_dir / "ckpt"), "--metrics-file", str(run_dir / "metrics.jsonl")])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["iteration"] for e in evals] == [0, ITERS]

@@ -18,6 +18,7 @@ from megatron_m2.errors import ConfigError
 from megatron_m2.hf.configuration_m2 import M2EncoderConfig
 from megatron_m2.hf.export import save_hf_folder
 from megatron_m2.hf.modeling_m2 import M2EncoderModel
+from megatron_m2.testing import run_command
 from tests.glm import GLM_MODEL, needs_glm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,10 +324,10 @@ def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("converted")
     sd = _official_state_dict(seed=4, vocab_size=115244)
     torch.save({"state_dict": sd}, tmp / "m2.ckpt")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "import_official.py"), "--checkpoint",
-                             str(tmp / "m2.ckpt"), "--megatron-output", str(tmp / "megatron"),
-                             "--num-attention-heads", "4", "--max-text-length", "16"],
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    # (tools/import_official.py on the one-rank worker pool; test_convert.py runs the script itself)
+    result = run_command(1, "tools.import_official", ["--checkpoint", str(tmp / "m2.ckpt"), "--megatron-output",
+                                                      str(tmp / "megatron"), "--num-attention-heads", "4",
+                                                      "--max-text-length", "16"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert _tool("convert_to_hf").main(["--load", str(tmp / "megatron"), "--hf-output", str(tmp / "hf"),
                                         "--tokenizer-model", str(GLM_MODEL), "--no-progress"]) == 0

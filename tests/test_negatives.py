@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 
 from megatron_m2 import parallel
 from megatron_m2.errors import ConfigError
-from megatron_m2.testing import forking_allowed, run_distributed
+from megatron_m2.testing import forking_allowed, run_command, run_distributed
 from tests.test_step import (DP, GLOBAL_BATCH, MICRO_BATCH, NUM_MICROBATCHES, PP, TOL, TP, WORLD, _global_batch,
                              _rows, _trainer_args)
 
@@ -379,15 +377,13 @@ def test_plan_and_dry_run_count_the_queue_and_the_momentum_towers():
     assert momentum.memory["params"] == pytest.approx(plain.memory["params"] + 6 * n)
     assert plain.extra_forward == 0 and momentum.extra_forward == pytest.approx(1 / 3)
     assert momentum.time["compute"] > plain.time["compute"]
-    result = subprocess.run([sys.executable, "tools/plan.py", "--model", "0.4b", "--num-gpus", "8",
-                             "--global-batch-size", "512", "--itc-batch-accumulation", "memory", "--itc-batch", "0",
-                             "--itc-queue-size", "4096", "--momentum-towers", "0.995", "--top", "1"],
-                            capture_output=True, text=True, timeout=120)
+    result = run_command(1, "tools.plan", ["--model", "0.4b", "--num-gpus", "8", "--global-batch-size", "512",
+                                           "--itc-batch-accumulation", "memory", "--itc-batch", "0",
+                                           "--itc-queue-size", "4096", "--momentum-towers", "0.995", "--top", "1"])
     assert result.returncode == 0, result.stderr
     assert "negatives per row (the step's earlier micro-batches' features, detached) (+ 4096 queued)" in \
         result.stdout and "momentum towers" in result.stdout
-    refused = subprocess.run([sys.executable, "tools/plan.py", "--num-gpus", "8", "--momentum-towers", "0.9"],
-                             capture_output=True, text=True, timeout=120)
+    refused = run_command(1, "tools.plan", ["--num-gpus", "8", "--momentum-towers", "0.9"])
     assert refused.returncode == 2 and "--itc-queue-size" in refused.stderr
 
 

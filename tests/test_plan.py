@@ -13,6 +13,7 @@ import pytest
 from megatron_m2 import arithmetic, planner
 from megatron_m2.config import layers_per_stage, load_config, padded_vocab_size
 from megatron_m2.errors import ConfigError
+from megatron_m2.testing import CommandRun, run_command, run_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = planner.GB
@@ -159,9 +160,10 @@ def test_impossible_layouts_are_config_errors():
         planner.plan_layout(config, 32, 8, 1, training=planner.Training(global_batch_size=100))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools" / "plan.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+def _cli(*args: str) -> CommandRun:
+    """`python tools/plan.py ARGS`, run as its main(argv) on the one-rank worker pool (--measure trains: the pool has
+    torch and megatron-core imported); test_cli_help_and_clear_errors runs the script itself."""
+    return run_command(1, "tools.plan", args)
 
 
 def test_cli_lists_fitting_layouts():
@@ -174,7 +176,9 @@ def test_cli_lists_fitting_layouts():
 
 
 def test_cli_help_and_clear_errors():
-    assert _cli("--help").returncode == 0
+    script = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert script.returncode == 0 and "--num-gpus" in script.stdout, script.stderr
     bad = _cli("--model", "10b", "--num-gpus", "0")
     assert bad.returncode == 2 and "--num-gpus must be >= 1" in bad.stderr
     bad = _cli("--model", "20b", "--num-gpus", "8")
@@ -185,7 +189,7 @@ def test_cli_help_and_clear_errors():
     assert nothing.returncode == 1 and "nothing fits" in nothing.stderr
 
 
-@pytest.mark.slow  # two real training steps of the tiny preset in a subprocess (~15 s, mostly imports)
+@pytest.mark.slow  # two real training steps of the tiny preset
 @pytest.mark.parametrize("recompute,objectives", [("none", ()), ("full", ()),
                                                   ("none", ("--cmlm-weight", "1", "--cmim-weight", "1"))],
                          ids=["none", "full", "none-cmlm-cmim"])
@@ -366,10 +370,9 @@ def test_masked_modelling_adds_decoders_masked_streams_and_flops():
 
 
 def test_dry_run_and_cli_count_the_decoders():
-    dry = subprocess.run([sys.executable, "-m", "megatron_m2.train", "--model", "1b", "--dry-run", "--world-size", "16",
-                          "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                          "--micro-batch-size", "8", "--global-batch-size", "1024", "--cmlm-weight", "1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    dry = run_trainer(1, ["--model", "1b", "--dry-run", "--world-size", "16", "--tensor-model-parallel-size", "2",
+                          "--pipeline-model-parallel-size", "2", "--micro-batch-size", "8", "--global-batch-size",
+                          "1024", "--cmlm-weight", "1"])
     assert dry.returncode == 0, dry.stderr[-2000:]
     decoders = arithmetic.decoder_parameters(load_config("1b"), 2, arithmetic.MaskedPasses(cmlm=True))
     assert f"masked modelling: CMLM: {decoders.total / 1e6:.1f}M decoder parameters on the last stage" in dry.stdout
