@@ -235,10 +235,10 @@ class ImageTextBatches:
         with workers.starting():
             return iter(loader)
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, hung: bool = False) -> None:
         it, self._iter = self._iter, None
         if it is not None:
-            workers.stop(it)
+            workers.stop(it, hung)
 
     def close(self) -> None:
         """Stops the worker processes (also done at exit). A later next() starts new ones and goes on with exactly
@@ -295,10 +295,10 @@ class ImageTextBatches:
                      list(self._last_good_epoch))
         try:
             return self._next_batch()
-        except BaseException:
+        except BaseException as error:
             # No batch was returned: the position stays that of the last one (a checkpoint taken after a caught
             # error stays exact), and a later next() restarts the workers from there.
-            self._stop_workers()
+            self._stop_workers(hung=isinstance(error, workers.DataTimeoutError))
             positions, counts, self._samples, self._corrupt, last_good = committed
             self._set_position(positions, counts)
             self._last_good_epoch = last_good

@@ -72,12 +72,26 @@ def next_batch(iterator, timeout: float):
         raise
 
 
-def stop(iterator) -> None:
+def stop(iterator, hung: bool = False) -> None:
     """Stop the iterator's workers now (rather than whenever it is collected); kill the ones torch's shutdown left
-    alive (a worker hung while holding the interpreter lock cannot take its SIGTERM)."""
+    alive (a worker hung while holding the interpreter lock cannot take its SIGTERM).
+
+    hung: the iterator timed out (DataTimeoutError), so a worker is stuck: kill them all first. torch's shutdown
+    would wait 5 s (its status-check interval) for each one that does not end, before the caller can go on or
+    exit; the iterator is thrown away anyway (a later next() starts new workers)."""
     if not hasattr(iterator, "_shutdown_workers"):
         return
     workers = list(getattr(iterator, "_workers", []))
+    if hung and getattr(iterator, "_worker_pids_set", False):
+        # out of torch's SIGCHLD watch first, which would raise "worker killed by signal" over the timeout error
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    if hung:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
     iterator._shutdown_workers()
     for worker in workers:
         if worker.is_alive():
