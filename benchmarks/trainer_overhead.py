@@ -1,6 +1,7 @@
 """The trainer against a plain PyTorch loop of the same math, on CPU: what the trainer's machinery costs per step.
 
     .venv/bin/python -m benchmarks.trainer_overhead [--rounds 3] [--steps 12] [--write]
+    .venv/bin/python -m benchmarks.trainer_overhead --breakdown   # the models alone, one linear layer
 
 Both sides train the same model shape (`MODEL`: 4 layers = 3 backbone + 1 VL, hidden 256, 32 px images, batch 64,
 fp32, TP1 PP1, one process) on the same data iterator (the trainer's loader over the demo's digit shards, which
@@ -100,6 +101,78 @@ def plain_loop(data_dir: Path, steps: int) -> list[float]:
     return times[WARMUP_STEPS:]
 
 
+def breakdown(reps: int = 8) -> dict[str, float]:
+    """Median milliseconds, interleaved in this process: the two models alone (forward + backward of the CLIP loss,
+    and forward without grad) on one batch, then one megatron-core ColumnParallelLinear against nn.Linear at the
+    models' largest shape, and the two orders of its weight-gradient product. Where the trainer's step differs from
+    the plain loop's once the machinery around it is taken away."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_m2 import parallel
+    from megatron_m2.config import M2Config
+    from megatron_m2.hf.convert import hf_config_from_m2
+    from megatron_m2.hf.modeling_m2 import M2EncoderModel
+    from megatron_m2.models import build_model
+
+    parallel.initialize_model_parallel(1, 1)
+    config = M2Config(**MODEL)
+    torch.manual_seed(0)
+    megatron_model = build_model(config, spec="local")
+    hf_model = M2EncoderModel(hf_config_from_m2(config)).train()
+    images = torch.randn(BATCH, 3, config.image_size, config.image_size)
+    ids = torch.randint(0, config.vocab_size, (BATCH, config.max_text_length))
+    padding = torch.zeros(BATCH, config.max_text_length, dtype=torch.bool)
+    labels = torch.arange(BATCH)
+
+    def clip(image, text, scale):
+        logits = scale * image @ text.t()
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    def megatron_step(grad: bool = True):
+        with torch.set_grad_enabled(grad):
+            image, text = megatron_model(images, ids, padding)[:2]
+            if grad:
+                clip(image, text, megatron_model.logit_scale.exp()).backward()
+
+    def hf_step(grad: bool = True):
+        with torch.set_grad_enabled(grad):
+            image = hf_model.get_image_features(images)
+            text = hf_model.get_text_features(ids, (~padding).long())
+            if grad:
+                clip(image, text, hf_model.logit_scale.exp()).backward()
+
+    tokens, hidden, ffn = (config.vision_seq_length) * BATCH, config.hidden_size, config.ffn_hidden_size
+    linear_config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=config.num_attention_heads,
+                                      use_cpu_initialization=True)
+    column = ColumnParallelLinear(hidden, ffn, config=linear_config, init_method=torch.nn.init.normal_, bias=True,
+                                  gather_output=False)
+    linear = torch.nn.Linear(hidden, ffn)
+    x = torch.randn(config.vision_seq_length, BATCH, hidden, requires_grad=True)
+    x2, g = torch.randn(tokens, hidden), torch.randn(tokens, ffn)
+    cases = {
+        "model forward+backward: megatron-core": megatron_step,
+        "model forward+backward: HF class": hf_step,
+        "model forward (no grad): megatron-core": lambda: megatron_step(False),
+        "model forward (no grad): HF class": lambda: hf_step(False),
+        "linear forward+backward: ColumnParallelLinear": lambda: column(x)[0].sum().backward(),
+        "linear forward+backward: nn.Linear": lambda: linear(x).sum().backward(),
+        "weight gradient g^T x (megatron-core)": lambda: g.t().matmul(x2),
+        "weight gradient x^T g (autograd's addmm)": lambda: x2.t().mm(g),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            case()
+            times[name].append(time.perf_counter() - start)
+    parallel.destroy_model_parallel()
+    return {name: 1000 * statistics.median(values[2:] or values) for name, values in times.items()}
+
+
 def _plain_in_subprocess(data_dir: Path, steps: int) -> list[float]:
     out = subprocess.run([sys.executable, "-m", "benchmarks.trainer_overhead", "--plain-only", "--steps", str(steps),
                           "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True)
@@ -115,9 +188,16 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="the demo's prepared data (default: a temporary one)")
     p.add_argument("--trainer-flags", default="", help="extra trainer flags, e.g. '--num-workers 1'")
     p.add_argument("--write", action="store_true", help="write the result into BENCHMARKS.md")
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead: time the two models alone and one megatron-core linear against nn.Linear (where "
+                        "the rest of the gap is)")
     p.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if args.breakdown:
+        for name, ms in breakdown().items():
+            print(f"{name:48s} {ms:8.1f} ms")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir or tmp)
         if args.plain_only:
