@@ -2,13 +2,13 @@
 
 Starting a process costs seconds (torch + megatron-core imports), so a `WorkerPool` starts its processes once and
 runs many functions in them; tests and benchmarks share it. Its processes are forked from multiprocessing's fork
-server, which imports those modules once: a pool of 8 starts in 4 s instead of 17 s on 2 cores, the next pools in
-a fraction of a second. A failing or hung function brings the whole pool down
-(the next call starts a fresh one), so one broken test cannot poison the next.
+server, which imports those modules once: a pool of 8 starts in 4 s instead of 17 s on 2 cores, later pools in a
+fraction of a second. A failing or hung function brings the whole pool down (the next call starts a fresh one), so
+one broken test cannot poison the next.
 
-`run_command` / `run_trainer` run a command line (`megatron_m2.train.main`, ...) on such a pool, for tests about what a run
-computes (losses, resume, resharding); tests about what a process does (signals, kill -9, exit codes, torchrun,
-Slurm) launch real processes.
+`run_command` / `run_trainer` run a command line (`megatron_m2.train.main`, ...) on such a pool, for tests about what
+a run computes (losses, resume, resharding); tests about what a process does (signals, kill -9, exit codes,
+torchrun, Slurm) launch real processes.
 """
 from __future__ import annotations
 
@@ -219,8 +219,8 @@ def _run_main_on_this_rank(module: str, argv: list[str]) -> tuple[int, str, str]
         with forking_allowed(), redirect_stdout(out), redirect_stderr(err):
             try:
                 code = main(argv)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
+            except SystemExit as exc:  # argparse's --help and errors; sys.exit() is 0, sys.exit("message") 1
+                code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:
         raise RuntimeError(f"{module} raised {exc!r}; its output:\n{out.getvalue()[-3000:]}\n"
                            f"{err.getvalue()[-3000:]}") from exc

@@ -1,8 +1,8 @@
 """--rampup-batch-size end to end: the per-step global batches follow megatron-core's calculator, the learning-rate
 schedule counts samples, and a run stopped mid-ramp resumes on the same batches, learning rates and losses.
 
-One rank (CPU, on the worker pool), the tiny preset on the digits data, micro-batches of 4: the ramp 4 -> 16 by 4 over 24 samples
-(8 samples per increment) gives the global batches 4, 4, 8, 12, then 16 (6 steps for 60 samples).
+One rank (CPU, on the worker pool), the tiny preset on the digits data, micro-batches of 4: the ramp 4 -> 16 by 4
+over 24 samples (8 samples per increment) gives the global batches 4, 4, 8, 12, then 16 (6 steps for 60 samples).
 """
 from __future__ import annotations
 
