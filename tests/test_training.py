@@ -101,18 +101,34 @@ def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, t
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers at once (torchrun starts each worker in a session of its own, so killing
-    torchrun's process group alone would leave the workers training)."""
+    """SIGKILL torchrun and all its descendants at once (torchrun starts each worker in a session of its own, so
+    killing torchrun's process group alone would leave the workers training).
+
+    The tree is frozen first (SIGSTOP, then a fresh look for children, until no new one appears): a process forked
+    between one look and the kill, such as an async save's writer, would otherwise outlive the test as an orphan
+    blocked on a pipe (one was found holding 335 MB an hour later)."""
     import psutil
 
-    parent = psutil.Process(proc.pid)
-    victims = [parent, *parent.children(recursive=True)]
-    for victim in victims:
+    def tree() -> set:
+        try:
+            return {psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    stopped: set = set()
+    while new := tree() - stopped:
+        for victim in new:
+            try:
+                victim.send_signal(signal.SIGSTOP)
+            except psutil.NoSuchProcess:  # a short-lived child (a loader worker) exited on its own meanwhile
+                pass
+        stopped |= new
+    for victim in stopped:
         try:
             victim.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:  # a short-lived child (a loader worker, a save writer) exited on its own meanwhile
+        except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=30)
+    psutil.wait_procs(list(stopped), timeout=30)
     proc.wait()
 
 
