@@ -169,8 +169,11 @@ def run_distributed(world_size: int, fn: Callable, *args, **kwargs) -> list:
     """
     pool = _POOLS.get(world_size)
     if pool is None or not pool.alive:
-        # the machine's cores shared by the ranks, as torchrun's processes share them (one each when oversubscribed)
-        pool = _POOLS[world_size] = WorkerPool(world_size, num_threads=max(1, (os.cpu_count() or 1) // world_size))
+        from megatron_m2.data.loader import cores_per_local_rank
+
+        # the cores shared by the ranks, as torchrun's processes share them (one each when oversubscribed)
+        threads = max(1, cores_per_local_rank(local_world_size=world_size))
+        pool = _POOLS[world_size] = WorkerPool(world_size, num_threads=threads)
     return pool.run(fn, *args, **kwargs)
 
 

@@ -82,13 +82,13 @@ def stop(iterator, hung: bool = False) -> None:
     if not hasattr(iterator, "_shutdown_workers"):
         return
     workers = list(getattr(iterator, "_workers", []))
-    if hung and getattr(iterator, "_worker_pids_set", False):
-        # out of torch's SIGCHLD watch first, which would raise "worker killed by signal" over the timeout error
-        from torch.utils.data._utils import signal_handling
-
-        signal_handling._remove_worker_pids(id(iterator))
-        iterator._worker_pids_set = False
     if hung:
+        if getattr(iterator, "_worker_pids_set", False):
+            # out of torch's SIGCHLD watch first, which would raise "worker killed by signal" over the timeout error
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
         for worker in workers:
             if worker.is_alive():
                 worker.kill()

@@ -66,6 +66,8 @@ def _check(args: argparse.Namespace, world_size: int):
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
+    """Load --load at the flags' layout and evaluate it; the caller ends the layout (main's command_process_groups,
+    once the model is gone)."""
     import torch.distributed as dist
 
     from megatron_m2 import parallel
@@ -97,7 +99,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
         protocol = resolve_protocol(args.eval_protocol, config, args.caption_normalization).name
         Path(args.output).write_text(json.dumps({"load": args.load, "iteration": iteration, "eval_protocol": protocol,
                                                  **results}, indent=1))
-    parallel.destroy_model_parallel()
     return results
 
 
