@@ -68,12 +68,14 @@ def _check(args: argparse.Namespace, world_size: int):
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     """Load --load at the flags' layout and evaluate it; the caller ends the layout (main's command_process_groups,
     once the model is gone)."""
+    import torch
     import torch.distributed as dist
 
     from megatron_m2 import parallel
     from megatron_m2.data import check_vocab, load_tokenizer
     from megatron_m2.eval.protocol import resolve_protocol
     from megatron_m2.eval.runner import encode_forward_step, make_eval_fn
+    from megatron_m2.host_memory import keep_freed_host_memory
     from megatron_m2.models import build_model
     from megatron_m2 import checkpointing
     from megatron_m2.parallel import print_rank_0
@@ -84,6 +86,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     args.model_config = config
     evaluate = make_eval_fn(args)  # reads the class folders and name files: bad inputs fail before the model
 
+    if not torch.cuda.is_available():  # one batch's activations re-use the last one's memory (host_memory.py)
+        keep_freed_host_memory()
     parallel.initialize_distributed()
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
     model = build_model(config, spec=args.spec)

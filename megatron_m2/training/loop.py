@@ -104,6 +104,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     from megatron_m2.data import (build_replica_train_data, check_vocab, cores_per_local_rank, default_num_workers,
                                   load_tokenizer, name_sources, parse_data_path, reduce_stats)
     from megatron_m2.data.masking import build_masker
+    from megatron_m2.host_memory import keep_freed_host_memory
     from megatron_m2.models import build_model
 
     layout = args.layout
@@ -120,6 +121,8 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if resume and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
         checkpointing.check_schedule(args.load, schedule(args))
 
+    if not torch.cuda.is_available():  # each step's activations re-use the last step's memory (host_memory.py)
+        keep_freed_host_memory()
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed,
                                        distributed_timeout_minutes=args.distributed_timeout_minutes)
