@@ -1,6 +1,6 @@
 """The trainer against a plain PyTorch loop of the same math, on CPU: what the trainer's machinery costs per step.
 
-    .venv/bin/python -m benchmarks.trainer_overhead [--rounds 3] [--steps 12] [--write]
+    .venv/bin/python -m benchmarks.trainer_overhead [--rounds 3] [--steps 12]   # BENCHMARKS.md records the runs
     .venv/bin/python -m benchmarks.trainer_overhead --breakdown   # the models alone, one linear layer
 
 Both sides train the same model shape (`MODEL`: 4 layers = 3 backbone + 1 VL, hidden 256, 32 px images, batch 64,
@@ -14,16 +14,19 @@ fp32, TP1 PP1, one process) on the same data iterator (the trainer's loader over
            CLIP loss, torch.optim.AdamW (the trainer's betas, eps and weight decay, no decay on 1-D parameters),
            gradient clipping to 1.0, the same warmup + cosine learning rate, the loss read back every step; torch's
            default threads (every core) and the loader in the training process (--num-workers 0).
+  plain, freed memory kept
+           the same plain loop with the trainer's setting of glibc's malloc on CPU (megatron_m2/host_memory.py):
+           the trainer's machinery alone against the same loop, the allocator taken out of the comparison.
 
 Each side runs in a fresh process (start-up and the first 3 steps are excluded); they alternate --rounds times, so
-both see the same machine load. Reported: the median step time of each over all rounds and their ratio.
+all see the same machine load. Reported: the median step time of each over all rounds and the trainer's ratio to each
+plain loop.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -33,11 +36,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Trainer overhead against a plain PyTorch loop (issue 21)"
 MODEL = {"hidden_size": 256, "num_attention_heads": 8, "ffn_hidden_size": 1024, "num_layers": 3, "num_vl_layers": 1,
          "out_dim": 128, "image_size": 32, "patch_size": 4, "vocab_size": 1024, "max_text_length": 16,
          "text_position_table_size": 18, "init_method_std": 0.0625}
 BATCH, WARMUP_STEPS, LR = 64, 3, 1e-4
+SIDES = ("trainer", "plain", "plain, freed memory kept")
 
 
 def _model_file(directory: Path) -> Path:
@@ -59,8 +62,9 @@ def trainer_times(data_dir: Path, steps: int, model_file: Path, extra: list[str]
     return times[WARMUP_STEPS:]
 
 
-def plain_loop(data_dir: Path, steps: int) -> list[float]:
-    """Seconds per step of the plain loop (see the module docstring)."""
+def plain_loop(data_dir: Path, steps: int, keep_freed_memory: bool = False) -> list[float]:
+    """Seconds per step of the plain loop (see the module docstring); keep_freed_memory: with the trainer's setting
+    of glibc's malloc (megatron_m2/host_memory.py)."""
     import torch
     import torch.nn.functional as F
 
@@ -68,7 +72,10 @@ def plain_loop(data_dir: Path, steps: int) -> list[float]:
     from megatron_m2.data import build_train_data, load_tokenizer, to_device
     from megatron_m2.hf.convert import hf_config_from_m2
     from megatron_m2.hf.modeling_m2 import M2EncoderModel
+    from megatron_m2.host_memory import keep_freed_host_memory
 
+    if keep_freed_memory and not keep_freed_host_memory():
+        raise SystemExit("glibc's malloc settings could not be changed here (host_memory.py)")
     torch.manual_seed(0)
     config = M2Config(**MODEL)
     model = M2EncoderModel(hf_config_from_m2(config)).train()
@@ -105,7 +112,8 @@ def breakdown(reps: int = 8) -> dict[str, float]:
     """Median milliseconds, interleaved in this process: the two models alone (forward + backward of the CLIP loss,
     and forward without grad) on one batch, then one megatron-core ColumnParallelLinear against nn.Linear at the
     models' largest shape, and the two orders of its weight-gradient product. Where the trainer's step differs from
-    the plain loop's once the machinery around it is taken away."""
+    the plain loop's once the machinery around it is taken away. glibc's malloc is set as the trainer sets it on CPU
+    (megatron_m2/host_memory.py)."""
     import torch
     import torch.nn.functional as F
 
@@ -116,8 +124,10 @@ def breakdown(reps: int = 8) -> dict[str, float]:
     from megatron_m2.config import M2Config
     from megatron_m2.hf.convert import hf_config_from_m2
     from megatron_m2.hf.modeling_m2 import M2EncoderModel
+    from megatron_m2.host_memory import keep_freed_host_memory
     from megatron_m2.models import build_model
 
+    keep_freed_host_memory()
     parallel.initialize_model_parallel(1, 1)
     config = M2Config(**MODEL)
     torch.manual_seed(0)
@@ -173,9 +183,10 @@ def breakdown(reps: int = 8) -> dict[str, float]:
     return {name: 1000 * statistics.median(values[2:] or values) for name, values in times.items()}
 
 
-def _plain_in_subprocess(data_dir: Path, steps: int) -> list[float]:
+def _plain_in_subprocess(data_dir: Path, steps: int, keep_freed_memory: bool) -> list[float]:
     out = subprocess.run([sys.executable, "-m", "benchmarks.trainer_overhead", "--plain-only", "--steps", str(steps),
-                          "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True)
+                          "--data-dir", str(data_dir)] + ["--plain-keeps-freed-memory"] * keep_freed_memory,
+                         cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stdout[-2000:] + out.stderr[-4000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -187,11 +198,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12, help="steps per run (the first 3 are not timed)")
     p.add_argument("--data-dir", default=None, help="the demo's prepared data (default: a temporary one)")
     p.add_argument("--trainer-flags", default="", help="extra trainer flags, e.g. '--num-workers 1'")
-    p.add_argument("--write", action="store_true", help="write the result into BENCHMARKS.md")
     p.add_argument("--breakdown", action="store_true",
                    help="instead: time the two models alone and one megatron-core linear against nn.Linear (where "
                         "the rest of the gap is)")
     p.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--plain-keeps-freed-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.breakdown:
@@ -201,30 +212,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir or tmp)
         if args.plain_only:
-            print(json.dumps(plain_loop(data_dir, args.steps)))
+            print(json.dumps(plain_loop(data_dir, args.steps, args.plain_keeps_freed_memory)))
             return 0
         if not (data_dir / "tokenizer.model").exists():
             from megatron_m2.demo import prepare
 
             prepare(data_dir)
         model_file = _model_file(Path(tmp))
-        runs: dict[str, list[float]] = {"trainer": [], "plain": []}
+        runs: dict[str, list[float]] = {side: [] for side in SIDES}
         for round_ in range(args.rounds):
             runs["trainer"] += trainer_times(data_dir, args.steps, model_file, args.trainer_flags.split())
-            runs["plain"] += _plain_in_subprocess(data_dir, args.steps)
-            print(f"round {round_ + 1}: trainer {1000 * statistics.median(runs['trainer']):.1f} ms, plain "
-                  f"{1000 * statistics.median(runs['plain']):.1f} ms (medians so far)", flush=True)
-    trainer, plain = statistics.median(runs["trainer"]), statistics.median(runs["plain"])
-    print(f"trainer {1000 * trainer:.1f} ms per step, plain loop {1000 * plain:.1f} ms: {trainer / plain:.2f}x")
-    if args.write:
-        from benchmarks.report import machine, write_section
-
-        command = "python -m benchmarks.trainer_overhead " + " ".join(sys.argv[1:] if argv is None else argv)
-        body = (f"`{command}` on {machine()}, load average {os.getloadavg()[0]:.1f} after the run, "
-                f"{time.strftime('%Y-%m-%d')}: median step time over {args.rounds} alternating rounds of "
-                f"{args.steps - WARMUP_STEPS} timed steps each: trainer **{1000 * trainer:.0f} ms**, plain loop "
-                f"**{1000 * plain:.0f} ms**, ratio **{trainer / plain:.2f}x**.")
-        write_section(SECTION, body)
+            runs["plain"] += _plain_in_subprocess(data_dir, args.steps, keep_freed_memory=False)
+            runs["plain, freed memory kept"] += _plain_in_subprocess(data_dir, args.steps, keep_freed_memory=True)
+            print(f"round {round_ + 1} (medians so far): " + ", ".join(
+                f"{side} {1000 * statistics.median(times):.1f} ms" for side, times in runs.items()), flush=True)
+    medians = {side: statistics.median(times) for side, times in runs.items()}
+    trainer, plain, plain_kept = medians.values()
+    print(f"trainer {1000 * trainer:.1f} ms per step; plain loop {1000 * plain:.1f} ms: {trainer / plain:.2f}x; "
+          f"plain loop with the trainer's malloc setting {1000 * plain_kept:.1f} ms: {trainer / plain_kept:.2f}x")
     return 0
 
 
