@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Mapping
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -28,7 +29,7 @@ _KEEP_BYTES = 1 << 30
 _GLIBC_MAX_MMAP_THRESHOLD = 32 << 20  # what every glibc accepts on 64-bit; newer ones take more
 
 
-def user_chose_allocator(environ: os._Environ | dict = os.environ) -> bool:
+def user_chose_allocator(environ: Mapping[str, str] = os.environ) -> bool:
     """True if the environment already sets glibc's malloc or preloads another allocator."""
     if any(name.startswith("MALLOC_") for name in environ):
         return True
