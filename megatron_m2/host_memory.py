@@ -39,8 +39,13 @@ def user_chose_allocator(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def keep_freed_host_memory() -> bool:
-    """Make glibc's malloc keep freed memory in the process (see the module docstring). Returns whether it did: not
-    on other C libraries, nor where the user chose the allocator's settings."""
+    """On a machine without a CUDA device, make glibc's malloc keep freed memory in the process (see the module
+    docstring). Returns whether it did: not with a GPU, not on other C libraries, nor where the user chose the
+    allocator's settings."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_chose_allocator():
         return False
     mallopt = ctypes.CDLL(None).mallopt

@@ -65,3 +65,12 @@ def test_the_users_allocator_choice_is_recognised(environ, chose):
 def test_nothing_is_changed_when_the_user_chose(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.perturb=0")
     assert keep_freed_host_memory() is False
+
+
+def test_nothing_is_changed_on_a_gpu_machine(monkeypatch):
+    import torch
+
+    for name in [n for n in os.environ if user_chose_allocator({n: os.environ[n]})]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert keep_freed_host_memory() is False

@@ -68,7 +68,6 @@ def _check(args: argparse.Namespace, world_size: int):
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     """Load --load at the flags' layout and evaluate it; the caller ends the layout (main's command_process_groups,
     once the model is gone)."""
-    import torch
     import torch.distributed as dist
 
     from megatron_m2 import parallel
@@ -86,8 +85,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     args.model_config = config
     evaluate = make_eval_fn(args)  # reads the class folders and name files: bad inputs fail before the model
 
-    if not torch.cuda.is_available():  # one batch's activations re-use the last one's memory (host_memory.py)
-        keep_freed_host_memory()
+    keep_freed_host_memory()  # on CPU, each batch's activations re-use the last one's memory
     parallel.initialize_distributed()
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
     model = build_model(config, spec=args.spec)

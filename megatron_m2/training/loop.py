@@ -121,8 +121,7 @@ def pretrain(args: argparse.Namespace, forward_step_func: Callable = forward_ste
     if resume and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
         checkpointing.check_schedule(args.load, schedule(args))
 
-    if not torch.cuda.is_available():  # each step's activations re-use the last step's memory (host_memory.py)
-        keep_freed_host_memory()
+    keep_freed_host_memory()  # on CPU, each step's activations re-use the last step's memory
     parallel.initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                                        layout.itc_group_size, seed=args.seed,
                                        distributed_timeout_minutes=args.distributed_timeout_minutes)
